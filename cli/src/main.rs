@@ -1,0 +1,166 @@
+//! `geolog`: run a local cluster. `up` starts one in the foreground and
+//! stops everything it started on Ctrl-C/SIGTERM; `down` stops it from
+//! another shell; `status` lists its processes.
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use geolog_launcher::process::{pid_alive, signal_pid};
+use geolog_launcher::topology::Shape;
+use geolog_launcher::{ClusterFile, ClusterSpec, RunningCluster};
+use nix::sys::signal::Signal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(version, about = "Run a local geolog cluster")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local cluster in the foreground (Ctrl-C stops it).
+    Up {
+        /// Where config, PostgreSQL data, logs and cluster.json live.
+        #[arg(long, default_value = ".geolog")]
+        data_dir: PathBuf,
+        /// Number of regions (generated topology).
+        #[arg(long, default_value_t = 1)]
+        regions: usize,
+        /// Storage nodes per region (generated topology).
+        #[arg(long, default_value_t = 5)]
+        nodes_per_region: usize,
+        /// Replicas of each key per region (generated topology).
+        #[arg(long, default_value_t = 5)]
+        replication_factor: usize,
+        /// Use this topology file instead of generating one.
+        #[arg(long)]
+        topology: Option<PathBuf>,
+        /// Port of the first region's gateway; region i uses port + i. 0 picks free ports.
+        #[arg(long, default_value_t = 8080)]
+        gateway_port: u16,
+        /// Run PostgreSQL with fsync=off (faster, loses data if the machine crashes).
+        #[arg(long)]
+        no_fsync: bool,
+    },
+    /// Stop the cluster running in DATA_DIR.
+    Down {
+        #[arg(long, default_value = ".geolog")]
+        data_dir: PathBuf,
+    },
+    /// List the processes of the cluster running in DATA_DIR.
+    Status {
+        #[arg(long, default_value = ".geolog")]
+        data_dir: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    geolog_telemetry::init_tracing("geolog");
+    match cli.command {
+        Command::Up {
+            data_dir,
+            regions,
+            nodes_per_region,
+            replication_factor,
+            topology,
+            gateway_port,
+            no_fsync,
+        } => {
+            if let Ok(existing) = ClusterFile::read(&data_dir)
+                && pid_alive(existing.launcher_pid)
+                && existing.launcher_pid != std::process::id()
+            {
+                bail!(
+                    "a cluster is already running in {} (launcher pid {}); stop it with `geolog down --data-dir {}`",
+                    data_dir.display(),
+                    existing.launcher_pid,
+                    data_dir.display()
+                );
+            }
+            let shape = Shape {
+                regions,
+                nodes_per_region,
+                replication_factor,
+            };
+            let mut spec = ClusterSpec::new(&data_dir, shape);
+            spec.topology = topology;
+            spec.gateway_port = gateway_port;
+            spec.fsync = !no_fsync;
+            println!("starting geolog in {} ...", data_dir.display());
+            let started = Instant::now();
+            let mut cluster = RunningCluster::start(spec)
+                .await
+                .context("cluster failed to start")?;
+            println!(
+                "geolog is up ({:.1}s). Gateways:",
+                started.elapsed().as_secs_f64()
+            );
+            for region in &cluster.config().regions {
+                for url in cluster.gateway_urls(&region.name) {
+                    println!("  region {:<4} {url}", region.name);
+                }
+            }
+            println!(
+                "processes: {}",
+                cluster.data_dir().join("cluster.json").display()
+            );
+            println!("press Ctrl-C (or run `geolog down`) to stop");
+            geolog_telemetry::shutdown_signal().await;
+            println!("stopping ...");
+            tokio::task::spawn_blocking(move || cluster.shutdown()).await?;
+            println!("stopped");
+        }
+        Command::Down { data_dir } => {
+            let file = ClusterFile::read(&data_dir)?;
+            if signal_pid(file.launcher_pid, Signal::SIGTERM) {
+                let deadline = Instant::now() + Duration::from_secs(90);
+                while pid_alive(file.launcher_pid) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if pid_alive(file.launcher_pid) {
+                    bail!("launcher {} did not stop within 90 s", file.launcher_pid);
+                }
+            } else {
+                // The launcher died without cleaning up: stop what it recorded.
+                for p in &file.processes {
+                    signal_pid(p.pid, Signal::SIGTERM);
+                }
+                for p in &file.processes {
+                    if let Some(pg) = p.postgres_pid {
+                        signal_pid(pg, Signal::SIGINT);
+                    }
+                }
+                let _ = std::fs::remove_file(data_dir.join("cluster.json"));
+            }
+            println!("stopped");
+        }
+        Command::Status { data_dir } => {
+            let file = ClusterFile::read(&data_dir)?;
+            println!(
+                "launcher pid {} ({})",
+                file.launcher_pid,
+                if pid_alive(file.launcher_pid) {
+                    "running"
+                } else {
+                    "gone"
+                }
+            );
+            for p in &file.processes {
+                println!(
+                    "{:<12} {:<6} {:<8} pid {:<7} {:<5} {}",
+                    p.role,
+                    p.region,
+                    p.id,
+                    p.pid,
+                    if pid_alive(p.pid) { "up" } else { "down" },
+                    p.url.as_deref().unwrap_or(&p.addr)
+                );
+            }
+        }
+    }
+    Ok(())
+}

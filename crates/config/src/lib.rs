@@ -1,0 +1,463 @@
+//! The cluster configuration shared by every geolog process: the topology
+//! (regions, their replication factor, and every gateway, coordinator and
+//! storage node with its address) and the tuning of each service.
+//!
+//! One TOML file serves all processes; each process is told who it is with
+//! `--id`. Loading order, later wins:
+//! 1. defaults in code (the `Default` impls below);
+//! 2. the TOML file;
+//! 3. environment variables `GEOLOG__<SECTION>__<FIELD>`, e.g.
+//!    `GEOLOG__COORDINATOR__WRITE_TIMEOUT_MS=5000` (values parse as TOML,
+//!    falling back to a string; only tables can be reached, not `regions`).
+//!
+//! Unknown fields are rejected and the result is validated before use.
+
+use geolog_core::ConsistencyLevel;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+mod topology;
+pub use topology::{NodeConfig, ProcessConfig, RegionConfig};
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "GEOLOG__";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeologConfig {
+    /// The regions of the cluster, in a fixed order (used for display and
+    /// for placement).
+    #[serde(default)]
+    pub regions: Vec<RegionConfig>,
+    /// Consistent-hash ring settings.
+    #[serde(default)]
+    pub ring: RingSettings,
+    /// Coordinator tuning.
+    #[serde(default)]
+    pub coordinator: CoordinatorSettings,
+    /// Gateway tuning.
+    #[serde(default)]
+    pub gateway: GatewaySettings,
+    /// Storage node tuning.
+    #[serde(default)]
+    pub storage: StorageSettings,
+}
+
+/// Ring settings. Every process must use the same values.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RingSettings {
+    /// Virtual nodes per storage node.
+    pub vnodes: usize,
+}
+
+impl Default for RingSettings {
+    fn default() -> Self {
+        RingSettings {
+            vnodes: geolog_core::ring::DEFAULT_VNODES,
+        }
+    }
+}
+
+/// Coordinator settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorSettings {
+    /// Level used when a request names none.
+    pub default_consistency: String,
+    /// How long a write waits for its acknowledgements before `timeout`.
+    pub write_timeout_ms: u64,
+    /// How long a read waits for its answers before `timeout`.
+    pub read_timeout_ms: u64,
+    /// Deadline of one RPC to one replica.
+    pub replica_timeout_ms: u64,
+    /// Period of the health probe sent to every replica.
+    pub probe_interval_ms: u64,
+    /// Deadline of one health probe.
+    pub probe_timeout_ms: u64,
+    /// How long a replica stays marked dead (circuit open) after a failure
+    /// if no probe succeeds; a successful probe closes it sooner.
+    pub circuit_open_ms: u64,
+    /// Keys whose replica list is cached.
+    pub placement_cache_capacity: u64,
+}
+
+impl Default for CoordinatorSettings {
+    fn default() -> Self {
+        CoordinatorSettings {
+            default_consistency: "QUORUM".to_string(),
+            write_timeout_ms: 2_000,
+            read_timeout_ms: 2_000,
+            replica_timeout_ms: 1_500,
+            probe_interval_ms: 500,
+            probe_timeout_ms: 400,
+            circuit_open_ms: 5_000,
+            placement_cache_capacity: 100_000,
+        }
+    }
+}
+
+impl CoordinatorSettings {
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
+    }
+    pub fn replica_timeout(&self) -> Duration {
+        Duration::from_millis(self.replica_timeout_ms)
+    }
+    pub fn probe_interval(&self) -> Duration {
+        Duration::from_millis(self.probe_interval_ms)
+    }
+    pub fn probe_timeout(&self) -> Duration {
+        Duration::from_millis(self.probe_timeout_ms)
+    }
+    pub fn circuit_open(&self) -> Duration {
+        Duration::from_millis(self.circuit_open_ms)
+    }
+    /// The parsed default level (validated at load time).
+    pub fn default_level(&self) -> ConsistencyLevel {
+        self.default_consistency
+            .parse()
+            .expect("default_consistency is validated when the config is loaded")
+    }
+}
+
+/// Gateway settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    /// Largest accepted request body, in bytes (larger → 413).
+    pub max_body_bytes: usize,
+    /// Deadline of a whole HTTP request.
+    pub request_timeout_ms: u64,
+    /// Requests handled at once; beyond it requests are shed with 503.
+    pub concurrency_limit: usize,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            max_body_bytes: 1024 * 1024,
+            request_timeout_ms: 10_000,
+            concurrency_limit: 1024,
+        }
+    }
+}
+
+/// Storage node settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    /// Largest size of the PostgreSQL connection pool.
+    pub pool_max_connections: u32,
+    /// How long a request waits for a pooled connection.
+    pub pool_acquire_timeout_ms: u64,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings {
+            pool_max_connections: 16,
+            pool_acquire_timeout_ms: 3_000,
+        }
+    }
+}
+
+impl GeologConfig {
+    /// Loads from a TOML file plus environment overrides, then validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml_with_env(&text, std::env::vars())
+    }
+
+    /// Parses TOML text, applies `GEOLOG__…` overrides from `env`, validates.
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut doc: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        for (name, raw) in env {
+            let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            apply_override(&mut doc, path, &raw)?;
+        }
+        let config: GeologConfig = doc
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Serializes to TOML (the launcher writes the topology it generated).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config always serializes")
+    }
+
+    /// Checks what serde cannot: references, uniqueness, ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.regions.is_empty() {
+            return invalid("at least one [[regions]] entry is required".into());
+        }
+        let mut region_names = HashSet::new();
+        let mut ids = HashSet::new();
+        for region in &self.regions {
+            if region.name.is_empty() || !region_names.insert(region.name.as_str()) {
+                return invalid(format!(
+                    "region name {:?} is empty or repeated",
+                    region.name
+                ));
+            }
+            if region.nodes.is_empty() {
+                return invalid(format!("region {} has no storage nodes", region.name));
+            }
+            if region.replication_factor == 0 || region.replication_factor > region.nodes.len() {
+                return invalid(format!(
+                    "region {}: replication_factor {} must be between 1 and its {} storage nodes",
+                    region.name,
+                    region.replication_factor,
+                    region.nodes.len()
+                ));
+            }
+            let processes = region
+                .gateways
+                .iter()
+                .chain(&region.coordinators)
+                .map(|p| (&p.id, &p.addr))
+                .chain(region.nodes.iter().map(|n| (&n.id, &n.addr)));
+            for (id, addr) in processes {
+                if id.is_empty() || !ids.insert(id.as_str()) {
+                    return invalid(format!("process id {id:?} is empty or repeated"));
+                }
+                if addr
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
+                    return invalid(format!("process {id}: address {addr:?} is not host:port"));
+                }
+            }
+        }
+        if let Err(e) = self
+            .coordinator
+            .default_consistency
+            .parse::<ConsistencyLevel>()
+        {
+            return invalid(format!("coordinator.default_consistency: {}", e.message));
+        }
+        let c = &self.coordinator;
+        for (name, value) in [
+            ("write_timeout_ms", c.write_timeout_ms),
+            ("read_timeout_ms", c.read_timeout_ms),
+            ("replica_timeout_ms", c.replica_timeout_ms),
+            ("probe_interval_ms", c.probe_interval_ms),
+            ("probe_timeout_ms", c.probe_timeout_ms),
+            ("circuit_open_ms", c.circuit_open_ms),
+            (
+                "gateway.request_timeout_ms",
+                self.gateway.request_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                return invalid(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.ring.vnodes == 0
+            || self.gateway.max_body_bytes == 0
+            || self.gateway.concurrency_limit == 0
+        {
+            return invalid("ring.vnodes, gateway.max_body_bytes and gateway.concurrency_limit must be greater than 0".into());
+        }
+        if self.storage.pool_max_connections == 0 {
+            return invalid("storage.pool_max_connections must be greater than 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn region(&self, name: &str) -> Option<&RegionConfig> {
+        self.regions.iter().find(|r| r.name == name)
+    }
+
+    /// The storage node with this id and its region.
+    pub fn node(&self, id: &str) -> Option<(&RegionConfig, &NodeConfig)> {
+        self.regions
+            .iter()
+            .find_map(|r| r.nodes.iter().find(|n| n.id == id).map(|n| (r, n)))
+    }
+
+    /// The coordinator with this id and its region.
+    pub fn coordinator_process(&self, id: &str) -> Option<(&RegionConfig, &ProcessConfig)> {
+        self.regions
+            .iter()
+            .find_map(|r| r.coordinators.iter().find(|p| p.id == id).map(|p| (r, p)))
+    }
+
+    /// The gateway with this id and its region.
+    pub fn gateway_process(&self, id: &str) -> Option<(&RegionConfig, &ProcessConfig)> {
+        self.regions
+            .iter()
+            .find_map(|r| r.gateways.iter().find(|p| p.id == id).map(|p| (r, p)))
+    }
+
+    /// Region names with their replication factors, for quorum math.
+    pub fn replication_factors(&self) -> Vec<(&str, usize)> {
+        self.regions
+            .iter()
+            .map(|r| (r.name.as_str(), r.replication_factor))
+            .collect()
+    }
+
+    /// The placement ring of this topology.
+    pub fn ring(&self) -> geolog_core::Ring {
+        let node_ids: Vec<(&str, usize, Vec<String>)> = self
+            .regions
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    r.replication_factor,
+                    r.nodes.iter().map(|n| n.id.clone()).collect(),
+                )
+            })
+            .collect();
+        geolog_core::Ring::new(
+            node_ids
+                .iter()
+                .map(|(name, rf, ids)| (*name, *rf, ids.as_slice())),
+            self.ring.vnodes,
+        )
+    }
+}
+
+/// Sets `doc[a][b]… = raw` for an override path `A__B…` (lower-cased).
+fn apply_override(doc: &mut toml::Table, path: &str, raw: &str) -> Result<(), ConfigError> {
+    let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+    let (last, tables) = parts.split_last().expect("split yields at least one part");
+    let mut table = doc;
+    for part in tables {
+        let entry = table
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "override {ENV_PREFIX}{path}: {part} is not a table"
+            ))
+        })?;
+    }
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE_REGION: &str = r#"
+        [[regions]]
+        name = "a"
+        replication_factor = 2
+        gateways = [{ id = "a-gw1", addr = "127.0.0.1:8080" }]
+        coordinators = [{ id = "a-co1", addr = "127.0.0.1:7000" }]
+        nodes = [
+          { id = "a1", addr = "127.0.0.1:7101" },
+          { id = "a2", addr = "127.0.0.1:7102" },
+        ]
+    "#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<GeologConfig, ConfigError> {
+        GeologConfig::from_toml_with_env(
+            text,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_and_env_overrides() {
+        let config = load(ONE_REGION, &[]).unwrap();
+        assert_eq!(config.coordinator.write_timeout_ms, 2_000);
+        let config = load(
+            ONE_REGION,
+            &[
+                ("GEOLOG__COORDINATOR__WRITE_TIMEOUT_MS", "5000"),
+                ("GEOLOG__COORDINATOR__DEFAULT_CONSISTENCY", "ALL"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.coordinator.write_timeout_ms, 5_000);
+        assert_eq!(config.coordinator.default_consistency, "ALL");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = load(
+            &format!("{ONE_REGION}\n[coordinator]\nwrite_timeout = 3\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("write_timeout"), "{err}");
+    }
+
+    #[test]
+    fn validation_catches_bad_topologies() {
+        let too_big = ONE_REGION.replace("replication_factor = 2", "replication_factor = 3");
+        assert!(
+            load(&too_big, &[])
+                .unwrap_err()
+                .to_string()
+                .contains("replication_factor")
+        );
+        let dup = ONE_REGION.replace("\"a2\"", "\"a1\"");
+        assert!(
+            load(&dup, &[])
+                .unwrap_err()
+                .to_string()
+                .contains("repeated")
+        );
+        let bad_level = load(
+            ONE_REGION,
+            &[("GEOLOG__COORDINATOR__DEFAULT_CONSISTENCY", "MOST")],
+        );
+        assert!(
+            bad_level
+                .unwrap_err()
+                .to_string()
+                .contains("default_consistency")
+        );
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let config = load(ONE_REGION, &[]).unwrap();
+        let again = load(&config.to_toml(), &[]).unwrap();
+        assert_eq!(again.regions.len(), 1);
+        assert_eq!(again.node("a2").unwrap().1.addr, "127.0.0.1:7102");
+    }
+}

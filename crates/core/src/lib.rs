@@ -1,0 +1,14 @@
+//! Pure domain logic shared by every geolog service: the error vocabulary,
+//! consistency levels and quorum math, ring placement, hybrid logical clocks
+//! and key validation. Nothing here performs I/O.
+
+pub mod consistency;
+pub mod error;
+pub mod hlc;
+pub mod key;
+pub mod ring;
+
+pub use consistency::{AckTracker, ConsistencyLevel, Requirement};
+pub use error::{ErrorCode, GeologError};
+pub use hlc::{Hlc, HlcClock};
+pub use ring::Ring;

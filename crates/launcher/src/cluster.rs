@@ -1,0 +1,500 @@
+//! A running local cluster: PostgreSQL servers, storage nodes, coordinators
+//! and gateways started in dependency order, each waited on until healthy,
+//! described in `DATA_DIR/cluster.json`, stopped in reverse order.
+
+use crate::postgres::{self, PgBinaries, PgServer, PgSettings, PgUser};
+use crate::process::ManagedProcess;
+use crate::topology::{self, Shape};
+use crate::{LaunchError, free_port};
+use geolog_config::GeologConfig;
+use geolog_proto::{coordinator as cpb, storage as spb};
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Name of the generated/effective config inside the data dir.
+pub const CONFIG_FILE: &str = "geolog.toml";
+/// Name of the process list inside the data dir.
+pub const CLUSTER_FILE: &str = "cluster.json";
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// Everything lives here: config, PostgreSQL data, logs, `cluster.json`.
+    pub data_dir: PathBuf,
+    /// Shape of a generated topology (ignored with `topology`).
+    pub shape: Shape,
+    /// An explicit topology file instead of a generated one.
+    pub topology: Option<PathBuf>,
+    /// First gateway port (region `i` gets `+i`); 0 picks free ports.
+    pub gateway_port: u16,
+    /// PostgreSQL `fsync`; only tests turn it off.
+    pub fsync: bool,
+    /// Directory holding `geolog-storage`, `geolog-coordinator`, `geolog-gateway`.
+    pub bin_dir: PathBuf,
+    /// Where the initdb template is kept (shared between clusters).
+    pub template_dir: Option<PathBuf>,
+    /// Extra environment for the service processes (e.g. `GEOLOG__…` overrides).
+    pub env: Vec<(String, String)>,
+    /// How long to wait for every process to become healthy.
+    pub ready_timeout: Duration,
+}
+
+impl ClusterSpec {
+    pub fn new(data_dir: impl Into<PathBuf>, shape: Shape) -> Self {
+        ClusterSpec {
+            data_dir: data_dir.into(),
+            shape,
+            topology: None,
+            gateway_port: 8080,
+            fsync: true,
+            bin_dir: default_bin_dir(),
+            template_dir: None,
+            env: Vec::new(),
+            ready_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// The directory of the running executable, or its parent when that is a
+/// cargo `deps/` directory (test binaries), unless `GEOLOG_BIN_DIR` is set.
+pub fn default_bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GEOLOG_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+    } else {
+        dir
+    }
+}
+
+/// `cluster.json`: every process of a running cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterFile {
+    /// PID of the `geolog up` (or test) process that owns the cluster.
+    pub launcher_pid: u32,
+    /// The config file every process was started with.
+    pub config: PathBuf,
+    pub processes: Vec<ClusterProcess>,
+}
+
+/// One process in `cluster.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterProcess {
+    /// `gateway`, `coordinator` or `storage`.
+    pub role: String,
+    pub region: String,
+    pub id: String,
+    pub pid: u32,
+    pub addr: String,
+    /// Base URL (gateways).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// PostgreSQL server of a storage node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres_pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres_port: Option<u16>,
+    /// Log file.
+    pub log: PathBuf,
+}
+
+impl ClusterFile {
+    pub fn read(data_dir: &Path) -> Result<ClusterFile, LaunchError> {
+        let path = data_dir.join(CLUSTER_FILE);
+        let text = std::fs::read_to_string(&path).map_err(LaunchError::io(format!(
+            "read {} (is a cluster running there?)",
+            path.display()
+        )))?;
+        serde_json::from_str(&text)
+            .map_err(|e| LaunchError::Invalid(format!("{}: {e}", path.display())))
+    }
+}
+
+/// A started cluster. Dropping it stops every process it started.
+pub struct RunningCluster {
+    spec: ClusterSpec,
+    config: GeologConfig,
+    config_path: PathBuf,
+    postgres: BTreeMap<String, PgServer>,
+    services: Vec<Service>,
+}
+
+struct Service {
+    role: &'static str,
+    region: String,
+    id: String,
+    addr: String,
+    process: ManagedProcess,
+}
+
+impl RunningCluster {
+    /// Starts everything and waits until it is healthy.
+    pub async fn start(spec: ClusterSpec) -> Result<RunningCluster, LaunchError> {
+        for dir in [
+            &spec.data_dir,
+            &spec.data_dir.join("logs"),
+            &spec.data_dir.join("nodes"),
+        ] {
+            std::fs::create_dir_all(dir)
+                .map_err(LaunchError::io(format!("create {}", dir.display())))?;
+        }
+        let data_dir =
+            std::fs::canonicalize(&spec.data_dir).map_err(LaunchError::io("resolve data dir"))?;
+        let spec = ClusterSpec { data_dir, ..spec };
+        for bin in ["geolog-storage", "geolog-coordinator", "geolog-gateway"] {
+            if !spec.bin_dir.join(bin).is_file() {
+                return Err(LaunchError::Invalid(format!(
+                    "{bin} not found in {}; build it with `cargo build --workspace --bins` \
+                     or set GEOLOG_BIN_DIR",
+                    spec.bin_dir.display()
+                )));
+            }
+        }
+        let (config, managed_pg) = Self::effective_config(&spec)?;
+        let config_path = spec.data_dir.join(CONFIG_FILE);
+        std::fs::write(&config_path, config.to_toml())
+            .map_err(LaunchError::io("write the cluster config"))?;
+
+        let mut cluster = RunningCluster {
+            spec,
+            config,
+            config_path,
+            postgres: BTreeMap::new(),
+            services: Vec::new(),
+        };
+        cluster.start_postgres(&managed_pg).await?;
+        cluster.start_services().await?;
+        cluster.write_cluster_file()?;
+        Ok(cluster)
+    }
+
+    /// The topology to run and which nodes' PostgreSQL we manage.
+    fn effective_config(spec: &ClusterSpec) -> Result<(GeologConfig, Vec<String>), LaunchError> {
+        let existing = spec.data_dir.join(CONFIG_FILE);
+        let mut config = if let Some(path) = &spec.topology {
+            GeologConfig::load(path)?
+        } else if existing.is_file() {
+            let config = GeologConfig::load(&existing)?;
+            let found = topology::shape_of(&config);
+            if found != spec.shape {
+                return Err(LaunchError::Invalid(format!(
+                    "{} holds a cluster of {} region(s) × {} node(s), RF {}; asked for {} × {}, RF {}. \
+                     Use another --data-dir or delete this one",
+                    spec.data_dir.display(),
+                    found.regions,
+                    found.nodes_per_region,
+                    found.replication_factor,
+                    spec.shape.regions,
+                    spec.shape.nodes_per_region,
+                    spec.shape.replication_factor
+                )));
+            }
+            config
+        } else {
+            topology::generate(spec.shape, spec.gateway_port)?
+        };
+        // Nodes without a database URL get a local PostgreSQL managed here;
+        // generated topologies carry URLs we made, which we manage too.
+        let mut managed = Vec::new();
+        for region in &mut config.regions {
+            for node in &mut region.nodes {
+                match &node.database_url {
+                    None => {
+                        node.database_url = Some(postgres::database_url(free_port()?));
+                        managed.push(node.id.clone());
+                    }
+                    Some(url)
+                        if spec.topology.is_none() && postgres::port_of_url(url).is_some() =>
+                    {
+                        managed.push(node.id.clone());
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok((config, managed))
+    }
+
+    fn node_dir(&self, id: &str) -> PathBuf {
+        self.spec.data_dir.join("nodes").join(id)
+    }
+
+    async fn start_postgres(&mut self, managed: &[String]) -> Result<(), LaunchError> {
+        if managed.is_empty() {
+            return Ok(());
+        }
+        let bins = PgBinaries::locate()?;
+        let user = PgUser::for_current_process()?;
+        let template = match &self.spec.template_dir {
+            Some(dir) => dir.join(format!("pg-template-{}", bins.version()?)),
+            None => self
+                .spec
+                .data_dir
+                .join(format!("pg-template-{}", bins.version()?)),
+        };
+        postgres::ensure_template(&bins, &template, user.as_ref())?;
+        for id in managed {
+            let (_, node) = self
+                .config
+                .node(id)
+                .expect("managed nodes come from the config");
+            let port = node
+                .database_url
+                .as_deref()
+                .and_then(postgres::port_of_url)
+                .expect("managed URL has a port");
+            let dir = self.node_dir(id);
+            let data = dir.join("pgdata");
+            postgres::ensure_data_dir(&template, &data)?;
+            if let Some(user) = &user {
+                user.own(&data)?;
+            }
+            let settings = PgSettings {
+                port,
+                fsync: self.spec.fsync,
+            };
+            let server = PgServer::spawn(
+                &bins,
+                &data,
+                user.as_ref(),
+                &settings,
+                &dir.join("postgres.log"),
+            )?;
+            self.postgres.insert(id.clone(), server);
+        }
+        let timeout = self.spec.ready_timeout;
+        for server in self.postgres.values_mut() {
+            server.wait_ready(timeout).await?;
+        }
+        Ok(())
+    }
+
+    fn spawn_service(
+        &self,
+        role: &'static str,
+        bin: &str,
+        id: &str,
+    ) -> Result<ManagedProcess, LaunchError> {
+        let mut command = Command::new(self.spec.bin_dir.join(bin));
+        command
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--id")
+            .arg(id);
+        command.envs(self.spec.env.iter().map(|(k, v)| (k, v)));
+        let log = self.spec.data_dir.join("logs").join(format!("{id}.log"));
+        ManagedProcess::spawn(&format!("{role} {id}"), command, &log)
+    }
+
+    async fn start_services(&mut self) -> Result<(), LaunchError> {
+        let regions = self.config.regions.clone();
+        for region in &regions {
+            for node in &region.nodes {
+                let process = self.spawn_service("storage", "geolog-storage", &node.id)?;
+                self.services.push(Service {
+                    role: "storage",
+                    region: region.name.clone(),
+                    id: node.id.clone(),
+                    addr: node.addr.clone(),
+                    process,
+                });
+            }
+        }
+        self.wait_role("storage").await?;
+        for region in &regions {
+            for p in &region.coordinators {
+                let process = self.spawn_service("coordinator", "geolog-coordinator", &p.id)?;
+                self.services.push(Service {
+                    role: "coordinator",
+                    region: region.name.clone(),
+                    id: p.id.clone(),
+                    addr: p.addr.clone(),
+                    process,
+                });
+            }
+        }
+        self.wait_role("coordinator").await?;
+        for region in &regions {
+            for p in &region.gateways {
+                let process = self.spawn_service("gateway", "geolog-gateway", &p.id)?;
+                self.services.push(Service {
+                    role: "gateway",
+                    region: region.name.clone(),
+                    id: p.id.clone(),
+                    addr: p.addr.clone(),
+                    process,
+                });
+            }
+        }
+        self.wait_role("gateway").await
+    }
+
+    /// Waits until every process of `role` answers its health check.
+    async fn wait_role(&mut self, role: &str) -> Result<(), LaunchError> {
+        let deadline = Instant::now() + self.spec.ready_timeout;
+        let http = reqwest::Client::new();
+        for service in self.services.iter_mut().filter(|s| s.role == role) {
+            loop {
+                if let Some(status) = service.process.exited() {
+                    return Err(LaunchError::NotReady(
+                        service.process.name().to_string(),
+                        format!(
+                            "exited with {status}; last log lines:\n{}",
+                            service.process.log_tail(20)
+                        ),
+                    ));
+                }
+                let healthy = match role {
+                    "storage" => storage_healthy(&service.addr).await,
+                    "coordinator" => coordinator_healthy(&service.addr).await,
+                    _ => http
+                        .get(format!("http://{}/api/logs/health", service.addr))
+                        .timeout(Duration::from_secs(2))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success()),
+                };
+                if healthy {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(LaunchError::NotReady(
+                        service.process.name().to_string(),
+                        format!(
+                            "not healthy after {:?}; log: {}",
+                            self.spec.ready_timeout,
+                            service.process.log_path().display()
+                        ),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The process list, as written to `cluster.json`.
+    pub fn cluster_file(&self) -> ClusterFile {
+        let processes = self
+            .services
+            .iter()
+            .map(|s| {
+                let pg = self.postgres.get(&s.id);
+                ClusterProcess {
+                    role: s.role.to_string(),
+                    region: s.region.clone(),
+                    id: s.id.clone(),
+                    pid: s.process.pid(),
+                    addr: s.addr.clone(),
+                    url: (s.role == "gateway").then(|| format!("http://{}", s.addr)),
+                    postgres_pid: pg.map(PgServer::pid),
+                    postgres_port: pg.map(|p| p.port),
+                    log: s.process.log_path().to_path_buf(),
+                }
+            })
+            .collect();
+        ClusterFile {
+            launcher_pid: std::process::id(),
+            config: self.config_path.clone(),
+            processes,
+        }
+    }
+
+    fn write_cluster_file(&self) -> Result<(), LaunchError> {
+        let path = self.spec.data_dir.join(CLUSTER_FILE);
+        let tmp = path.with_extension("json.tmp");
+        let text =
+            serde_json::to_string_pretty(&self.cluster_file()).expect("cluster file serializes");
+        std::fs::write(&tmp, text).map_err(LaunchError::io("write cluster.json"))?;
+        std::fs::rename(&tmp, &path).map_err(LaunchError::io("write cluster.json"))
+    }
+
+    pub fn config(&self) -> &GeologConfig {
+        &self.config
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.spec.data_dir
+    }
+
+    /// Base URL of the gateways of `region`.
+    pub fn gateway_urls(&self, region: &str) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|s| s.role == "gateway" && s.region == region)
+            .map(|s| format!("http://{}", s.addr))
+            .collect()
+    }
+
+    /// Storage node ids, in topology order.
+    pub fn storage_ids(&self) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|s| s.role == "storage")
+            .map(|s| s.id.clone())
+            .collect()
+    }
+
+    /// SIGKILLs one process (fault injection); it stays down.
+    pub fn kill(&mut self, id: &str) -> Result<(), LaunchError> {
+        let service = self
+            .services
+            .iter_mut()
+            .find(|s| s.id == id)
+            .ok_or_else(|| LaunchError::Invalid(format!("no process {id}")))?;
+        service.process.kill_now();
+        Ok(())
+    }
+
+    /// Stops everything: gateways, coordinators, storage nodes, PostgreSQL.
+    pub fn shutdown(&mut self) {
+        for role in ["gateway", "coordinator", "storage"] {
+            for service in self.services.iter_mut().filter(|s| s.role == role) {
+                service
+                    .process
+                    .stop(Signal::SIGTERM, Duration::from_secs(10));
+            }
+        }
+        for server in self.postgres.values_mut() {
+            server.stop();
+        }
+        let _ = std::fs::remove_file(self.spec.data_dir.join(CLUSTER_FILE));
+    }
+}
+
+impl Drop for RunningCluster {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+async fn storage_healthy(addr: &str) -> bool {
+    let Ok(mut client) =
+        spb::storage_client::StorageClient::connect(format!("http://{addr}")).await
+    else {
+        return false;
+    };
+    client
+        .health(spb::HealthRequest {})
+        .await
+        .is_ok_and(|r| r.into_inner().database_ok)
+}
+
+async fn coordinator_healthy(addr: &str) -> bool {
+    let Ok(mut client) =
+        cpb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}")).await
+    else {
+        return false;
+    };
+    client
+        .health(cpb::HealthRequest {})
+        .await
+        .is_ok_and(|r| r.into_inner().replicas.iter().all(|r| r.state == "alive"))
+}

@@ -1,0 +1,9 @@
+//! Compiles `proto/*.proto` with protox (pure Rust), so no system `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["../../proto/storage.proto", "../../proto/coordinator.proto"];
+    let fds = protox::compile(files, ["../../proto"])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    println!("cargo:rerun-if-changed=../../proto");
+    Ok(())
+}

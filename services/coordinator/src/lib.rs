@@ -1,0 +1,67 @@
+//! geolog coordinator: a stateless quorum engine. It knows the topology,
+//! places keys on replicas, fans writes and reads out, counts answers per
+//! region and detects dead replicas. It stores nothing itself.
+
+pub mod breaker;
+pub mod engine;
+pub mod replicas;
+pub mod server;
+
+use engine::QuorumEngine;
+use geolog_config::GeologConfig;
+use geolog_proto::coordinator::coordinator_server::CoordinatorServer;
+use replicas::ReplicaSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Probes every replica on the configured period until `stop` fires.
+/// Its state is visible as the `replica_up` gauge and in health answers.
+async fn run_prober(
+    replicas: Arc<ReplicaSet>,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => replicas.probe_all(timeout).await,
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Serves the coordinator `id` on `addr` until `shutdown` resolves.
+pub async fn serve(
+    config: &GeologConfig,
+    id: &str,
+    addr: SocketAddr,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (region, _) = config
+        .coordinator_process(id)
+        .ok_or_else(|| format!("no coordinator {id:?} in the config"))?;
+    let replicas = Arc::new(ReplicaSet::new(config)?);
+    // One probe before serving, so the first requests see real health.
+    replicas.probe_all(config.coordinator.probe_timeout()).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let prober = tokio::spawn(run_prober(
+        replicas.clone(),
+        config.coordinator.probe_interval(),
+        config.coordinator.probe_timeout(),
+        stop_rx,
+    ));
+    let engine = Arc::new(QuorumEngine::new(config, &region.name, replicas));
+    let service = CoordinatorServer::new(server::CoordinatorService::new(id.to_string(), engine));
+    tracing::info!(%addr, coordinator = id, region = %region.name, "coordinator serving");
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(service)
+        .serve_with_shutdown(addr, shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = prober.await;
+    result.map_err(Into::into)
+}

@@ -1,0 +1,192 @@
+//! Request parsing that never panics and never answers in plain text: the
+//! body (size-limited, JSON), the key, the query string. Every rejection is
+//! an [`ApiError`] with a stable code.
+
+use crate::error::ApiError;
+use axum::body::Body;
+use geolog_core::{ConsistencyLevel, ErrorCode};
+use http::HeaderMap;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Reads the whole body, refusing more than `limit` bytes with 413.
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("request body exceeds the limit of {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(err) => Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("cannot read request body: {err}"),
+        )),
+    }
+}
+
+/// The body of `POST /api/logs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteBody {
+    pub key: String,
+    /// Any JSON value, kept verbatim.
+    pub value: Box<RawValue>,
+}
+
+/// Parses and validates a write body.
+pub fn parse_write(bytes: &[u8]) -> Result<WriteBody, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidJson,
+            "request body is empty; expected {\"key\": ..., \"value\": ...}",
+        ));
+    }
+    let body: WriteBody = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("invalid JSON body: {e}")))?;
+    geolog_core::key::validate_key(&body.key)?;
+    Ok(body)
+}
+
+/// Query parameters accepted by the log routes.
+#[derive(Debug, Default)]
+pub struct LogQuery {
+    /// `None` means the coordinator's default level.
+    pub consistency: Option<ConsistencyLevel>,
+}
+
+/// Parses a raw query string; unknown parameters are rejected, so a typo
+/// such as `consistancy=ALL` cannot silently fall back to the default level.
+pub fn parse_query(raw: Option<&str>) -> Result<LogQuery, ApiError> {
+    let mut query = LogQuery::default();
+    let Some(raw) = raw else { return Ok(query) };
+    let pairs: Vec<(String, String)> = serde_urlencoded_pairs(raw)?;
+    for (name, value) in pairs {
+        match name.as_str() {
+            "consistency" => query.consistency = Some(value.parse()?),
+            other => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("unknown query parameter {other:?}; accepted: consistency"),
+                ));
+            }
+        }
+    }
+    Ok(query)
+}
+
+/// `a=b&c=d` with percent-decoding and `+` as space.
+fn serde_urlencoded_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
+    raw.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((percent_decode(k)?, percent_decode(v)?))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> Result<String, ApiError> {
+    let bad = || {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("malformed query string near {s:?}"),
+        )
+    };
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or_else(bad)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_rules() {
+        assert_eq!(
+            parse_query(Some("consistency=all")).unwrap().consistency,
+            Some(ConsistencyLevel::All)
+        );
+        assert_eq!(
+            parse_query(Some("consistency=LOCAL%5FONE"))
+                .unwrap()
+                .consistency,
+            Some(ConsistencyLevel::LocalOne)
+        );
+        assert!(parse_query(None).unwrap().consistency.is_none());
+        assert_eq!(
+            parse_query(Some("consistency=MOST")).unwrap_err().0.code,
+            ErrorCode::InvalidConsistency
+        );
+        assert_eq!(
+            parse_query(Some("consistancy=ALL")).unwrap_err().0.code,
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            parse_query(Some("consistency=%zz")).unwrap_err().0.code,
+            ErrorCode::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn body_rules() {
+        assert!(parse_write(br#"{"key":"k","value":{"a":[1,2]}}"#).is_ok());
+        assert!(parse_write(br#"{"key":"k","value":null}"#).is_ok());
+        for bad in [
+            &b""[..],
+            b"{",
+            b"[]",
+            br#"{"key":"k"}"#,
+            br#"{"value":1}"#,
+            br#"{"key":1,"value":1}"#,
+            br#"{"key":"k","value":1,"x":2}"#,
+        ] {
+            assert_eq!(
+                parse_write(bad).unwrap_err().0.code,
+                ErrorCode::InvalidJson,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            parse_write(br#"{"key":"","value":1}"#).unwrap_err().0.code,
+            ErrorCode::InvalidKey
+        );
+        assert_eq!(
+            parse_write(br#"{"key":"a\u0000b","value":1}"#)
+                .unwrap_err()
+                .0
+                .code,
+            ErrorCode::InvalidKey
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! REST handlers of the log API. Each parses with `extract`, calls a
+//! coordinator over gRPC, and renders the answer; no quorum logic here.
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::extract::{self, LogQuery};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State, rejection::PathRejection};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use geolog_core::{ErrorCode, Hlc};
+use geolog_proto::{coordinator as cpb, storage as spb};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use std::time::Duration;
+
+#[derive(Serialize)]
+struct Timestamp {
+    /// The packed hybrid logical clock; orders versions.
+    hlc: u64,
+    physical_ms: u64,
+    logical: u16,
+    /// `physical_ms` as RFC 3339.
+    time: String,
+}
+
+#[derive(Serialize)]
+struct VersionView {
+    timestamp: Timestamp,
+    /// The storage node that minted the version.
+    node: String,
+    /// That node's sequence number for it.
+    seq: u64,
+}
+
+#[derive(Serialize)]
+struct RegionAcksView {
+    region: String,
+    required: u32,
+    received: u32,
+}
+
+#[derive(Serialize)]
+struct AcksView {
+    required: u32,
+    received: u32,
+    regions: Vec<RegionAcksView>,
+}
+
+fn version_view(v: &spb::Version) -> VersionView {
+    let hlc = Hlc::from_packed(v.timestamp.as_ref().map_or(0, |t| t.packed));
+    let time =
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(hlc.physical_ms()) * 1_000_000)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+    let dot = v.dot.clone().unwrap_or_default();
+    VersionView {
+        timestamp: Timestamp {
+            hlc: hlc.packed(),
+            physical_ms: hlc.physical_ms(),
+            logical: hlc.logical(),
+            time,
+        },
+        node: dot.node,
+        seq: dot.seq,
+    }
+}
+
+fn acks_view(acks: Option<cpb::Acks>) -> AcksView {
+    let acks = acks.unwrap_or_default();
+    AcksView {
+        required: acks.required,
+        received: acks.received,
+        regions: acks
+            .regions
+            .into_iter()
+            .map(|r| RegionAcksView {
+                region: r.region,
+                required: r.required,
+                received: r.received,
+            })
+            .collect(),
+    }
+}
+
+fn level_name(query: &LogQuery) -> String {
+    query
+        .consistency
+        .map(|l| l.as_str().to_string())
+        .unwrap_or_default()
+}
+
+fn missing_version() -> ApiError {
+    ApiError::new(
+        ErrorCode::Internal,
+        "coordinator answered without a version",
+    )
+}
+
+#[derive(Serialize)]
+struct WriteAnswer<'a> {
+    key: &'a str,
+    version: VersionView,
+    consistency: String,
+    acks: AcksView,
+}
+
+/// `POST /api/logs?consistency=LEVEL` with `{"key": ..., "value": ...}`.
+pub async fn write(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let query = extract::parse_query(raw.as_deref())?;
+    let bytes = extract::read_body(&headers, body, state.max_body_bytes).await?;
+    let body = extract::parse_write(&bytes)?;
+    let mut client = state.coordinator.clone();
+    let mut request = tonic::Request::new(cpb::WriteRequest {
+        key: body.key.clone(),
+        value_json: body.value.get().to_string(),
+        consistency: level_name(&query),
+    });
+    request.set_timeout(state.request_timeout);
+    let answer = client.write(request).await?.into_inner();
+    let version = answer.version.as_ref().ok_or_else(missing_version)?;
+    let view = WriteAnswer {
+        key: &body.key,
+        version: version_view(version),
+        consistency: answer.consistency,
+        acks: acks_view(answer.acks),
+    };
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+#[derive(Serialize)]
+struct ReadAnswer<'a> {
+    key: &'a str,
+    value: &'a RawValue,
+    version: VersionView,
+    consistency: String,
+    acks: AcksView,
+}
+
+/// `GET /api/logs/{key}?consistency=LEVEL`.
+pub async fn read(
+    State(state): State<AppState>,
+    key: Result<Path<String>, PathRejection>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let Path(key) =
+        key.map_err(|e| ApiError::new(ErrorCode::InvalidKey, format!("invalid key in path: {e}")))?;
+    geolog_core::key::validate_key(&key)?;
+    let query = extract::parse_query(raw.as_deref())?;
+    let mut client = state.coordinator.clone();
+    let mut request = tonic::Request::new(cpb::ReadRequest {
+        key: key.clone(),
+        consistency: level_name(&query),
+    });
+    request.set_timeout(state.request_timeout);
+    let answer = client.read(request).await?.into_inner();
+    let Some(version) = answer.version.as_ref() else {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!(
+                "key {key:?} has no versions at consistency {}",
+                answer.consistency
+            ),
+        ));
+    };
+    let value = RawValue::from_string(version.value_json.clone()).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("stored value is not JSON: {e}"),
+        )
+    })?;
+    let view = ReadAnswer {
+        key: &key,
+        value: &value,
+        version: version_view(version),
+        consistency: answer.consistency,
+        acks: acks_view(answer.acks),
+    };
+    Ok(Json(view).into_response())
+}
+
+#[derive(Serialize)]
+struct CoordinatorHealth {
+    id: String,
+    addr: String,
+    /// `up` or `down`.
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ReplicaView {
+    node: String,
+    region: String,
+    addr: String,
+    state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_ok_ms_ago: Option<u64>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    last_error: String,
+}
+
+#[derive(Serialize)]
+struct HealthAnswer {
+    /// `ok` (everything alive), `degraded` (some replica dead) or
+    /// `unavailable` (no coordinator reachable; answered with 503).
+    status: &'static str,
+    gateway: String,
+    region: String,
+    coordinators: Vec<CoordinatorHealth>,
+    replicas: Vec<ReplicaView>,
+}
+
+/// `GET /api/logs/health`: this gateway, its coordinators, and every replica
+/// as the first reachable coordinator sees it.
+pub async fn health(State(state): State<AppState>) -> Response {
+    let mut coordinators = Vec::new();
+    let mut replicas: Option<Vec<ReplicaView>> = None;
+    for (id, addr, client) in &state.coordinator_probes {
+        let mut client = client.clone();
+        let mut request = tonic::Request::new(cpb::HealthRequest {});
+        request.set_timeout(Duration::from_secs(2));
+        match tokio::time::timeout(Duration::from_secs(2), client.health(request)).await {
+            Ok(Ok(answer)) => {
+                coordinators.push(CoordinatorHealth {
+                    id: id.clone(),
+                    addr: addr.clone(),
+                    status: "up",
+                    error: None,
+                });
+                replicas.get_or_insert_with(|| {
+                    answer
+                        .into_inner()
+                        .replicas
+                        .into_iter()
+                        .map(|r| ReplicaView {
+                            node: r.node,
+                            region: r.region,
+                            addr: r.addr,
+                            state: r.state,
+                            last_ok_ms_ago: r.last_ok_ms_ago,
+                            last_error: r.last_error,
+                        })
+                        .collect()
+                });
+            }
+            Ok(Err(status)) => coordinators.push(CoordinatorHealth {
+                id: id.clone(),
+                addr: addr.clone(),
+                status: "down",
+                error: Some(status.message().to_string()),
+            }),
+            Err(_) => coordinators.push(CoordinatorHealth {
+                id: id.clone(),
+                addr: addr.clone(),
+                status: "down",
+                error: Some("health check timed out".into()),
+            }),
+        }
+    }
+    let replicas = replicas.unwrap_or_default();
+    let (status, code) = if coordinators.iter().all(|c| c.status == "down") {
+        ("unavailable", StatusCode::SERVICE_UNAVAILABLE)
+    } else if coordinators.iter().any(|c| c.status == "down")
+        || replicas.iter().any(|r| r.state != "alive")
+    {
+        ("degraded", StatusCode::OK)
+    } else {
+        ("ok", StatusCode::OK)
+    };
+    let answer = HealthAnswer {
+        status,
+        gateway: state.id.clone(),
+        region: state.region.clone(),
+        coordinators,
+        replicas,
+    };
+    (code, Json(answer)).into_response()
+}
+
+/// `GET /metrics` in Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match &state.prometheus {
+        Some(handle) => handle.render().into_response(),
+        None => ApiError::new(
+            ErrorCode::RouteNotFound,
+            "metrics are not enabled in this process",
+        )
+        .into_response(),
+    }
+}
+
+pub async fn route_not_found() -> ApiError {
+    ApiError::new(
+        ErrorCode::RouteNotFound,
+        "no such route; see the API in README.md",
+    )
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "method not allowed on this route",
+    )
+}

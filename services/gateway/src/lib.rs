@@ -1,0 +1,193 @@
+//! geolog gateway: the public REST API. It parses and validates, limits body
+//! size, time and concurrency, maps errors to HTTP, serves `/metrics` and
+//! health, and forwards to its region's coordinators over gRPC, balancing
+//! across them. It holds no data.
+
+pub mod error;
+pub mod extract;
+pub mod handlers;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use error::ApiError;
+use geolog_config::GeologConfig;
+use geolog_core::ErrorCode;
+use geolog_proto::coordinator::coordinator_client::CoordinatorClient;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tower::{BoxError, ServiceBuilder};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub id: String,
+    pub region: String,
+    /// Balanced across the region's coordinators.
+    pub coordinator: CoordinatorClient<Channel>,
+    /// One client per coordinator, for health.
+    pub coordinator_probes: Vec<(String, String, CoordinatorClient<Channel>)>,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub prometheus: Option<PrometheusHandle>,
+}
+
+impl AppState {
+    /// Builds lazy clients to the coordinators of gateway `id`'s region.
+    pub fn new(
+        config: &GeologConfig,
+        id: &str,
+        prometheus: Option<PrometheusHandle>,
+    ) -> Result<Self, BoxError> {
+        let (region, _) = config
+            .gateway_process(id)
+            .ok_or_else(|| format!("no gateway {id:?} in the config"))?;
+        if region.coordinators.is_empty() {
+            return Err(format!("region {} has no coordinators", region.name).into());
+        }
+        let endpoint = |addr: &str| -> Result<Endpoint, BoxError> {
+            Ok(Endpoint::from_shared(format!("http://{addr}"))?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true))
+        };
+        let endpoints = region
+            .coordinators
+            .iter()
+            .map(|c| endpoint(&c.addr))
+            .collect::<Result<Vec<_>, _>>()?;
+        let coordinator = CoordinatorClient::new(Channel::balance_list(endpoints.into_iter()));
+        let coordinator_probes = region
+            .coordinators
+            .iter()
+            .map(|c| {
+                Ok((
+                    c.id.clone(),
+                    c.addr.clone(),
+                    CoordinatorClient::new(endpoint(&c.addr)?.connect_lazy()),
+                ))
+            })
+            .collect::<Result<Vec<_>, BoxError>>()?;
+        Ok(AppState {
+            id: id.to_string(),
+            region: region.name.clone(),
+            coordinator,
+            coordinator_probes,
+            max_body_bytes: config.gateway.max_body_bytes,
+            request_timeout: Duration::from_millis(config.gateway.request_timeout_ms),
+            prometheus,
+        })
+    }
+}
+
+/// Errors raised by the tower layers (timeout, load shedding) as JSON.
+async fn layer_error(err: BoxError) -> ApiError {
+    if err.is::<tower::timeout::error::Elapsed>() {
+        ApiError::new(ErrorCode::Timeout, "request timed out in the gateway")
+    } else if err.is::<tower::load_shed::error::Overloaded>() {
+        ApiError::new(
+            ErrorCode::Overloaded,
+            "too many requests in flight; retry with backoff",
+        )
+    } else {
+        ApiError::new(ErrorCode::Internal, format!("unhandled layer error: {err}"))
+    }
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::new(
+        ErrorCode::Internal,
+        "internal error (the gateway recovered from a panic)",
+    )
+    .into_response()
+}
+
+/// Records `http_server_requests_seconds` by route, method, status and level.
+async fn record_metrics(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = request.method().to_string();
+    // Only valid level names become label values: bounded cardinality.
+    let level = extract::parse_query(request.uri().query())
+        .ok()
+        .and_then(|q| q.consistency)
+        .map_or("default", |l| l.as_str());
+    let response = next.run(request).await;
+    let labels = [
+        ("route", route),
+        ("method", method),
+        ("status", response.status().as_u16().to_string()),
+        ("consistency", level.to_string()),
+    ];
+    metrics::histogram!("http_server_requests_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The whole REST application.
+pub fn router(state: AppState, concurrency_limit: usize, request_timeout: Duration) -> Router {
+    let limits = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(layer_error))
+        .load_shed()
+        .concurrency_limit(concurrency_limit)
+        .timeout(request_timeout);
+    Router::new()
+        .route("/api/logs", post(handlers::write))
+        .route("/api/logs/health", get(handlers::health))
+        .route("/api/logs/{key}", get(handlers::read))
+        .route("/metrics", get(handlers::metrics))
+        .fallback(handlers::route_not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .with_state(state)
+        .layer(limits)
+        .layer(middleware::from_fn(record_metrics))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(|request: &Request| {
+                            let id = request
+                                .headers()
+                                .get("x-request-id")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-");
+                            tracing::info_span!("http", method = %request.method(), uri = %request.uri(), request_id = %id)
+                        })
+                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                )
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response)),
+        )
+}
+
+/// Serves gateway `id` on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(
+    config: &GeologConfig,
+    id: &str,
+    listener: tokio::net::TcpListener,
+    prometheus: Option<PrometheusHandle>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
+    let state = AppState::new(config, id, prometheus)?;
+    let app = router(
+        state,
+        config.gateway.concurrency_limit,
+        Duration::from_millis(config.gateway.request_timeout_ms),
+    );
+    tracing::info!(addr = %listener.local_addr()?, gateway = id, "gateway serving");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! geolog storage node: one process per node, owning exactly one PostgreSQL
+//! database. It stores versions and serves them over gRPC; it never talks to
+//! other storage nodes and never decides about consistency.
+
+pub mod server;
+pub mod store;
+
+use geolog_proto::storage::storage_server::StorageServer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use store::VersionStore;
+
+/// Largest gRPC message a storage node accepts (a batch of versions).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Serves `store` on `addr` until `shutdown` resolves, then drains in-flight
+/// requests and closes the pool.
+pub async fn serve(
+    addr: SocketAddr,
+    store: Arc<VersionStore>,
+    region: String,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let service = StorageServer::new(server::StorageService::new(store.clone(), region))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    tracing::info!(%addr, node = store.node(), "storage node serving");
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(service)
+        .serve_with_shutdown(addr, shutdown)
+        .await;
+    store.close().await;
+    result
+}

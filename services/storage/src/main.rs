@@ -1,0 +1,63 @@
+//! `geolog-storage`: parse config, open the store, serve, shut down.
+
+use anyhow::Context;
+use clap::Parser;
+use geolog_config::GeologConfig;
+use geolog_storage::store::{PoolSettings, VersionStore};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A geolog storage node.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Cluster config (TOML).
+    #[arg(long, env = "GEOLOG_CONFIG")]
+    config: PathBuf,
+    /// This node's id in the config.
+    #[arg(long, env = "GEOLOG_ID")]
+    id: String,
+    /// PostgreSQL URL; overrides the node's `database_url` in the config.
+    #[arg(long, env = "GEOLOG_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Address to listen on; defaults to the node's `addr` in the config.
+    #[arg(long, env = "GEOLOG_LISTEN")]
+    listen: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    geolog_telemetry::init_tracing("geolog-storage");
+    let _ = geolog_telemetry::prometheus();
+    let config = GeologConfig::load(&args.config)?;
+    let (region, node) = config
+        .node(&args.id)
+        .with_context(|| format!("no storage node {:?} in {}", args.id, args.config.display()))?;
+    let database_url = args
+        .database_url
+        .or_else(|| node.database_url.clone())
+        .context("no database URL: pass --database-url or set database_url in the config")?;
+    let listen = args.listen.unwrap_or_else(|| node.addr.clone());
+    let addr = tokio::net::lookup_host(&listen)
+        .await?
+        .next()
+        .with_context(|| format!("cannot resolve {listen}"))?;
+    let pool = PoolSettings {
+        max_connections: config.storage.pool_max_connections,
+        acquire_timeout: Duration::from_millis(config.storage.pool_acquire_timeout_ms),
+    };
+    let store = VersionStore::open(&database_url, &node.id, &pool, Duration::from_secs(30))
+        .await
+        .context("cannot open the node's database")?;
+    geolog_storage::serve(
+        addr,
+        Arc::new(store),
+        region.name.clone(),
+        geolog_telemetry::shutdown_signal(),
+    )
+    .await?;
+    tracing::info!("storage node stopped");
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! The storage node's gRPC service: translates between protobuf messages and
+//! [`VersionStore`] calls. No SQL and no replication logic here.
+
+use crate::store::{StoredVersion, VersionStore};
+use geolog_core::{ErrorCode, GeologError, Hlc};
+use geolog_proto::storage as pb;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::{Request, Response, Status};
+
+/// gRPC front of one storage node.
+pub struct StorageService {
+    store: Arc<VersionStore>,
+    region: String,
+}
+
+impl StorageService {
+    pub fn new(store: Arc<VersionStore>, region: String) -> Self {
+        StorageService { store, region }
+    }
+}
+
+/// Converts a stored version to its wire form.
+pub fn to_proto(v: StoredVersion) -> pb::Version {
+    pb::Version {
+        key: v.key,
+        value_json: v.value_json,
+        timestamp: Some(pb::Hlc {
+            packed: v.hlc.packed(),
+        }),
+        dot: Some(pb::Dot {
+            node: v.node,
+            seq: v.seq,
+        }),
+    }
+}
+
+fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
+    let (Some(ts), Some(dot)) = (v.timestamp, v.dot) else {
+        return Err(GeologError::new(
+            ErrorCode::InvalidRequest,
+            "version without timestamp or dot",
+        ));
+    };
+    geolog_core::key::validate_key(&v.key)?;
+    if dot.node.is_empty()
+        || dot.seq == 0
+        || dot.seq > i64::MAX as u64
+        || ts.packed > i64::MAX as u64
+    {
+        return Err(GeologError::new(
+            ErrorCode::InvalidRequest,
+            "version with an invalid dot or timestamp",
+        ));
+    }
+    Ok(StoredVersion {
+        key: v.key,
+        value_json: v.value_json,
+        hlc: Hlc::from_packed(ts.packed),
+        node: dot.node,
+        seq: dot.seq,
+    })
+}
+
+fn observe(op: &'static str, started: Instant, ok: bool) {
+    let outcome = if ok { "ok" } else { "error" };
+    metrics::histogram!("storage_request_duration_seconds", "op" => op, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// Logs a store failure where it is handled (here, turned into a status).
+fn fail(op: &'static str, err: crate::store::StoreError) -> Status {
+    let err = GeologError::from(err);
+    if err.code == ErrorCode::Internal {
+        tracing::error!(op, error = %err.message, "storage request failed");
+    } else {
+        tracing::warn!(op, error = %err.message, "storage request failed");
+    }
+    err.to_status()
+}
+
+#[tonic::async_trait]
+impl pb::storage_server::Storage for StorageService {
+    async fn mint(
+        &self,
+        request: Request<pb::MintRequest>,
+    ) -> Result<Response<pb::MintResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        geolog_core::key::validate_key(&req.key)?;
+        let result = self.store.mint(&req.key, &req.value_json).await;
+        observe("mint", started, result.is_ok());
+        let version = result.map_err(|e| fail("mint", e))?;
+        Ok(Response::new(pb::MintResponse {
+            version: Some(to_proto(version)),
+        }))
+    }
+
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let started = Instant::now();
+        let versions = request
+            .into_inner()
+            .versions
+            .into_iter()
+            .map(from_proto)
+            .collect::<Result<Vec<_>, _>>()?;
+        let result = self.store.apply(&versions).await;
+        observe("apply", started, result.is_ok());
+        let inserted = result.map_err(|e| fail("apply", e))?;
+        Ok(Response::new(pb::ApplyResponse {
+            inserted: inserted as u32,
+        }))
+    }
+
+    async fn read(
+        &self,
+        request: Request<pb::ReadRequest>,
+    ) -> Result<Response<pb::ReadResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        geolog_core::key::validate_key(&req.key)?;
+        let result = self.store.latest(&req.key).await;
+        observe("read", started, result.is_ok());
+        let latest = result.map_err(|e| fail("read", e))?;
+        Ok(Response::new(pb::ReadResponse {
+            versions: latest.into_iter().map(to_proto).collect(),
+        }))
+    }
+
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let database_ok = self.store.ping(Duration::from_millis(300)).await;
+        Ok(Response::new(pb::HealthResponse {
+            node: self.store.node().to_string(),
+            region: self.region.clone(),
+            database_ok,
+        }))
+    }
+}
