@@ -86,12 +86,13 @@ impl PgBinaries {
             .arg("--version")
             .output()
             .map_err(LaunchError::io("run postgres --version"))?;
+        // "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
         let text = String::from_utf8_lossy(&out.stdout);
-        Ok(text
-            .split_whitespace()
-            .last()
-            .unwrap_or("unknown")
-            .to_string())
+        let version = text.split_whitespace().nth(2).unwrap_or("unknown");
+        Ok(version
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '.')
+            .collect())
     }
 }
 

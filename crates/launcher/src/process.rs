@@ -108,7 +108,19 @@ pub fn signal_pid(pid: u32, signal: Signal) -> bool {
     kill(Pid::from_raw(pid as i32), signal).is_ok()
 }
 
-/// True while a process with this PID exists.
+/// True while a process with this PID exists and is not a zombie (killed
+/// but not yet reaped by its parent).
 pub fn pid_alive(pid: u32) -> bool {
-    kill(Pid::from_raw(pid as i32), None).is_ok()
+    if kill(Pid::from_raw(pid as i32), None).is_err() {
+        return false;
+    }
+    // /proc/PID/stat: "pid (comm) STATE ..."; comm may contain spaces.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => true,
+    }
 }

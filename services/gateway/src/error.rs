@@ -6,6 +6,12 @@ use axum::Json;
 use axum::response::{IntoResponse, Response};
 use geolog_core::{ErrorCode, GeologError};
 
+/// `{"error": {...}}`, fields in declaration order (unlike `json!`, which sorts).
+#[derive(serde::Serialize)]
+struct ErrorEnvelope<'a> {
+    error: &'a GeologError,
+}
+
 /// An error on its way to the client.
 #[derive(Debug)]
 pub struct ApiError(pub GeologError);
@@ -39,6 +45,6 @@ impl IntoResponse for ApiError {
         if status.is_server_error() && self.0.code == ErrorCode::Internal {
             tracing::error!(code = %self.0.code, message = %self.0.message, "request failed");
         }
-        (status, Json(serde_json::json!({ "error": self.0 }))).into_response()
+        (status, Json(ErrorEnvelope { error: &self.0 })).into_response()
     }
 }

@@ -34,9 +34,15 @@ struct VersionView {
     seq: u64,
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 #[derive(Serialize)]
 struct RegionAcksView {
     region: String,
+    /// Omitted when the level sets no minimum for this region.
+    #[serde(skip_serializing_if = "is_zero")]
     required: u32,
     received: u32,
 }

@@ -1,0 +1,134 @@
+//! Helpers shared by the end-to-end tests: a small REST client for the
+//! gateway and waits on conditions with deadlines (never bare sleeps).
+
+#![allow(dead_code)]
+
+use geolog_launcher::ClusterFile;
+use geolog_launcher::topology::Shape;
+use serde_json::Value;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The tutorial's cluster: one region, five storage nodes, N = 5.
+pub const TUTORIAL: Shape = Shape {
+    regions: 1,
+    nodes_per_region: 5,
+    replication_factor: 5,
+};
+
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+}
+
+impl Api {
+    pub fn new(base: String) -> Self {
+        Api {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(15))
+                .build()
+                .unwrap(),
+            base,
+        }
+    }
+
+    /// `POST /api/logs?consistency=level` → (status, JSON body).
+    pub async fn write(&self, key: &str, value: Value, level: Option<&str>) -> (u16, Value) {
+        let mut url = format!("{}/api/logs", self.base);
+        if let Some(level) = level {
+            url.push_str(&format!("?consistency={level}"));
+        }
+        let response = self
+            .http
+            .post(url)
+            .json(&serde_json::json!({"key": key, "value": value}))
+            .send()
+            .await
+            .unwrap();
+        Self::decode(response).await
+    }
+
+    /// `GET /api/logs/{key}?consistency=level`; `key` must be URL-safe or pre-encoded.
+    pub async fn read(&self, key: &str, level: Option<&str>) -> (u16, Value) {
+        let mut url = format!("{}/api/logs/{key}", self.base);
+        if let Some(level) = level {
+            url.push_str(&format!("?consistency={level}"));
+        }
+        Self::decode(self.http.get(url).send().await.unwrap()).await
+    }
+
+    pub async fn raw(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let response = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        Self::decode(response).await
+    }
+
+    pub async fn decode(response: reqwest::Response) -> (u16, Value) {
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("status {status}: body is not JSON: {text:?}"));
+        (status, body)
+    }
+
+    /// Replicas the coordinator reports in `state` ("alive"/"dead").
+    pub async fn replicas_in_state(&self, state: &str) -> usize {
+        let (_, health) = self
+            .raw(reqwest::Method::GET, "/api/logs/health", Vec::new())
+            .await;
+        health["replicas"]
+            .as_array()
+            .map_or(0, |r| r.iter().filter(|r| r["state"] == state).count())
+    }
+
+    /// Waits until the coordinator sees exactly `dead` dead replicas.
+    pub async fn wait_dead_replicas(&self, dead: usize) {
+        wait_until(Duration::from_secs(15), || async {
+            self.replicas_in_state("dead").await == dead
+        })
+        .await;
+    }
+}
+
+/// Polls `condition` until it holds, panicking after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGKILLs a process by the PID `cluster.json` gives for it.
+pub fn kill_by_cluster_json(data_dir: &Path, id: &str) -> u32 {
+    let file = ClusterFile::read(data_dir).expect("cluster.json exists while the cluster runs");
+    let process = file
+        .processes
+        .iter()
+        .find(|p| p.id == id)
+        .unwrap_or_else(|| panic!("{id} in cluster.json"));
+    assert!(geolog_launcher::process::signal_pid(
+        process.pid,
+        nix::sys::signal::Signal::SIGKILL
+    ));
+    process.pid
+}
+
+/// The error code of an error body.
+pub fn code(body: &Value) -> &str {
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error body: {body}"))
+}

@@ -1,0 +1,110 @@
+//! Storage nodes killed by the PIDs in `cluster.json`: which levels keep
+//! working, which fail and how fast, and that nothing acknowledged is lost
+//! once the nodes are back.
+
+mod common;
+
+use common::{Api, TUTORIAL, code, kill_by_cluster_json};
+use geolog_testkit::TestCluster;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quorum_tolerates_two_dead_nodes_and_all_fails_fast() {
+    let mut cluster = TestCluster::start(TUTORIAL).await.expect("cluster starts");
+    let api = Api::new(cluster.gateway("a"));
+    let data_dir = cluster.cluster.data_dir().to_path_buf();
+    // Every write the cluster acknowledged: key → value.
+    let mut acknowledged = BTreeMap::new();
+
+    for i in 0..20 {
+        let key = format!("before-{i}");
+        let (status, _) = api.write(&key, json!(i), Some("ALL")).await;
+        assert_eq!(status, 201);
+        acknowledged.insert(key, json!(i));
+    }
+
+    // Two of five dead: QUORUM (3) still writes and reads; ALL fails with
+    // 503 at once — not after the 2 s write timeout.
+    kill_by_cluster_json(&data_dir, "a1");
+    kill_by_cluster_json(&data_dir, "a2");
+    let started = Instant::now();
+    let (status, body) = api.write("during-2-dead", json!("x"), Some("ALL")).await;
+    assert_eq!((status, code(&body)), (503, "unavailable"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "ALL failed fast: {:?}",
+        started.elapsed()
+    );
+    api.wait_dead_replicas(2).await;
+    let started = Instant::now();
+    let (status, body) = api.write("during-2-dead", json!("x"), Some("ALL")).await;
+    assert_eq!((status, code(&body)), (503, "unavailable"));
+    assert_eq!(
+        (
+            body["error"]["required"].as_u64(),
+            body["error"]["alive"].as_u64()
+        ),
+        (Some(5), Some(3))
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "detected: no RPC is even tried"
+    );
+    let (status, body) = api.read("before-0", Some("ALL")).await;
+    assert_eq!((status, code(&body)), (503, "unavailable"));
+
+    for i in 0..20 {
+        let key = format!("quorum-{i}");
+        let (status, body) = api.write(&key, json!(i), Some("QUORUM")).await;
+        assert_eq!(status, 201, "{body}");
+        acknowledged.insert(key, json!(i));
+        let (status, body) = api.read(&format!("before-{i}"), Some("QUORUM")).await;
+        assert_eq!((status, &body["value"]), (200, &json!(i)));
+    }
+
+    // Three of five dead: QUORUM fails, ONE still works.
+    kill_by_cluster_json(&data_dir, "a3");
+    api.wait_dead_replicas(3).await;
+    let (status, body) = api.write("during-3-dead", json!("q"), Some("QUORUM")).await;
+    assert_eq!((status, code(&body)), (503, "unavailable"), "{body}");
+    assert_eq!(
+        (
+            body["error"]["required"].as_u64(),
+            body["error"]["alive"].as_u64()
+        ),
+        (Some(3), Some(2))
+    );
+    let (status, _) = api.read("before-1", Some("QUORUM")).await;
+    assert_eq!(status, 503);
+    for i in 0..10 {
+        let key = format!("one-{i}");
+        let (status, body) = api.write(&key, json!(i), Some("ONE")).await;
+        assert_eq!(status, 201, "{body}");
+        acknowledged.insert(key, json!(i));
+    }
+    let (status, body) = api.read("before-2", Some("ONE")).await;
+    assert_eq!((status, &body["value"]), (200, &json!(2)));
+
+    // Heal: the nodes come back on their own PostgreSQL with their data.
+    for id in ["a1", "a2", "a3"] {
+        cluster.cluster.restart(id).await.expect("node restarts");
+    }
+    api.wait_dead_replicas(0).await;
+    let (status, _) = api.write("after-heal", json!(true), Some("ALL")).await;
+    assert_eq!(status, 201);
+
+    // Nothing acknowledged was lost: a read at ALL consults every replica
+    // and returns every acknowledged value.
+    for (key, value) in &acknowledged {
+        let (status, body) = api.read(key, Some("ALL")).await;
+        assert_eq!((status, &body["value"]), (200, value), "{key}");
+    }
+    // Writes acknowledged at QUORUM are also visible to QUORUM reads
+    // (quorums intersect), even though two replicas missed them.
+    for i in 0..20 {
+        let (status, body) = api.read(&format!("quorum-{i}"), Some("QUORUM")).await;
+        assert_eq!((status, &body["value"]), (200, &json!(i)));
+    }
+}
