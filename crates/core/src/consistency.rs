@@ -212,6 +212,7 @@ enum Answer {
     Pending,
     Ok,
     Failed,
+    TimedOut,
 }
 
 /// Counts answers of the replicas contacted for one request, per region, and
@@ -240,6 +241,12 @@ impl AckTracker {
 
     pub fn record_failure(&mut self, replica: usize) {
         self.answers[replica] = Answer::Failed;
+    }
+
+    /// The replica's own deadline passed: it will not count, and the request
+    /// ends as a timeout rather than as unavailable.
+    pub fn record_timeout(&mut self, replica: usize) {
+        self.answers[replica] = Answer::TimedOut;
     }
 
     fn regions_where(
@@ -288,7 +295,7 @@ impl AckTracker {
     pub fn is_impossible(&self) -> bool {
         !self
             .requirement
-            .met_by(self.regions_where(|a| a != Answer::Failed))
+            .met_by(self.regions_where(|a| matches!(a, Answer::Ok | Answer::Pending)))
     }
 
     pub fn requirement(&self) -> &Requirement {
@@ -329,8 +336,9 @@ impl AckTracker {
     }
 
     /// The error for a request that ended without meeting its requirement:
-    /// `unavailable` when replicas failed so the level became impossible,
-    /// `timeout` otherwise. `what` is "write" or "read".
+    /// `unavailable` when replicas failed (errors, refused connections) so
+    /// the level became impossible; `timeout` when the deadline passed or a
+    /// replica timed out. `what` is "write" or "read".
     pub fn failure(&self, what: &str) -> GeologError {
         let details = self.details();
         let landed = if what == "write" && details.received.unwrap_or(0) > 0 {
@@ -340,7 +348,8 @@ impl AckTracker {
         } else {
             ""
         };
-        let (code, reason) = if self.is_impossible() {
+        let timed_out = self.answers.contains(&Answer::TimedOut);
+        let (code, reason) = if self.is_impossible() && !timed_out {
             (ErrorCode::Unavailable, "replicas failed")
         } else {
             (ErrorCode::Timeout, "replicas did not answer in time")
@@ -438,6 +447,9 @@ mod tests {
         let err = t.failure("write");
         assert_eq!(err.code, ErrorCode::Unavailable);
         assert_eq!(err.quorum.unwrap().received, Some(1));
+        // A replica that timed out makes it a timeout, even if also impossible.
+        t.record_timeout(2);
+        assert_eq!(t.failure("write").code, ErrorCode::Timeout);
     }
 
     fn level() -> impl Strategy<Value = ConsistencyLevel> {

@@ -121,28 +121,36 @@ impl QuorumEngine {
         // Mint on the first alive replica that accepts.
         let mut minted = None;
         for &idx in &alive {
-            let replica = self.replicas.get(&placement[idx].node);
-            let mut client = replica.client.clone();
+            let replica = self.replicas.get(&placement[idx].node).clone();
             let request = pb::MintRequest {
                 key: key.to_string(),
                 value_json: value_json.to_string(),
             };
-            match tokio::time::timeout_at(deadline, client.mint(request)).await {
-                Ok(Ok(response)) => {
+            // Spawned so that, past our deadline, the call still runs to its
+            // own end and a hung replica gets marked dead by its breaker.
+            let call = tokio::spawn(async move {
+                let mut client = replica.client.clone();
+                client.mint(request).await
+            });
+            match tokio::time::timeout_at(deadline, call).await {
+                Ok(Ok(Ok(response))) => {
                     tracker.record_ok(idx);
                     minted = response.into_inner().version;
                     break;
                 }
-                Ok(Err(status)) => {
+                Ok(Ok(Err(status))) => {
                     let err = GeologError::from_status(&status);
                     if err.code.http_status().is_client_error() {
                         return Err(err);
                     }
-                    tracing::warn!(replica = %replica.node, error = %err.message, "mint failed, trying next replica");
-                    tracker.record_failure(idx);
+                    tracing::warn!(replica = %placement[idx].node, error = %err.message, "mint failed, trying next replica");
+                    record(&mut tracker, idx, &status);
                     if tracker.is_impossible() {
                         return Err(tracker.failure("write"));
                     }
+                }
+                Ok(Err(join)) => {
+                    return Err(GeologError::internal(format!("mint task failed: {join}")));
                 }
                 Err(_) => return Err(tracker.failure("write")),
             }
@@ -161,8 +169,8 @@ impl QuorumEngine {
             let tx = tx.clone();
             let version = version.clone();
             tokio::spawn(async move {
-                let ok = apply(&replica, version).await;
-                let _ = tx.send((idx, ok));
+                let result = apply(&replica, version).await;
+                let _ = tx.send((idx, result));
             });
         }
         drop(tx);
@@ -171,8 +179,8 @@ impl QuorumEngine {
                 return Err(tracker.failure("write"));
             }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some((idx, true))) => tracker.record_ok(idx),
-                Ok(Some((idx, false))) => tracker.record_failure(idx),
+                Ok(Some((idx, Ok(())))) => tracker.record_ok(idx),
+                Ok(Some((idx, Err(status)))) => record(&mut tracker, idx, &status),
                 Ok(None) | Err(_) => return Err(tracker.failure("write")),
             }
         }
@@ -230,7 +238,7 @@ impl QuorumEngine {
                 Ok(Some((idx, Err(status)))) => {
                     in_flight -= 1;
                     tracing::debug!(replica = %placement[idx].node, error = %status.message(), "read failed");
-                    tracker.record_failure(idx);
+                    record(&mut tracker, idx, &status);
                     // Replace it with the next alive replica, preferring a
                     // region that still needs answers.
                     if let Some(pos) = next_replacement(&tracker, &placement, &untried) {
@@ -251,20 +259,44 @@ impl QuorumEngine {
 }
 
 /// Applies a version to one replica; true when it acknowledged.
-async fn apply(replica: &Replica, version: pb::Version) -> bool {
+/// Applies a version to one replica.
+async fn apply(replica: &Replica, version: pb::Version) -> Result<(), tonic::Status> {
     let mut client = replica.client.clone();
-    match client
-        .apply(pb::ApplyRequest {
-            versions: vec![version],
-        })
-        .await
-    {
-        Ok(_) => true,
+    let request = pb::ApplyRequest {
+        versions: vec![version],
+    };
+    match client.apply(request).await {
+        Ok(_) => Ok(()),
         Err(status) => {
             tracing::debug!(replica = %replica.node, error = %status.message(), "apply failed");
-            false
+            Err(status)
         }
     }
+}
+
+/// Records a failed RPC as a timeout or a failure.
+fn record(tracker: &mut AckTracker, idx: usize, status: &tonic::Status) {
+    if is_timeout(status) {
+        tracker.record_timeout(idx);
+    } else {
+        tracker.record_failure(idx);
+    }
+}
+
+/// True when the replica did not answer in time: a deadline status, or the
+/// per-replica tower timeout somewhere in the error's sources.
+fn is_timeout(status: &tonic::Status) -> bool {
+    if status.code() == tonic::Code::DeadlineExceeded {
+        return true;
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.is::<tower::timeout::error::Elapsed>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Newest first: highest HLC, ties broken by the minting node id.

@@ -108,3 +108,68 @@ async fn quorum_tolerates_two_dead_nodes_and_all_fails_fast() {
         assert_eq!((status, &body["value"]), (200, &json!(i)));
     }
 }
+
+/// SIGSTOP freezes a storage node: its socket accepts, nothing answers.
+fn signal_by_cluster_json(data_dir: &std::path::Path, id: &str, signal: nix::sys::signal::Signal) {
+    let file = geolog_launcher::ClusterFile::read(data_dir).unwrap();
+    let pid = file.processes.iter().find(|p| p.id == id).unwrap().pid;
+    assert!(geolog_launcher::process::signal_pid(pid, signal));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_replica_times_out_then_is_routed_around() {
+    use nix::sys::signal::Signal;
+    // No periodic probes (only the one at start): detection must come from
+    // the request path itself, which makes the timeout deterministic.
+    let env = [
+        ("GEOLOG__COORDINATOR__PROBE_INTERVAL_MS", "600000"),
+        ("GEOLOG__COORDINATOR__WRITE_TIMEOUT_MS", "400"),
+        ("GEOLOG__COORDINATOR__READ_TIMEOUT_MS", "400"),
+        ("GEOLOG__COORDINATOR__REPLICA_TIMEOUT_MS", "1000"),
+        ("GEOLOG__COORDINATOR__CIRCUIT_OPEN_MS", "1500"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec();
+    let cluster = TestCluster::start_with_env(TUTORIAL, env)
+        .await
+        .expect("cluster starts");
+    let api = Api::new(cluster.gateway("a"));
+    let data_dir = cluster.cluster.data_dir().to_path_buf();
+    let (status, _) = api.write("before", json!(1), Some("ALL")).await;
+    assert_eq!(status, 201);
+
+    signal_by_cluster_json(&data_dir, "a1", Signal::SIGSTOP);
+    let (status, body) = api.write("while-hung", json!(2), Some("ALL")).await;
+    assert_eq!((status, code(&body)), (504, "timeout"), "{body}");
+    assert_eq!(body["error"]["required"], 5);
+    assert!(body["error"]["received"].as_u64().unwrap() < 5);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("may have landed"),
+        "{body}"
+    );
+
+    // The hung call hits its 1 s replica timeout and opens the circuit:
+    // from then on ALL fails fast and QUORUM goes around the node.
+    api.wait_dead_replicas(1).await;
+    let started = Instant::now();
+    let (status, body) = api.write("while-hung-2", json!(3), Some("ALL")).await;
+    assert_eq!((status, code(&body)), (503, "unavailable"), "{body}");
+    assert!(started.elapsed() < Duration::from_millis(300));
+    let (status, _) = api
+        .write("quorum-while-hung", json!(4), Some("QUORUM"))
+        .await;
+    assert_eq!(status, 201);
+
+    // Thawed, the node is tried again once its dead mark expires.
+    signal_by_cluster_json(&data_dir, "a1", Signal::SIGCONT);
+    api.wait_dead_replicas(0).await;
+    let (status, _) = api.write("after", json!(5), Some("ALL")).await;
+    assert_eq!(status, 201);
+    for (key, value) in [("before", 1), ("quorum-while-hung", 4), ("after", 5)] {
+        let (status, body) = api.read(key, Some("ALL")).await;
+        assert_eq!((status, &body["value"]), (200, &json!(value)), "{key}");
+    }
+}
