@@ -2,6 +2,8 @@
 //! stops everything it started on Ctrl-C/SIGTERM; `down` stops it from
 //! another shell; `status` lists its processes.
 
+mod control;
+
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use geolog_launcher::process::{pid_alive, signal_pid};
@@ -43,6 +45,23 @@ enum Command {
         /// Run PostgreSQL with fsync=off (faster, loses data if the machine crashes).
         #[arg(long)]
         no_fsync: bool,
+        /// One-way latency added to every inter-region link (e.g. 40ms).
+        #[arg(long, value_parser = control::parse_duration, default_value = "0ms")]
+        wan_latency: std::time::Duration,
+    },
+    /// Inject faults into the inter-region links of a running cluster.
+    Fault {
+        #[command(subcommand)]
+        fault: FaultCommand,
+        #[arg(long, default_value = ".geolog", global = true)]
+        data_dir: PathBuf,
+    },
+    /// Stop or start one storage node of a running cluster.
+    Node {
+        #[command(subcommand)]
+        node: NodeCommand,
+        #[arg(long, default_value = ".geolog", global = true)]
+        data_dir: PathBuf,
     },
     /// Stop the cluster running in DATA_DIR.
     Down {
@@ -54,6 +73,59 @@ enum Command {
         #[arg(long, default_value = ".geolog")]
         data_dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum FaultCommand {
+    /// Cut every link between two regions (both directions).
+    Partition { a: String, b: String },
+    /// Heal every partition.
+    Heal,
+    /// Set the one-way latency between two regions (e.g. 80ms; 0 removes it).
+    Latency {
+        a: String,
+        b: String,
+        #[arg(value_parser = control::parse_duration)]
+        latency: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Stop a storage node (SIGTERM).
+    Stop {
+        id: String,
+        /// Stop its PostgreSQL server too.
+        #[arg(long)]
+        with_postgres: bool,
+    },
+    /// Start a stopped storage node (and its PostgreSQL) again.
+    Start { id: String },
+}
+
+/// Sends one command to the control API of the cluster in `data_dir`.
+async fn control_call(
+    data_dir: &std::path::Path,
+    path: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<()> {
+    let file = ClusterFile::read(data_dir)?;
+    let url = file
+        .control_url
+        .context("this cluster has no control API (started by an older geolog?)")?;
+    let response = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .json(&body)
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the launcher at {url}"))?;
+    let status = response.status();
+    let answer: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("{}", answer["error"].as_str().unwrap_or("request failed"));
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -69,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
             topology,
             gateway_port,
             no_fsync,
+            wan_latency,
         } => {
             if let Ok(existing) = ClusterFile::read(&data_dir)
                 && pid_alive(existing.launcher_pid)
@@ -90,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
             spec.topology = topology;
             spec.gateway_port = gateway_port;
             spec.fsync = !no_fsync;
+            spec.wan_latency = wan_latency;
             println!("starting geolog in {} ...", data_dir.display());
             let started = Instant::now();
             let mut cluster = RunningCluster::start(spec)
@@ -108,10 +182,17 @@ async fn main() -> anyhow::Result<()> {
                 "processes: {}",
                 cluster.data_dir().join("cluster.json").display()
             );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            cluster.set_control_url(format!("http://{}", listener.local_addr()?))?;
             println!("press Ctrl-C (or run `geolog down`) to stop");
-            geolog_telemetry::shutdown_signal().await;
+            let cluster = std::sync::Arc::new(tokio::sync::Mutex::new(cluster));
+            let app = control::router(cluster.clone());
+            axum::serve(listener, app)
+                .with_graceful_shutdown(geolog_telemetry::shutdown_signal())
+                .await?;
             println!("stopping ...");
-            tokio::task::spawn_blocking(move || cluster.shutdown()).await?;
+            let mut cluster = cluster.lock().await;
+            tokio::task::block_in_place(|| cluster.shutdown());
             println!("stopped");
         }
         Command::Down { data_dir } => {
@@ -137,6 +218,31 @@ async fn main() -> anyhow::Result<()> {
                 let _ = std::fs::remove_file(data_dir.join("cluster.json"));
             }
             println!("stopped");
+        }
+        Command::Fault { fault, data_dir } => {
+            let (path, body) = match fault {
+                FaultCommand::Partition { a, b } => {
+                    ("/fault/partition", serde_json::json!({"a": a, "b": b}))
+                }
+                FaultCommand::Heal => ("/fault/heal", serde_json::json!({})),
+                FaultCommand::Latency { a, b, latency } => (
+                    "/fault/latency",
+                    serde_json::json!({"a": a, "b": b, "latency_ms": latency.as_millis() as u64}),
+                ),
+            };
+            control_call(&data_dir, path, body).await?;
+            println!("ok");
+        }
+        Command::Node { node, data_dir } => {
+            let (path, body) = match node {
+                NodeCommand::Stop { id, with_postgres } => (
+                    "/node/stop",
+                    serde_json::json!({"id": id, "with_postgres": with_postgres}),
+                ),
+                NodeCommand::Start { id } => ("/node/start", serde_json::json!({"id": id})),
+            };
+            control_call(&data_dir, path, body).await?;
+            println!("ok");
         }
         Command::Status { data_dir } => {
             let file = ClusterFile::read(&data_dir)?;

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 
 mod topology;
-pub use topology::{NodeConfig, ProcessConfig, RegionConfig};
+pub use topology::{NodeConfig, ProcessConfig, RegionConfig, RouteConfig};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,10 @@ pub struct GeologConfig {
     /// for placement).
     #[serde(default)]
     pub regions: Vec<RegionConfig>,
+    /// How processes of one region reach another region's coordinators when
+    /// not directly (a WAN proxy; the local cluster's fault proxy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
     /// Consistent-hash ring settings.
     #[serde(default)]
     pub ring: RingSettings,
@@ -88,8 +92,16 @@ pub struct CoordinatorSettings {
     pub read_timeout_ms: u64,
     /// Deadline of one RPC to one replica.
     pub replica_timeout_ms: u64,
-    /// Period of the health probe sent to every replica.
+    /// Period of the health probe sent to every replica and remote region.
     pub probe_interval_ms: u64,
+    /// Period of the cross-region outbox replay (backoff doubles it per
+    /// failure, up to 30 s).
+    pub outbox_replay_interval_ms: u64,
+    /// Entries replayed per batch.
+    pub outbox_batch: u32,
+    /// A read that has not met its level after this long asks one more
+    /// local replica (speculative retry).
+    pub speculative_read_ms: u64,
     /// Deadline of one health probe.
     pub probe_timeout_ms: u64,
     /// How long a replica stays marked dead (circuit open) after a failure
@@ -107,6 +119,9 @@ impl Default for CoordinatorSettings {
             read_timeout_ms: 2_000,
             replica_timeout_ms: 1_500,
             probe_interval_ms: 500,
+            outbox_replay_interval_ms: 1_000,
+            outbox_batch: 256,
+            speculative_read_ms: 50,
             probe_timeout_ms: 400,
             circuit_open_ms: 5_000,
             placement_cache_capacity: 100_000,
@@ -126,6 +141,12 @@ impl CoordinatorSettings {
     }
     pub fn probe_interval(&self) -> Duration {
         Duration::from_millis(self.probe_interval_ms)
+    }
+    pub fn outbox_replay_interval(&self) -> Duration {
+        Duration::from_millis(self.outbox_replay_interval_ms)
+    }
+    pub fn speculative_read(&self) -> Duration {
+        Duration::from_millis(self.speculative_read_ms)
     }
     pub fn probe_timeout(&self) -> Duration {
         Duration::from_millis(self.probe_timeout_ms)
@@ -277,6 +298,9 @@ impl GeologConfig {
             ("probe_interval_ms", c.probe_interval_ms),
             ("probe_timeout_ms", c.probe_timeout_ms),
             ("circuit_open_ms", c.circuit_open_ms),
+            ("outbox_replay_interval_ms", c.outbox_replay_interval_ms),
+            ("speculative_read_ms", c.speculative_read_ms),
+            ("outbox_batch", u64::from(c.outbox_batch)),
             (
                 "gateway.request_timeout_ms",
                 self.gateway.request_timeout_ms,
@@ -321,6 +345,18 @@ impl GeologConfig {
         self.regions
             .iter()
             .find_map(|r| r.gateways.iter().find(|p| p.id == id).map(|p| (r, p)))
+    }
+
+    /// The addresses processes of region `from` use to reach the
+    /// coordinators of region `to`: the route if one is configured, else the
+    /// coordinators' own addresses.
+    pub fn coordinator_addrs(&self, from: &str, to: &str) -> Vec<String> {
+        if let Some(route) = self.routes.iter().find(|r| r.from == from && r.to == to) {
+            return vec![route.addr.clone()];
+        }
+        self.region(to)
+            .map(|r| r.coordinators.iter().map(|c| c.addr.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Region names with their replication factors, for quorum math.

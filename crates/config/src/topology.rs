@@ -50,3 +50,15 @@ pub struct NodeConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
 }
+
+/// A route from one region to another region's coordinators.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The region whose processes use this route.
+    pub from: String,
+    /// The region whose coordinators it reaches.
+    pub to: String,
+    /// `host:port` to connect to instead of the coordinators' addresses.
+    pub addr: String,
+}

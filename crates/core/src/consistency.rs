@@ -354,10 +354,23 @@ impl AckTracker {
         } else {
             (ErrorCode::Timeout, "replicas did not answer in time")
         };
+        let short: String = details
+            .regions
+            .iter()
+            .filter(|r| r.received.unwrap_or(0) < r.required)
+            .map(|r| {
+                format!(
+                    "; region {}: {} required, {} received",
+                    r.region,
+                    r.required,
+                    r.received.unwrap_or(0)
+                )
+            })
+            .collect();
         GeologError::new(
             code,
             format!(
-                "{what} {reason}: {} acknowledgements required, {} received.{landed}",
+                "{what} {reason}: {} acknowledgements required, {} received{short}.{landed}",
                 details.required,
                 details.received.unwrap_or(0)
             ),

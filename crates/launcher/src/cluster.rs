@@ -6,7 +6,8 @@ use crate::postgres::{self, PgBinaries, PgServer, PgSettings, PgUser};
 use crate::process::ManagedProcess;
 use crate::topology::{self, Shape};
 use crate::{LaunchError, free_port};
-use geolog_config::GeologConfig;
+use geolog_config::{GeologConfig, RouteConfig};
+use geolog_faultproxy::FaultProxy;
 use geolog_proto::{coordinator as cpb, storage as spb};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,8 @@ pub struct ClusterSpec {
     pub env: Vec<(String, String)>,
     /// How long to wait for every process to become healthy.
     pub ready_timeout: Duration,
+    /// One-way latency added to every inter-region link at start.
+    pub wan_latency: Duration,
 }
 
 impl ClusterSpec {
@@ -55,6 +58,7 @@ impl ClusterSpec {
             template_dir: None,
             env: Vec::new(),
             ready_timeout: Duration::from_secs(90),
+            wan_latency: Duration::ZERO,
         }
     }
 }
@@ -81,6 +85,9 @@ pub struct ClusterFile {
     pub launcher_pid: u32,
     /// The config file every process was started with.
     pub config: PathBuf,
+    /// The launcher's control API (`geolog fault`, `geolog node`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_url: Option<String>,
     pub processes: Vec<ClusterProcess>,
 }
 
@@ -123,7 +130,18 @@ pub struct RunningCluster {
     config: GeologConfig,
     config_path: PathBuf,
     postgres: BTreeMap<String, PgServer>,
+    pg: Option<(PgBinaries, Option<PgUser>)>,
     services: Vec<Service>,
+    /// Inter-region links `(from, to)` through fault proxies.
+    links: Vec<Link>,
+    control_url: Option<String>,
+}
+
+/// One directed inter-region link through a fault proxy.
+struct Link {
+    from: String,
+    to: String,
+    proxy: FaultProxy,
 }
 
 struct Service {
@@ -157,7 +175,12 @@ impl RunningCluster {
                 )));
             }
         }
-        let (config, managed_pg) = Self::effective_config(&spec)?;
+        let (mut config, managed_pg) = Self::effective_config(&spec)?;
+        let links = if spec.topology.is_none() {
+            Self::start_links(&mut config, spec.wan_latency).await?
+        } else {
+            Vec::new()
+        };
         let config_path = spec.data_dir.join(CONFIG_FILE);
         std::fs::write(&config_path, config.to_toml())
             .map_err(LaunchError::io("write the cluster config"))?;
@@ -167,12 +190,55 @@ impl RunningCluster {
             config,
             config_path,
             postgres: BTreeMap::new(),
+            pg: None,
             services: Vec::new(),
+            links,
+            control_url: None,
         };
         cluster.start_postgres(&managed_pg).await?;
         cluster.start_services().await?;
         cluster.write_cluster_file()?;
         Ok(cluster)
+    }
+
+    /// Puts a fault proxy on every directed pair of regions and routes the
+    /// config through it (replacing routes of an earlier run).
+    async fn start_links(
+        config: &mut GeologConfig,
+        latency: Duration,
+    ) -> Result<Vec<Link>, LaunchError> {
+        config.routes.clear();
+        let mut links = Vec::new();
+        let names: Vec<String> = config.regions.iter().map(|r| r.name.clone()).collect();
+        for from in &names {
+            for to in names.iter().filter(|to| *to != from) {
+                let Some(target) = config
+                    .region(to)
+                    .and_then(|r| r.coordinators.first())
+                    .map(|c| c.addr.clone())
+                else {
+                    continue;
+                };
+                let proxy =
+                    FaultProxy::start("127.0.0.1:0", target)
+                        .await
+                        .map_err(LaunchError::io(format!(
+                            "start the fault proxy {from} -> {to}"
+                        )))?;
+                proxy.control().set_latency(latency);
+                config.routes.push(RouteConfig {
+                    from: from.clone(),
+                    to: to.clone(),
+                    addr: proxy.addr().to_string(),
+                });
+                links.push(Link {
+                    from: from.clone(),
+                    to: to.clone(),
+                    proxy,
+                });
+            }
+        }
+        Ok(links)
     }
 
     /// The topology to run and which nodes' PostgreSQL we manage.
@@ -232,6 +298,7 @@ impl RunningCluster {
         }
         let bins = PgBinaries::locate()?;
         let user = PgUser::for_current_process()?;
+        self.pg = Some((bins.clone(), user));
         let template = match &self.spec.template_dir {
             Some(dir) => dir.join(format!("pg-template-{}", bins.version()?)),
             None => self
@@ -321,6 +388,21 @@ impl RunningCluster {
             }
         }
         self.wait_role("coordinator").await?;
+        // At first start, also wait until every coordinator sees every
+        // replica (remote regions included) alive, so the first requests
+        // are not refused while health is still being learned.
+        let deadline = Instant::now() + self.spec.ready_timeout;
+        for service in self.services.iter().filter(|s| s.role == "coordinator") {
+            while !coordinator_sees_all_alive(&service.addr).await {
+                if Instant::now() > deadline {
+                    return Err(LaunchError::NotReady(
+                        service.process.name().to_string(),
+                        "does not see every replica alive".into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         for region in &regions {
             for p in &region.gateways {
                 let process = self.spawn_service("gateway", "geolog-gateway", &p.id)?;
@@ -408,6 +490,7 @@ impl RunningCluster {
         ClusterFile {
             launcher_pid: std::process::id(),
             config: self.config_path.clone(),
+            control_url: self.control_url.clone(),
             processes,
         }
     }
@@ -480,6 +563,104 @@ impl RunningCluster {
         self.write_cluster_file()
     }
 
+    /// Records the control API's URL in `cluster.json`.
+    pub fn set_control_url(&mut self, url: String) -> Result<(), LaunchError> {
+        self.control_url = Some(url);
+        self.write_cluster_file()
+    }
+
+    fn links_between<'a>(
+        &'a self,
+        a: &'a str,
+        b: &'a str,
+    ) -> Result<impl Iterator<Item = &'a Link> + 'a, LaunchError> {
+        for region in [a, b] {
+            if self.config.region(region).is_none() {
+                return Err(LaunchError::Invalid(format!("no region {region:?}")));
+            }
+        }
+        if a == b {
+            return Err(LaunchError::Invalid(
+                "a region is not linked to itself".into(),
+            ));
+        }
+        Ok(self
+            .links
+            .iter()
+            .filter(move |l| (l.from == a && l.to == b) || (l.from == b && l.to == a)))
+    }
+
+    /// Cuts the links between regions `a` and `b`, both directions.
+    pub fn partition(&self, a: &str, b: &str) -> Result<(), LaunchError> {
+        for link in self.links_between(a, b)? {
+            link.proxy.control().partition();
+        }
+        tracing::info!(a, b, "regions partitioned");
+        Ok(())
+    }
+
+    /// Heals every partition.
+    pub fn heal(&self) {
+        for link in &self.links {
+            link.proxy.control().heal();
+        }
+        tracing::info!("all links healed");
+    }
+
+    /// Sets the one-way latency between regions `a` and `b`.
+    pub fn set_latency(&self, a: &str, b: &str, latency: Duration) -> Result<(), LaunchError> {
+        for link in self.links_between(a, b)? {
+            link.proxy.control().set_latency(latency);
+        }
+        Ok(())
+    }
+
+    /// Stops a storage node (SIGTERM), and its PostgreSQL too if asked.
+    pub fn stop_node(&mut self, id: &str, with_postgres: bool) -> Result<(), LaunchError> {
+        let service = self
+            .services
+            .iter_mut()
+            .find(|s| s.id == id && s.role == "storage")
+            .ok_or_else(|| LaunchError::Invalid(format!("no storage node {id:?}")))?;
+        service
+            .process
+            .stop(Signal::SIGTERM, Duration::from_secs(10));
+        if with_postgres {
+            if let Some(server) = self.postgres.get_mut(id) {
+                server.stop();
+            }
+        }
+        self.write_cluster_file()
+    }
+
+    /// Starts a stopped storage node again (its PostgreSQL first, if that
+    /// was stopped too) and waits until it is healthy.
+    pub async fn start_node(&mut self, id: &str) -> Result<(), LaunchError> {
+        if let Some(server) = self.postgres.get_mut(id) {
+            if server.process.exited().is_some() || server.pid() == 0 {
+                let (bins, user) = self
+                    .pg
+                    .clone()
+                    .expect("managed PostgreSQL implies known binaries");
+                let dir = self.spec.data_dir.join("nodes").join(id);
+                let settings = PgSettings {
+                    port: server.port,
+                    fsync: self.spec.fsync,
+                };
+                let mut fresh = PgServer::spawn(
+                    &bins,
+                    &server.data_dir,
+                    user.as_ref(),
+                    &settings,
+                    &dir.join("postgres.log"),
+                )?;
+                fresh.wait_ready(self.spec.ready_timeout).await?;
+                *server = fresh;
+            }
+        }
+        self.restart(id).await
+    }
+
     /// Stops everything: gateways, coordinators, storage nodes, PostgreSQL.
     pub fn shutdown(&mut self) {
         for role in ["gateway", "coordinator", "storage"] {
@@ -512,6 +693,18 @@ async fn storage_healthy(addr: &str) -> bool {
         .health(spb::HealthRequest {})
         .await
         .is_ok_and(|r| r.into_inner().database_ok)
+}
+
+async fn coordinator_sees_all_alive(addr: &str) -> bool {
+    let Ok(mut client) =
+        cpb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}")).await
+    else {
+        return false;
+    };
+    client
+        .health(cpb::HealthRequest {})
+        .await
+        .is_ok_and(|r| r.into_inner().replicas.iter().all(|r| r.state == "alive"))
 }
 
 async fn coordinator_healthy(addr: &str) -> bool {

@@ -3,21 +3,29 @@
 //! meet it, sends, and counts answers with [`AckTracker`] until the level is
 //! met, becomes impossible, or the deadline passes.
 //!
-//! Writes: one replica (the first alive in preference order, local region
-//! first) mints the version — its dot and HLC timestamp — and stores it;
-//! the minted version is then applied to every other replica in parallel.
-//! The client is answered once the level is met; delivery to the remaining
-//! replicas continues in detached tasks.
+//! Writes: a local replica (the first alive in preference order) mints the
+//! version — its dot and HLC timestamp — and, in the same transaction, one
+//! outbox entry per remote region. The version is then applied to the other
+//! local replicas directly and sent once to each remote region's
+//! coordinator, which applies it to that region's replicas and streams
+//! their acks back. The client is answered once the level is met; delivery
+//! continues in detached tasks, and a region's outbox entry is deleted only
+//! when all its replicas have the version — otherwise the replay worker
+//! (`outbox`) delivers it later.
 //!
-//! Reads: ask as many alive replicas as the level needs (local first),
-//! replace any that fail with the next alive one, return the newest version.
+//! Reads: ask as many alive replicas as the level needs (local first, remote
+//! ones through their region's coordinator), replace a local replica that
+//! fails, ask one more local replica when the answer is slow (speculative
+//! read), return the newest version.
 
 use crate::replicas::{Replica, ReplicaSet};
 use geolog_config::GeologConfig;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
 use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError, Requirement};
+use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -30,6 +38,30 @@ pub struct Outcome {
     pub acks: geolog_core::error::QuorumDetails,
 }
 
+/// Why a replica did not acknowledge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    Failed,
+    TimedOut,
+}
+
+impl Miss {
+    fn of(status: &tonic::Status) -> Miss {
+        if is_timeout(status) {
+            Miss::TimedOut
+        } else {
+            Miss::Failed
+        }
+    }
+
+    fn record(self, tracker: &mut AckTracker, idx: usize) {
+        match self {
+            Miss::Failed => tracker.record_failure(idx),
+            Miss::TimedOut => tracker.record_timeout(idx),
+        }
+    }
+}
+
 /// The quorum engine of one coordinator.
 pub struct QuorumEngine {
     region: String,
@@ -37,6 +69,7 @@ pub struct QuorumEngine {
     default_level: ConsistencyLevel,
     write_timeout: Duration,
     read_timeout: Duration,
+    speculative_read: Duration,
     replicas: Arc<ReplicaSet>,
 }
 
@@ -52,6 +85,7 @@ impl QuorumEngine {
             default_level: config.coordinator.default_level(),
             write_timeout: config.coordinator.write_timeout(),
             read_timeout: config.coordinator.read_timeout(),
+            speculative_read: config.coordinator.speculative_read(),
             replicas,
         }
     }
@@ -82,7 +116,7 @@ impl QuorumEngine {
         level.requirement(op, &rfs, &self.region)
     }
 
-    /// The key's replicas, the alive ones in contact order (local region
+    /// The key's replicas and the alive ones in contact order (local region
     /// first, then ring order), after the fail-fast check.
     fn plan(
         &self,
@@ -91,7 +125,7 @@ impl QuorumEngine {
     ) -> Result<(Arc<Vec<Placement>>, Vec<usize>), GeologError> {
         let placement = self.replicas.placement(key);
         let mut alive: Vec<usize> = (0..placement.len())
-            .filter(|&i| self.replicas.get(&placement[i].node).state.is_alive())
+            .filter(|&i| self.replicas.is_alive(&placement[i]))
             .collect();
         alive.sort_by_key(|&i| placement[i].region != self.region);
         requirement.check_alive(alive.iter().map(|&i| placement[i].region.as_str()))?;
@@ -103,6 +137,13 @@ impl QuorumEngine {
             requirement,
             placement.iter().map(|p| p.region.clone()).collect(),
         )
+    }
+
+    fn local_replica(&self, node: &str) -> Arc<Replica> {
+        self.replicas
+            .local(node)
+            .expect("placement in the local region names local nodes")
+            .clone()
     }
 
     /// Writes `value_json` as a new version of `key`.
@@ -117,14 +158,24 @@ impl QuorumEngine {
         let (placement, alive) = self.plan(key, &requirement)?;
         let deadline = tokio::time::Instant::now() + self.write_timeout;
         let mut tracker = Self::tracker(requirement, &placement);
+        let remote_regions: Vec<String> = self
+            .replicas
+            .remote_regions()
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
 
-        // Mint on the first alive replica that accepts.
+        // Mint on the first alive local replica that accepts.
         let mut minted = None;
-        for &idx in &alive {
-            let replica = self.replicas.get(&placement[idx].node).clone();
+        for &idx in alive
+            .iter()
+            .filter(|&&i| placement[i].region == self.region)
+        {
+            let replica = self.local_replica(&placement[idx].node);
             let request = pb::MintRequest {
                 key: key.to_string(),
                 value_json: value_json.to_string(),
+                outbox_regions: remote_regions.clone(),
             };
             // Spawned so that, past our deadline, the call still runs to its
             // own end and a hung replica gets marked dead by its breaker.
@@ -135,7 +186,7 @@ impl QuorumEngine {
             match tokio::time::timeout_at(deadline, call).await {
                 Ok(Ok(Ok(response))) => {
                     tracker.record_ok(idx);
-                    minted = response.into_inner().version;
+                    minted = Some((idx, response.into_inner()));
                     break;
                 }
                 Ok(Ok(Err(status))) => {
@@ -144,7 +195,7 @@ impl QuorumEngine {
                         return Err(err);
                     }
                     tracing::warn!(replica = %placement[idx].node, error = %err.message, "mint failed, trying next replica");
-                    record(&mut tracker, idx, &status);
+                    Miss::of(&status).record(&mut tracker, idx);
                     if tracker.is_impossible() {
                         return Err(tracker.failure("write"));
                     }
@@ -155,22 +206,91 @@ impl QuorumEngine {
                 Err(_) => return Err(tracker.failure("write")),
             }
         }
-        let Some(version) = minted else {
+        let Some((mint_idx, minted)) = minted else {
+            if tracker.received() == 0 && !alive.iter().any(|&i| placement[i].region == self.region)
+            {
+                return Err(GeologError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "no replica of region {} is alive to accept the write; use a gateway of another region",
+                        self.region
+                    ),
+                ));
+            }
             return Err(tracker.failure("write"));
         };
+        let version = minted
+            .version
+            .ok_or_else(|| GeologError::internal("storage node minted no version"))?;
+        let outbox: HashMap<String, u64> = minted
+            .outbox
+            .into_iter()
+            .map(|e| (e.region, e.id))
+            .collect();
 
-        // Apply to every other replica, whatever the level.
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<(), Miss>)>();
+        // Every other local replica, directly.
         for idx in 0..placement.len() {
-            if tracker.answered(idx) {
+            if placement[idx].region != self.region || tracker.answered(idx) {
                 continue;
             }
-            let replica = self.replicas.get(&placement[idx].node).clone();
-            let tx = tx.clone();
-            let version = version.clone();
+            let replica = self.local_replica(&placement[idx].node);
+            let (tx, version) = (tx.clone(), version.clone());
             tokio::spawn(async move {
-                let result = apply(&replica, version).await;
+                let result = apply(&replica, vec![version])
+                    .await
+                    .map_err(|s| Miss::of(&s));
                 let _ = tx.send((idx, result));
+            });
+        }
+        // Each remote region, through its coordinator.
+        let mint_node = self.local_replica(&placement[mint_idx].node);
+        for remote in self.replicas.remote_regions() {
+            let idxs: Vec<usize> = (0..placement.len())
+                .filter(|&i| placement[i].region == remote.name)
+                .collect();
+            let remote = remote.clone();
+            let (tx, version, placement) = (tx.clone(), version.clone(), placement.clone());
+            let outbox_id = outbox.get(&remote.name).copied();
+            let (origin, mint_node) = (self.region.clone(), mint_node.clone());
+            tokio::spawn(async move {
+                let request = cpb::ReplicateRequest {
+                    origin_region: origin,
+                    versions: vec![version],
+                };
+                let acks = replicate(&remote, request).await;
+                let mut delivered = 0;
+                let mut pending: Vec<usize> = idxs.clone();
+                if let Ok(acks) = &acks {
+                    for ack in acks {
+                        if let Some(pos) =
+                            pending.iter().position(|&i| placement[i].node == ack.node)
+                        {
+                            let idx = pending.remove(pos);
+                            let result = if ack.ok {
+                                delivered += 1;
+                                Ok(())
+                            } else if ack.timed_out {
+                                Err(Miss::TimedOut)
+                            } else {
+                                Err(Miss::Failed)
+                            };
+                            let _ = tx.send((idx, result));
+                        }
+                    }
+                }
+                let miss = match &acks {
+                    Err(status) => Miss::of(status),
+                    Ok(_) => Miss::Failed,
+                };
+                for idx in pending {
+                    let _ = tx.send((idx, Err(miss)));
+                }
+                if delivered == idxs.len() {
+                    if let Some(id) = outbox_id {
+                        outbox_done(&mint_node, vec![id]).await;
+                    }
+                }
             });
         }
         drop(tx);
@@ -180,7 +300,7 @@ impl QuorumEngine {
             }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some((idx, Ok(())))) => tracker.record_ok(idx),
-                Ok(Some((idx, Err(status)))) => record(&mut tracker, idx, &status),
+                Ok(Some((idx, Err(miss)))) => miss.record(&mut tracker, idx),
                 Ok(None) | Err(_) => return Err(tracker.failure("write")),
             }
         }
@@ -196,38 +316,132 @@ impl QuorumEngine {
         geolog_core::key::validate_key(key)?;
         let requirement = self.requirement(level, Operation::Read)?;
         let (placement, alive) = self.plan(key, &requirement)?;
-        let deadline = tokio::time::Instant::now() + self.read_timeout;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.read_timeout;
         let initial = initial_read_set(&requirement, &placement, &alive);
         let mut untried: Vec<usize> = alive
             .iter()
             .copied()
-            .filter(|i| !initial.contains(i))
+            .filter(|i| !initial.contains(i) && placement[*i].region == self.region)
             .collect();
         let mut tracker = Self::tracker(requirement, &placement);
 
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let send = |idx: usize| {
-            let replica = self.replicas.get(&placement[idx].node).clone();
-            let tx = tx.clone();
-            let key = key.to_string();
+        // (replica, answer, whether it settles one of the answers in flight:
+        // a remote region reports failed replicas it then replaces).
+        type Answer = (usize, Result<Vec<pb::Version>, Miss>, bool);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Answer>();
+        let send_local = |idx: usize| {
+            let replica = self.local_replica(&placement[idx].node);
+            let (tx, key) = (tx.clone(), key.to_string());
             tokio::spawn(async move {
                 let mut client = replica.client.clone();
                 let result = client.read(pb::ReadRequest { key }).await;
-                let _ = tx.send((idx, result.map(|r| r.into_inner().versions)));
+                let _ = tx.send((
+                    idx,
+                    result
+                        .map(|r| r.into_inner().versions)
+                        .map_err(|s| Miss::of(&s)),
+                    true,
+                ));
             });
         };
+        let mut in_flight = 0;
+        let mut remote_counts: HashMap<&str, Vec<usize>> = HashMap::new();
         for &idx in &initial {
-            send(idx);
+            if placement[idx].region == self.region {
+                send_local(idx);
+            } else {
+                remote_counts
+                    .entry(placement[idx].region.as_str())
+                    .or_default()
+                    .push(idx);
+            }
+            in_flight += 1;
         }
-        let mut in_flight = initial.len();
+        for (region, idxs) in remote_counts {
+            let Some(remote) = self.replicas.remote(region).cloned() else {
+                continue;
+            };
+            let candidates: Vec<usize> = (0..placement.len())
+                .filter(|&i| placement[i].region == region)
+                .collect();
+            let (tx, key, placement) = (tx.clone(), key.to_string(), placement.clone());
+            let wanted = idxs.len();
+            tokio::spawn(async move {
+                let request = cpb::RegionReadRequest {
+                    key,
+                    replicas: wanted as u32,
+                };
+                let answers = region_read(&remote, request).await;
+                let mut reported = 0;
+                let mut unused = candidates;
+                if let Ok(answers) = &answers {
+                    for answer in answers {
+                        let Some(pos) = unused
+                            .iter()
+                            .position(|&i| placement[i].node == answer.node)
+                        else {
+                            continue;
+                        };
+                        let idx = unused.remove(pos);
+                        let result = if answer.ok {
+                            Ok(answer.versions.clone())
+                        } else if answer.timed_out {
+                            Err(Miss::TimedOut)
+                        } else {
+                            Err(Miss::Failed)
+                        };
+                        let settles = result.is_ok();
+                        if settles {
+                            reported += 1;
+                        }
+                        let _ = tx.send((idx, result, settles));
+                    }
+                }
+                // Every asked-for answer that did not come is a miss.
+                let miss = match &answers {
+                    Err(status) => Miss::of(status),
+                    Ok(_) => Miss::Failed,
+                };
+                let missing = wanted.saturating_sub(reported);
+                let mut settled = 0;
+                for idx in unused.into_iter().take(missing) {
+                    let _ = tx.send((idx, Err(miss), true));
+                    settled += 1;
+                }
+                // Fewer unused replicas than missing answers: settle the rest
+                // on a replica already reported as failed.
+                for _ in settled..missing {
+                    let _ = tx.send((usize::MAX, Err(miss), true));
+                }
+            });
+        }
         let mut newest: Option<pb::Version> = None;
+        let mut speculated = false;
         while !tracker.is_met() {
             if tracker.is_impossible() || in_flight == 0 {
                 return Err(tracker.failure("read"));
             }
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some((idx, Ok(versions)))) => {
-                    in_flight -= 1;
+            let speculate_at = started + self.speculative_read;
+            let received = tokio::select! {
+                received = tokio::time::timeout_at(deadline, rx.recv()) => received,
+                _ = tokio::time::sleep_until(speculate_at), if !speculated && !untried.is_empty() => {
+                    speculated = true;
+                    metrics::counter!("speculative_reads_total").increment(1);
+                    send_local(untried.remove(0));
+                    in_flight += 1;
+                    continue;
+                }
+            };
+            match received {
+                Ok(Some((usize::MAX, _, settles))) => {
+                    in_flight -= usize::from(settles);
+                }
+                Ok(Some((idx, Ok(versions), settles))) => {
+                    in_flight -= usize::from(settles);
+                    if tracker.answered(idx) {
+                        continue;
+                    }
                     tracker.record_ok(idx);
                     for v in versions {
                         if newest.as_ref().is_none_or(|n| order_key(&v) > order_key(n)) {
@@ -235,15 +449,12 @@ impl QuorumEngine {
                         }
                     }
                 }
-                Ok(Some((idx, Err(status)))) => {
-                    in_flight -= 1;
-                    tracing::debug!(replica = %placement[idx].node, error = %status.message(), "read failed");
-                    record(&mut tracker, idx, &status);
-                    // Replace it with the next alive replica, preferring a
-                    // region that still needs answers.
-                    if let Some(pos) = next_replacement(&tracker, &placement, &untried) {
-                        let next = untried.remove(pos);
-                        send(next);
+                Ok(Some((idx, Err(miss), settles))) => {
+                    in_flight -= usize::from(settles);
+                    miss.record(&mut tracker, idx);
+                    // Replace a failed local replica with the next alive one.
+                    if placement[idx].region == self.region && !untried.is_empty() {
+                        send_local(untried.remove(0));
                         in_flight += 1;
                     }
                 }
@@ -256,16 +467,116 @@ impl QuorumEngine {
             acks: tracker.details(),
         })
     }
+
+    /// For a remote region's `Replicate`: applies `versions` to this region's
+    /// replicas of their keys, one batch per node, reporting each node's ack
+    /// on the returned channel as it answers.
+    pub fn apply_local(
+        &self,
+        versions: Vec<pb::Version>,
+    ) -> mpsc::UnboundedReceiver<cpb::ReplicaAck> {
+        let mut by_node: HashMap<String, Vec<pb::Version>> = HashMap::new();
+        for version in versions {
+            for p in self
+                .replicas
+                .placement(&version.key)
+                .iter()
+                .filter(|p| p.region == self.region)
+            {
+                by_node
+                    .entry(p.node.clone())
+                    .or_default()
+                    .push(version.clone());
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        for (node, batch) in by_node {
+            let replica = self.local_replica(&node);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let ack = match apply(&replica, batch).await {
+                    Ok(()) => cpb::ReplicaAck {
+                        node,
+                        ok: true,
+                        ..Default::default()
+                    },
+                    Err(status) => cpb::ReplicaAck {
+                        node,
+                        ok: false,
+                        timed_out: Miss::of(&status) == Miss::TimedOut,
+                        error: status.message().to_string(),
+                    },
+                };
+                let _ = tx.send(ack);
+            });
+        }
+        rx
+    }
+
+    /// For a remote region's `RegionRead`: reads `key` from `wanted` alive
+    /// replicas of this region, replacing failed ones, streaming answers.
+    pub fn read_local(
+        &self,
+        key: String,
+        wanted: usize,
+    ) -> mpsc::UnboundedReceiver<cpb::ReplicaVersions> {
+        let placement = self.replicas.placement(&key);
+        let mut candidates: Vec<Arc<Replica>> = placement
+            .iter()
+            .filter(|p| p.region == self.region && self.replicas.is_alive(p))
+            .map(|p| self.local_replica(&p.node))
+            .collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut answered = 0;
+            while answered < wanted && !candidates.is_empty() {
+                let batch: Vec<Arc<Replica>> = candidates
+                    .drain(..(wanted - answered).min(candidates.len()))
+                    .collect();
+                let mut calls = tokio::task::JoinSet::new();
+                for replica in batch {
+                    let key = key.clone();
+                    calls.spawn(async move {
+                        let mut client = replica.client.clone();
+                        (
+                            replica.node.clone(),
+                            client.read(pb::ReadRequest { key }).await,
+                        )
+                    });
+                }
+                while let Some(Ok((node, result))) = calls.join_next().await {
+                    let answer = match result {
+                        Ok(response) => {
+                            answered += 1;
+                            cpb::ReplicaVersions {
+                                node,
+                                ok: true,
+                                versions: response.into_inner().versions,
+                                ..Default::default()
+                            }
+                        }
+                        Err(status) => cpb::ReplicaVersions {
+                            node,
+                            ok: false,
+                            timed_out: Miss::of(&status) == Miss::TimedOut,
+                            error: status.message().to_string(),
+                            versions: Vec::new(),
+                        },
+                    };
+                    if tx.send(answer).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        rx
+    }
 }
 
-/// Applies a version to one replica; true when it acknowledged.
-/// Applies a version to one replica.
-async fn apply(replica: &Replica, version: pb::Version) -> Result<(), tonic::Status> {
+/// Applies versions to one local replica.
+pub async fn apply(replica: &Replica, versions: Vec<pb::Version>) -> Result<(), tonic::Status> {
     let mut client = replica.client.clone();
-    let request = pb::ApplyRequest {
-        versions: vec![version],
-    };
-    match client.apply(request).await {
+    match client.apply(pb::ApplyRequest { versions }).await {
         Ok(_) => Ok(()),
         Err(status) => {
             tracing::debug!(replica = %replica.node, error = %status.message(), "apply failed");
@@ -274,13 +585,40 @@ async fn apply(replica: &Replica, version: pb::Version) -> Result<(), tonic::Sta
     }
 }
 
-/// Records a failed RPC as a timeout or a failure.
-fn record(tracker: &mut AckTracker, idx: usize, status: &tonic::Status) {
-    if is_timeout(status) {
-        tracker.record_timeout(idx);
-    } else {
-        tracker.record_failure(idx);
+/// Deletes delivered outbox entries on the node that holds them; failures
+/// only mean the replay worker sends them once more.
+pub async fn outbox_done(replica: &Replica, ids: Vec<u64>) {
+    let mut client = replica.client.clone();
+    if let Err(status) = client.outbox_done(pb::OutboxDoneRequest { ids }).await {
+        tracing::debug!(replica = %replica.node, error = %status.message(), "outbox cleanup failed; replay will resend");
     }
+}
+
+/// Sends versions to a remote region and collects every replica's ack.
+pub async fn replicate(
+    remote: &crate::replicas::RemoteRegion,
+    request: cpb::ReplicateRequest,
+) -> Result<Vec<cpb::ReplicaAck>, tonic::Status> {
+    let mut client = remote.client.clone();
+    let mut stream = client.replicate(request).await?.into_inner();
+    let mut acks = Vec::new();
+    while let Some(ack) = stream.message().await? {
+        acks.push(ack);
+    }
+    Ok(acks)
+}
+
+async fn region_read(
+    remote: &crate::replicas::RemoteRegion,
+    request: cpb::RegionReadRequest,
+) -> Result<Vec<cpb::ReplicaVersions>, tonic::Status> {
+    let mut client = remote.client.clone();
+    let mut stream = client.region_read(request).await?.into_inner();
+    let mut answers = Vec::new();
+    while let Some(answer) = stream.message().await? {
+        answers.push(answer);
+    }
+    Ok(answers)
 }
 
 /// True when the replica did not answer in time: a deadline status, or the
@@ -333,18 +671,6 @@ fn initial_read_set(
         }
     }
     chosen
-}
-
-fn next_replacement(
-    tracker: &AckTracker,
-    placement: &[Placement],
-    untried: &[usize],
-) -> Option<usize> {
-    let short: Vec<&str> = tracker.regions_short();
-    untried
-        .iter()
-        .position(|&i| short.contains(&placement[i].region.as_str()))
-        .or(if untried.is_empty() { None } else { Some(0) })
 }
 
 /// Measures how long `f` took and records it with its outcome.

@@ -4,6 +4,7 @@
 
 pub mod breaker;
 pub mod engine;
+pub mod outbox;
 pub mod replicas;
 pub mod server;
 
@@ -43,7 +44,7 @@ pub async fn serve(
     let (region, _) = config
         .coordinator_process(id)
         .ok_or_else(|| format!("no coordinator {id:?} in the config"))?;
-    let replicas = Arc::new(ReplicaSet::new(config)?);
+    let replicas = Arc::new(ReplicaSet::new(config, &region.name)?);
     // One probe before serving, so the first requests see real health.
     replicas.probe_all(config.coordinator.probe_timeout()).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -54,7 +55,23 @@ pub async fn serve(
         stop_rx,
     ));
     let engine = Arc::new(QuorumEngine::new(config, &region.name, replicas));
-    let service = CoordinatorServer::new(server::CoordinatorService::new(id.to_string(), engine));
+    let outbox_view = Arc::new(outbox::OutboxView::default());
+    let replay = tokio::spawn(outbox::run(
+        engine.clone(),
+        outbox_view.clone(),
+        config.coordinator.outbox_replay_interval(),
+        config.coordinator.outbox_batch,
+        // Entries younger than one write timeout may still be in their first delivery.
+        config.coordinator.write_timeout(),
+        stop_tx.subscribe(),
+    ));
+    let service = CoordinatorServer::new(server::CoordinatorService::new(
+        id.to_string(),
+        engine,
+        outbox_view,
+    ))
+    .max_decoding_message_size(replicas::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(replicas::MAX_MESSAGE_BYTES);
     tracing::info!(%addr, coordinator = id, region = %region.name, "coordinator serving");
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -63,5 +80,6 @@ pub async fn serve(
         .await;
     let _ = stop_tx.send(true);
     let _ = prober.await;
+    let _ = replay.await;
     result.map_err(Into::into)
 }

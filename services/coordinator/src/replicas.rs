@@ -1,23 +1,33 @@
-//! `ReplicaSet`: every storage node of the topology with its gRPC client
-//! (timeout + circuit breaker) and health, key placement (cached with
-//! moka), and the health prober that closes and opens circuits.
+//! `ReplicaSet`: what a coordinator can reach. Storage nodes of its own
+//! region are called directly (gRPC client with timeout and circuit
+//! breaker); every remote region is reached through one link to that
+//! region's coordinators (one WAN hop per region), whose health reports tell
+//! which of the remote region's replicas are alive. Also owns key placement
+//! (cached with moka) and the health prober.
 
 use crate::breaker::{CircuitBreaker, CircuitBreakerLayer, HealthBoard, ReplicaState};
 use geolog_config::GeologConfig;
 use geolog_core::Ring;
 use geolog_core::ring::Placement;
+use geolog_proto::coordinator as cpb;
+use geolog_proto::coordinator::coordinator_client::CoordinatorClient;
 use geolog_proto::storage as pb;
 use geolog_proto::storage::storage_client::StorageClient;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tower::timeout::Timeout;
 
+/// Largest gRPC message exchanged with storage nodes and coordinators.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// The client type of one replica: channel, per-call timeout, breaker.
 pub type ReplicaClient = StorageClient<CircuitBreaker<Timeout<Channel>>>;
+/// The client type of a link to a remote region.
+pub type LinkClient = CoordinatorClient<CircuitBreaker<Timeout<Channel>>>;
 
-/// One storage node as seen by the coordinator.
+/// A storage node of the coordinator's own region.
 pub struct Replica {
     pub node: String,
     pub region: String,
@@ -28,62 +38,149 @@ pub struct Replica {
     pub state: Arc<ReplicaState>,
 }
 
-/// All replicas of the topology plus placement.
+/// Another region, reached through its coordinators.
+pub struct RemoteRegion {
+    pub name: String,
+    /// Where the link goes (a coordinator or a route).
+    pub addr: String,
+    pub client: LinkClient,
+    probe_client: CoordinatorClient<Channel>,
+    /// The link itself: open when the region's coordinators are unreachable.
+    pub link: Arc<ReplicaState>,
+    /// Replica states as the remote coordinator last reported them.
+    replicas: RwLock<HashMap<String, cpb::ReplicaHealth>>,
+}
+
+impl RemoteRegion {
+    /// Alive when the link is up and the remote coordinator did not report
+    /// the node dead (unknown nodes count as alive).
+    pub fn replica_alive(&self, node: &str) -> bool {
+        self.link.is_alive()
+            && self
+                .replicas
+                .read()
+                .expect("lock is never poisoned: no panics while held")
+                .get(node)
+                .is_none_or(|r| r.state == "alive")
+    }
+
+    pub fn reported(&self, node: &str) -> Option<cpb::ReplicaHealth> {
+        self.replicas
+            .read()
+            .expect("lock is never poisoned: no panics while held")
+            .get(node)
+            .cloned()
+    }
+}
+
+/// Everything a coordinator reaches, plus placement.
 pub struct ReplicaSet {
-    replicas: HashMap<String, Arc<Replica>>,
-    /// Topology order, for stable health output.
-    order: Vec<String>,
+    local_region: String,
+    local: HashMap<String, Arc<Replica>>,
+    /// Local node ids in topology order.
+    local_order: Vec<String>,
+    remote: Vec<Arc<RemoteRegion>>,
+    /// Every node id in topology order with its region, for health output.
+    topology: Vec<(String, String, String)>,
     ring: Ring,
     placements: moka::sync::Cache<String, Arc<Vec<Placement>>>,
-    board: Arc<HealthBoard>,
+}
+
+fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true))
 }
 
 impl ReplicaSet {
-    /// Builds lazy channels to every storage node; nothing is contacted yet.
-    pub fn new(config: &GeologConfig) -> Result<Self, tonic::transport::Error> {
+    /// Builds lazy channels; nothing is contacted yet.
+    pub fn new(config: &GeologConfig, local_region: &str) -> Result<Self, tonic::transport::Error> {
         let settings = &config.coordinator;
         let board = HealthBoard::new(settings.circuit_open());
-        let mut replicas = HashMap::new();
-        let mut order = Vec::new();
+        let breaker_stack = |state: &Arc<ReplicaState>, channel: Channel, timeout: Duration| {
+            tower::ServiceBuilder::new()
+                .layer(CircuitBreakerLayer::new(state.clone()))
+                .timeout(timeout)
+                .service(channel)
+        };
+        let mut local = HashMap::new();
+        let mut local_order = Vec::new();
+        let mut remote = Vec::new();
+        let mut topology = Vec::new();
         for region in &config.regions {
             for node in &region.nodes {
-                let channel = Endpoint::from_shared(format!("http://{}", node.addr))?
-                    .connect_timeout(settings.replica_timeout())
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5))
-                    .connect_lazy();
-                let state = ReplicaState::new(&node.id, board.clone());
-                let stack = tower::ServiceBuilder::new()
-                    .layer(CircuitBreakerLayer::new(state.clone()))
-                    .timeout(settings.replica_timeout())
-                    .service(channel.clone());
-                let client =
-                    StorageClient::new(stack).max_decoding_message_size(geolog_storage_limit());
-                replicas.insert(
-                    node.id.clone(),
-                    Arc::new(Replica {
+                topology.push((node.id.clone(), region.name.clone(), node.addr.clone()));
+            }
+            if region.name == local_region {
+                for node in &region.nodes {
+                    let channel = endpoint(&node.addr, settings.replica_timeout())?.connect_lazy();
+                    let state = ReplicaState::new(&node.id, board.clone());
+                    let client = StorageClient::new(breaker_stack(
+                        &state,
+                        channel.clone(),
+                        settings.replica_timeout(),
+                    ))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                    let replica = Replica {
                         node: node.id.clone(),
                         region: region.name.clone(),
                         addr: node.addr.clone(),
                         client,
                         probe_client: StorageClient::new(channel),
                         state,
-                    }),
-                );
-                order.push(node.id.clone());
+                    };
+                    local.insert(node.id.clone(), Arc::new(replica));
+                    local_order.push(node.id.clone());
+                }
+                continue;
             }
+            let addrs = config.coordinator_addrs(local_region, &region.name);
+            let Some(first) = addrs.first() else { continue };
+            let endpoints = addrs
+                .iter()
+                .map(|a| endpoint(a, settings.replica_timeout()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let channel = Channel::balance_list(endpoints.into_iter());
+            let link = ReplicaState::new(&format!("region:{}", region.name), board.clone());
+            // The link's per-call deadline covers a remote fan-out, which
+            // itself waits up to one replica timeout.
+            let client = CoordinatorClient::new(breaker_stack(
+                &link,
+                channel.clone(),
+                settings.replica_timeout() * 2,
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            remote.push(Arc::new(RemoteRegion {
+                name: region.name.clone(),
+                addr: first.clone(),
+                client,
+                probe_client: CoordinatorClient::new(channel),
+                link,
+                replicas: RwLock::new(HashMap::new()),
+            }));
         }
         Ok(ReplicaSet {
-            replicas,
-            order,
+            local_region: local_region.to_string(),
+            local,
+            local_order,
+            remote,
+            topology,
             ring: config.ring(),
             placements: moka::sync::Cache::new(settings.placement_cache_capacity),
-            board,
         })
     }
 
-    /// The replicas of `key`, region by region, in ring preference order.
+    pub fn local_region(&self) -> &str {
+        &self.local_region
+    }
+
+    /// The replicas of `key` in every region, region by region, each in
+    /// ring preference order.
     pub fn placement(&self, key: &str) -> Arc<Vec<Placement>> {
         if let Some(hit) = self.placements.get(key) {
             return hit;
@@ -93,26 +190,87 @@ impl ReplicaSet {
         placement
     }
 
-    pub fn get(&self, node: &str) -> &Arc<Replica> {
-        self.replicas
-            .get(node)
-            .expect("placement only names nodes of the topology")
+    /// A local replica by node id.
+    pub fn local(&self, node: &str) -> Option<&Arc<Replica>> {
+        self.local.get(node)
     }
 
-    /// Every replica in topology order.
-    pub fn all(&self) -> impl Iterator<Item = &Arc<Replica>> {
-        self.order.iter().map(|id| self.get(id))
+    /// Local replicas in topology order.
+    pub fn all_local(&self) -> impl Iterator<Item = &Arc<Replica>> {
+        self.local_order.iter().filter_map(|id| self.local.get(id))
     }
 
-    pub fn board(&self) -> &HealthBoard {
-        &self.board
+    pub fn remote_regions(&self) -> &[Arc<RemoteRegion>] {
+        &self.remote
     }
 
-    /// Probes every replica once, concurrently; a replica that answers with
-    /// a working database closes its circuit, any other outcome opens it.
+    pub fn remote(&self, region: &str) -> Option<&Arc<RemoteRegion>> {
+        self.remote.iter().find(|r| r.name == region)
+    }
+
+    /// Whether the coordinator believes this replica can answer now.
+    pub fn is_alive(&self, placement: &Placement) -> bool {
+        if placement.region == self.local_region {
+            self.local
+                .get(&placement.node)
+                .is_some_and(|r| r.state.is_alive())
+        } else {
+            self.remote(&placement.region)
+                .is_some_and(|r| r.replica_alive(&placement.node))
+        }
+    }
+
+    /// Health of every replica of the topology as this coordinator sees it.
+    pub fn health(&self) -> Vec<cpb::ReplicaHealth> {
+        self.topology
+            .iter()
+            .map(|(node, region, addr)| {
+                if let Some(replica) = self.local.get(node) {
+                    return cpb::ReplicaHealth {
+                        node: node.clone(),
+                        region: region.clone(),
+                        addr: addr.clone(),
+                        state: if replica.state.is_alive() {
+                            "alive"
+                        } else {
+                            "dead"
+                        }
+                        .to_string(),
+                        last_ok_ms_ago: replica.state.last_ok_ago_ms(),
+                        last_error: replica.state.last_error(),
+                    };
+                }
+                let remote = self.remote(region);
+                let reported = remote.and_then(|r| r.reported(node));
+                let alive = remote.is_some_and(|r| r.replica_alive(node));
+                let last_error = match remote {
+                    Some(r) if !r.link.is_alive() => {
+                        format!("region {region} unreachable: {}", r.link.last_error())
+                    }
+                    _ => reported
+                        .as_ref()
+                        .map(|r| r.last_error.clone())
+                        .unwrap_or_default(),
+                };
+                cpb::ReplicaHealth {
+                    node: node.clone(),
+                    region: region.clone(),
+                    addr: addr.clone(),
+                    state: if alive { "alive" } else { "dead" }.to_string(),
+                    last_ok_ms_ago: reported.and_then(|r| r.last_ok_ms_ago),
+                    last_error,
+                }
+            })
+            .collect()
+    }
+
+    /// Probes every local replica and every remote region once,
+    /// concurrently. A local replica that answers with a working database
+    /// closes its circuit, any other outcome opens it; a remote region that
+    /// answers refreshes the states of its replicas.
     pub async fn probe_all(&self, timeout: Duration) {
         let mut probes = tokio::task::JoinSet::new();
-        for replica in self.all() {
+        for replica in self.all_local() {
             let replica = replica.clone();
             probes.spawn(async move {
                 let mut client = replica.probe_client.clone();
@@ -128,11 +286,41 @@ impl ReplicaSet {
                 }
             });
         }
+        for region in &self.remote {
+            let region = region.clone();
+            probes.spawn(async move {
+                let mut client = region.probe_client.clone();
+                let result =
+                    tokio::time::timeout(timeout, client.health(cpb::HealthRequest {})).await;
+                metrics::gauge!("region_link_up", "region" => region.name.clone()).set(
+                    if matches!(result, Ok(Ok(_))) {
+                        1.0
+                    } else {
+                        0.0
+                    },
+                );
+                match result {
+                    Ok(Ok(answer)) => {
+                        let states = answer
+                            .into_inner()
+                            .replicas
+                            .into_iter()
+                            .filter(|r| r.region == region.name)
+                            .map(|r| (r.node.clone(), r))
+                            .collect();
+                        *region
+                            .replicas
+                            .write()
+                            .expect("lock is never poisoned: no panics while held") = states;
+                        region.link.record_success();
+                    }
+                    Ok(Err(status)) => region
+                        .link
+                        .record_failure(format!("health check failed: {}", status.message())),
+                    Err(_) => region.link.record_failure("health check timed out".into()),
+                }
+            });
+        }
         while probes.join_next().await.is_some() {}
     }
-}
-
-/// Largest message accepted from a storage node.
-fn geolog_storage_limit() -> usize {
-    16 * 1024 * 1024
 }

@@ -2,21 +2,29 @@
 //! encodes outcomes and errors. Errors are logged here, where handled.
 
 use crate::engine::{Outcome, QuorumEngine, observed};
+use crate::outbox::OutboxView;
 use geolog_core::{ErrorCode, GeologError};
 use geolog_proto::coordinator as pb;
+use std::pin::Pin;
 use std::sync::Arc;
+use tokio_stream::Stream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
 pub struct CoordinatorService {
     id: String,
     engine: Arc<QuorumEngine>,
+    outbox: Arc<OutboxView>,
 }
 
 impl CoordinatorService {
-    pub fn new(id: String, engine: Arc<QuorumEngine>) -> Self {
-        CoordinatorService { id, engine }
+    pub fn new(id: String, engine: Arc<QuorumEngine>, outbox: Arc<OutboxView>) -> Self {
+        CoordinatorService { id, engine, outbox }
     }
 }
+
+type AnswerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn acks(outcome: &Outcome) -> pb::Acks {
     pb::Acks {
@@ -48,6 +56,37 @@ fn fail(op: &'static str, key: &str, err: GeologError) -> Status {
 
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for CoordinatorService {
+    type ReplicateStream = AnswerStream<pb::ReplicaAck>;
+    type RegionReadStream = AnswerStream<pb::ReplicaVersions>;
+
+    async fn replicate(
+        &self,
+        request: Request<pb::ReplicateRequest>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let req = request.into_inner();
+        for version in &req.versions {
+            geolog_core::key::validate_key(&version.key)?;
+        }
+        metrics::counter!("replicate_received_total", "origin" => req.origin_region.clone())
+            .increment(req.versions.len() as u64);
+        let acks = self.engine.apply_local(req.versions);
+        Ok(Response::new(Box::pin(
+            UnboundedReceiverStream::new(acks).map(Ok),
+        )))
+    }
+
+    async fn region_read(
+        &self,
+        request: Request<pb::RegionReadRequest>,
+    ) -> Result<Response<Self::RegionReadStream>, Status> {
+        let req = request.into_inner();
+        geolog_core::key::validate_key(&req.key)?;
+        let answers = self.engine.read_local(req.key, req.replicas as usize);
+        Ok(Response::new(Box::pin(
+            UnboundedReceiverStream::new(answers).map(Ok),
+        )))
+    }
+
     async fn write(
         &self,
         request: Request<pb::WriteRequest>,
@@ -94,23 +133,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         _: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        let replicas = self
-            .engine
-            .replicas()
-            .all()
-            .map(|r| pb::ReplicaHealth {
-                node: r.node.clone(),
-                region: r.region.clone(),
-                addr: r.addr.clone(),
-                state: if r.state.is_alive() { "alive" } else { "dead" }.to_string(),
-                last_ok_ms_ago: r.state.last_ok_ago_ms(),
-                last_error: r.state.last_error(),
-            })
-            .collect();
+        let replicas = self.engine.replicas().health();
         Ok(Response::new(pb::HealthResponse {
             coordinator: self.id.clone(),
             region: self.engine.region().to_string(),
             replicas,
+            outbox: self.outbox.health(),
         }))
     }
 }

@@ -218,6 +218,15 @@ struct ReplicaView {
 }
 
 #[derive(Serialize)]
+struct OutboxView {
+    /// The remote region the entries wait for.
+    region: String,
+    depth: u64,
+    /// Age of the oldest pending entry: the replay lag.
+    oldest_age_ms: u64,
+}
+
+#[derive(Serialize)]
 struct HealthAnswer {
     /// `ok` (everything alive), `degraded` (some replica dead) or
     /// `unavailable` (no coordinator reachable; answered with 503).
@@ -226,6 +235,8 @@ struct HealthAnswer {
     region: String,
     coordinators: Vec<CoordinatorHealth>,
     replicas: Vec<ReplicaView>,
+    /// Cross-region outbox of this region (writes not yet delivered).
+    outbox: Vec<OutboxView>,
 }
 
 /// `GET /api/logs/health`: this gateway, its coordinators, and every replica
@@ -233,6 +244,7 @@ struct HealthAnswer {
 pub async fn health(State(state): State<AppState>) -> Response {
     let mut coordinators = Vec::new();
     let mut replicas: Option<Vec<ReplicaView>> = None;
+    let mut outbox: Vec<OutboxView> = Vec::new();
     for (id, addr, client) in &state.coordinator_probes {
         let mut client = client.clone();
         let mut request = tonic::Request::new(cpb::HealthRequest {});
@@ -245,9 +257,20 @@ pub async fn health(State(state): State<AppState>) -> Response {
                     status: "up",
                     error: None,
                 });
+                let answer = answer.into_inner();
+                if replicas.is_none() {
+                    outbox = answer
+                        .outbox
+                        .iter()
+                        .map(|o| OutboxView {
+                            region: o.region.clone(),
+                            depth: o.depth,
+                            oldest_age_ms: o.oldest_age_ms,
+                        })
+                        .collect();
+                }
                 replicas.get_or_insert_with(|| {
                     answer
-                        .into_inner()
                         .replicas
                         .into_iter()
                         .map(|r| ReplicaView {
@@ -291,6 +314,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         region: state.region.clone(),
         coordinators,
         replicas,
+        outbox,
     };
     (code, Json(answer)).into_response()
 }

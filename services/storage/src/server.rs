@@ -88,11 +88,22 @@ impl pb::storage_server::Storage for StorageService {
         let started = Instant::now();
         let req = request.into_inner();
         geolog_core::key::validate_key(&req.key)?;
-        let result = self.store.mint(&req.key, &req.value_json).await;
+        let result = self
+            .store
+            .mint_with_outbox(&req.key, &req.value_json, &req.outbox_regions)
+            .await;
         observe("mint", started, result.is_ok());
-        let version = result.map_err(|e| fail("mint", e))?;
+        let (version, outbox) = result.map_err(|e| fail("mint", e))?;
         Ok(Response::new(pb::MintResponse {
             version: Some(to_proto(version)),
+            outbox: outbox
+                .into_iter()
+                .map(|(id, region)| pb::OutboxEntry {
+                    id,
+                    region,
+                    version: None,
+                })
+                .collect(),
         }))
     }
 
@@ -127,6 +138,64 @@ impl pb::storage_server::Storage for StorageService {
         let latest = result.map_err(|e| fail("read", e))?;
         Ok(Response::new(pb::ReadResponse {
             versions: latest.into_iter().map(to_proto).collect(),
+        }))
+    }
+
+    async fn outbox_pending(
+        &self,
+        request: Request<pb::OutboxPendingRequest>,
+    ) -> Result<Response<pb::OutboxPendingResponse>, Status> {
+        let req = request.into_inner();
+        let limit = req.limit.clamp(1, 10_000);
+        let entries = self
+            .store
+            .outbox_pending(&req.region, limit, Duration::from_millis(req.min_age_ms))
+            .await
+            .map_err(|e| fail("outbox_pending", e))?;
+        Ok(Response::new(pb::OutboxPendingResponse {
+            entries: entries
+                .into_iter()
+                .map(|(id, v)| pb::OutboxEntry {
+                    id,
+                    region: req.region.clone(),
+                    version: Some(to_proto(v)),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn outbox_done(
+        &self,
+        request: Request<pb::OutboxDoneRequest>,
+    ) -> Result<Response<pb::OutboxDoneResponse>, Status> {
+        let deleted = self
+            .store
+            .outbox_done(&request.into_inner().ids)
+            .await
+            .map_err(|e| fail("outbox_done", e))?;
+        Ok(Response::new(pb::OutboxDoneResponse {
+            deleted: deleted as u32,
+        }))
+    }
+
+    async fn outbox_stats(
+        &self,
+        _: Request<pb::OutboxStatsRequest>,
+    ) -> Result<Response<pb::OutboxStatsResponse>, Status> {
+        let stats = self
+            .store
+            .outbox_stats()
+            .await
+            .map_err(|e| fail("outbox_stats", e))?;
+        Ok(Response::new(pb::OutboxStatsResponse {
+            regions: stats
+                .into_iter()
+                .map(|(region, depth, oldest_age_ms)| pb::OutboxRegionStats {
+                    region,
+                    depth,
+                    oldest_age_ms,
+                })
+                .collect(),
         }))
     }
 

@@ -147,24 +147,101 @@ impl VersionStore {
 
     /// Mints a new version of `key` on this node and stores it.
     pub async fn mint(&self, key: &str, value_json: &str) -> Result<StoredVersion, StoreError> {
+        Ok(self.mint_with_outbox(key, value_json, &[]).await?.0)
+    }
+
+    /// Mints a new version and, in the same statement (so atomically), one
+    /// outbox entry per region in `outbox_regions`. Returns the version and
+    /// the outbox entries as `(id, region)`.
+    pub async fn mint_with_outbox(
+        &self,
+        key: &str,
+        value_json: &str,
+        outbox_regions: &[String],
+    ) -> Result<(StoredVersion, Vec<(u64, String)>), StoreError> {
         let hlc = self.clock.now();
-        let seq: i64 = sqlx::query_scalar(
-            "INSERT INTO versions (key, node, seq, hlc, value) \
-             VALUES ($1, $2, nextval('dot_seq'), $3, $4::json) RETURNING seq",
+        let rows: Vec<(i64, Option<i64>, Option<String>)> = sqlx::query_as(
+            "WITH v AS ( \
+                 INSERT INTO versions (key, node, seq, hlc, value) \
+                 VALUES ($1, $2, nextval('dot_seq'), $3, $4::json) RETURNING key, node, seq), \
+             o AS ( \
+                 INSERT INTO outbox (region, key, node, seq) \
+                 SELECT r, v.key, v.node, v.seq FROM v CROSS JOIN UNNEST($5::text[]) AS r \
+                 RETURNING id, region) \
+             SELECT v.seq, o.id, o.region FROM v LEFT JOIN o ON true",
         )
         .bind(key)
         .bind(&self.node)
         .bind(hlc.packed() as i64)
         .bind(value_json)
-        .fetch_one(&self.pool)
+        .bind(outbox_regions)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(StoredVersion {
+        let seq = rows
+            .first()
+            .map(|r| r.0)
+            .ok_or_else(|| StoreError::Internal("insert returned no row".into()))?;
+        let outbox = rows
+            .into_iter()
+            .filter_map(|(_, id, region)| Some((id? as u64, region?)))
+            .collect();
+        let version = StoredVersion {
             key: key.to_string(),
             value_json: value_json.to_string(),
             hlc,
             node: self.node.clone(),
             seq: seq as u64,
-        })
+        };
+        Ok((version, outbox))
+    }
+
+    /// The oldest `limit` outbox entries for `region`, with their versions.
+    pub async fn outbox_pending(
+        &self,
+        region: &str,
+        limit: u32,
+        min_age: Duration,
+    ) -> Result<Vec<(u64, StoredVersion)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT o.id, v.key, v.node, v.seq, v.hlc, v.value::text AS value \
+             FROM outbox o JOIN versions v ON (v.key, v.node, v.seq) = (o.key, o.node, o.seq) \
+             WHERE o.region = $1 AND o.created_at <= now() - make_interval(secs => $3) \
+             ORDER BY o.id LIMIT $2",
+        )
+        .bind(region)
+        .bind(i64::from(limit))
+        .bind(min_age.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| Ok((row.try_get::<i64, _>("id")? as u64, version_from_row(&row)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    /// Deletes delivered outbox entries; returns how many existed.
+    pub async fn outbox_done(&self, ids: &[u64]) -> Result<u64, StoreError> {
+        let ids: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
+        let result = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Per region: pending entries and the age of the oldest, in ms.
+    pub async fn outbox_stats(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let rows: Vec<(String, i64, f64)> = sqlx::query_as(
+            "SELECT region, count(*), \
+                    COALESCE(EXTRACT(EPOCH FROM (now() - min(created_at))) * 1000, 0)::float8 \
+             FROM outbox GROUP BY region ORDER BY region",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(r, n, age)| (r, n as u64, age.max(0.0) as u64))
+            .collect())
     }
 
     /// Stores versions minted elsewhere; already-present ones are skipped.
@@ -206,17 +283,10 @@ impl VersionStore {
         .bind(key)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|row| {
-            Ok(StoredVersion {
-                key: row.try_get("key")?,
-                value_json: row.try_get("value")?,
-                hlc: Hlc::from_packed(row.try_get::<i64, _>("hlc")? as u64),
-                node: row.try_get("node")?,
-                seq: row.try_get::<i64, _>("seq")? as u64,
-            })
-        })
-        .transpose()
-        .map_err(|e: sqlx::Error| e.into())
+        row.as_ref()
+            .map(version_from_row)
+            .transpose()
+            .map_err(Into::into)
     }
 
     /// How many versions of `key` this node holds.
@@ -240,4 +310,14 @@ impl VersionStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+fn version_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredVersion, sqlx::Error> {
+    Ok(StoredVersion {
+        key: row.try_get("key")?,
+        value_json: row.try_get("value")?,
+        hlc: Hlc::from_packed(row.try_get::<i64, _>("hlc")? as u64),
+        node: row.try_get("node")?,
+        seq: row.try_get::<i64, _>("seq")? as u64,
+    })
 }

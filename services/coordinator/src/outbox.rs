@@ -1,0 +1,215 @@
+//! The cross-region outbox replay worker. Every version minted in this
+//! region has, for each remote region, an outbox entry stored with it on the
+//! minting node; the write path deletes it once the remote region's replicas
+//! all have the version. Whatever is left — the region was unreachable, a
+//! replica there was down, this coordinator died mid-write — this worker
+//! sends again, oldest first, in batches, with exponential backoff per
+//! region while it keeps failing. Replays are idempotent on the receiving
+//! side. Its state is visible in metrics (`outbox_worker_state`,
+//! `outbox_depth`, `outbox_oldest_age_seconds`, `outbox_replayed_total`) and
+//! in health answers.
+
+use crate::engine::{QuorumEngine, outbox_done, replicate};
+use geolog_proto::coordinator as cpb;
+use geolog_proto::storage as pb;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Longest pause between replay attempts to a failing region.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Batches sent to one region per node per pass, so one region cannot starve the others.
+const MAX_BATCHES_PER_PASS: usize = 16;
+
+/// What the worker is doing, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerState {
+    Idle,
+    Busy,
+    Throttled,
+}
+
+impl WorkerState {
+    fn gauge(self) -> f64 {
+        match self {
+            WorkerState::Idle => 0.0,
+            WorkerState::Busy => 1.0,
+            WorkerState::Throttled => 2.0,
+        }
+    }
+}
+
+/// The outbox as last measured: per remote region, depth and oldest age.
+#[derive(Default)]
+pub struct OutboxView {
+    regions: Mutex<BTreeMap<String, (u64, u64)>>,
+}
+
+impl OutboxView {
+    pub fn health(&self) -> Vec<cpb::OutboxHealth> {
+        self.regions
+            .lock()
+            .expect("lock is never poisoned: no panics while held")
+            .iter()
+            .map(|(region, (depth, oldest_age_ms))| cpb::OutboxHealth {
+                region: region.clone(),
+                depth: *depth,
+                oldest_age_ms: *oldest_age_ms,
+            })
+            .collect()
+    }
+}
+
+struct Backoff {
+    until: Instant,
+    delay: Duration,
+}
+
+/// Runs until `stop` changes.
+pub async fn run(
+    engine: Arc<QuorumEngine>,
+    view: Arc<OutboxView>,
+    interval: Duration,
+    batch: u32,
+    min_age: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut backoff: BTreeMap<String, Backoff> = BTreeMap::new();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {},
+            _ = stop.changed() => return,
+        }
+        measure(&engine, &view).await;
+        let mut state = WorkerState::Idle;
+        for remote in engine.replicas().remote_regions() {
+            if backoff
+                .get(&remote.name)
+                .is_some_and(|b| Instant::now() < b.until)
+            {
+                state = WorkerState::Throttled;
+                continue;
+            }
+            match replay_region(&engine, &remote.name, batch, min_age).await {
+                Ok(0) => {
+                    backoff.remove(&remote.name);
+                }
+                Ok(sent) => {
+                    state = WorkerState::Busy;
+                    backoff.remove(&remote.name);
+                    tracing::info!(region = %remote.name, versions = sent, "outbox replayed");
+                }
+                Err(reason) => {
+                    state = WorkerState::Throttled;
+                    let delay = backoff
+                        .get(&remote.name)
+                        .map_or(interval, |b| (b.delay * 2).min(MAX_BACKOFF));
+                    tracing::warn!(region = %remote.name, %reason, retry_in_ms = delay.as_millis() as u64, "outbox replay failed");
+                    backoff.insert(
+                        remote.name.clone(),
+                        Backoff {
+                            until: Instant::now() + delay,
+                            delay,
+                        },
+                    );
+                }
+            }
+        }
+        metrics::gauge!("outbox_worker_state").set(state.gauge());
+    }
+}
+
+/// Sends every pending entry for `region` from every alive local node.
+/// Returns how many versions were delivered, or why it stopped.
+async fn replay_region(
+    engine: &QuorumEngine,
+    region: &str,
+    batch: u32,
+    min_age: Duration,
+) -> Result<usize, String> {
+    let remote = engine
+        .replicas()
+        .remote(region)
+        .expect("regions come from the replica set")
+        .clone();
+    let mut sent = 0;
+    for replica in engine.replicas().all_local().filter(|r| r.state.is_alive()) {
+        for _ in 0..MAX_BATCHES_PER_PASS {
+            let mut client = replica.client.clone();
+            let request = pb::OutboxPendingRequest {
+                region: region.to_string(),
+                limit: batch,
+                min_age_ms: min_age.as_millis() as u64,
+            };
+            let entries = match client.outbox_pending(request).await {
+                Ok(response) => response.into_inner().entries,
+                Err(status) => {
+                    tracing::debug!(replica = %replica.node, error = %status.message(), "cannot read outbox");
+                    break;
+                }
+            };
+            if entries.is_empty() {
+                break;
+            }
+            let full = entries.len() as u32 == batch;
+            let ids: Vec<u64> = entries.iter().map(|e| e.id).collect();
+            let versions: Vec<pb::Version> =
+                entries.into_iter().filter_map(|e| e.version).collect();
+            let count = versions.len();
+            let request = cpb::ReplicateRequest {
+                origin_region: engine.region().to_string(),
+                versions,
+            };
+            let acks = replicate(&remote, request)
+                .await
+                .map_err(|s| format!("region unreachable: {}", s.message()))?;
+            if let Some(failed) = acks.iter().find(|a| !a.ok) {
+                return Err(format!(
+                    "replica {} of region {region} failed: {}",
+                    failed.node, failed.error
+                ));
+            }
+            outbox_done(replica, ids).await;
+            sent += count;
+            metrics::counter!("outbox_replayed_total", "region" => region.to_string())
+                .increment(count as u64);
+            if !full {
+                break;
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// Sums the outbox of every alive local node into `view` and the gauges.
+async fn measure(engine: &QuorumEngine, view: &OutboxView) {
+    let mut totals: BTreeMap<String, (u64, u64)> = engine
+        .replicas()
+        .remote_regions()
+        .iter()
+        .map(|r| (r.name.clone(), (0, 0)))
+        .collect();
+    for replica in engine.replicas().all_local().filter(|r| r.state.is_alive()) {
+        let mut client = replica.client.clone();
+        let Ok(response) = client.outbox_stats(pb::OutboxStatsRequest {}).await else {
+            continue;
+        };
+        for stats in response.into_inner().regions {
+            let entry = totals.entry(stats.region).or_default();
+            entry.0 += stats.depth;
+            entry.1 = entry.1.max(stats.oldest_age_ms);
+        }
+    }
+    for (region, (depth, age)) in &totals {
+        metrics::gauge!("outbox_depth", "region" => region.clone()).set(*depth as f64);
+        metrics::gauge!("outbox_oldest_age_seconds", "region" => region.clone())
+            .set(*age as f64 / 1000.0);
+    }
+    *view
+        .regions
+        .lock()
+        .expect("lock is never poisoned: no panics while held") = totals;
+}
