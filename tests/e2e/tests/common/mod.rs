@@ -132,3 +132,49 @@ pub fn code(body: &Value) -> &str {
         .as_str()
         .unwrap_or_else(|| panic!("not an error body: {body}"))
 }
+
+/// The default local topology: 3 regions × 3 nodes, RF 3 per region.
+pub const THREE_BY_THREE: Shape = Shape {
+    regions: 3,
+    nodes_per_region: 3,
+    replication_factor: 3,
+};
+
+impl Api {
+    /// The cross-region outbox depth this region's coordinator reports.
+    pub async fn outbox_depth(&self) -> u64 {
+        let (_, health) = self
+            .raw(reqwest::Method::GET, "/api/logs/health", Vec::new())
+            .await;
+        health["outbox"].as_array().map_or(0, |o| {
+            o.iter().map(|e| e["depth"].as_u64().unwrap_or(0)).sum()
+        })
+    }
+
+    /// Waits until this region's outbox is empty (everything delivered).
+    pub async fn wait_outbox_empty(&self, timeout: Duration) {
+        wait_until(timeout, || async { self.outbox_depth().await == 0 }).await;
+    }
+
+    /// Waits until `node` has `state` in this region's view.
+    pub async fn wait_replica_state(&self, node: &str, state: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, health) = self
+                .raw(reqwest::Method::GET, "/api/logs/health", Vec::new())
+                .await;
+            let seen = health["replicas"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["node"] == node && r["state"] == state));
+            if seen {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{node} never {state} in {}: {health}",
+                self.base
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

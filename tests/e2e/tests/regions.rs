@@ -1,0 +1,306 @@
+//! Three regions × three nodes (RF 3 each), real processes, real PostgreSQL,
+//! inter-region traffic through the launcher's fault proxies.
+
+mod common;
+
+use common::{Api, THREE_BY_THREE, code, kill_by_cluster_json};
+use geolog_testkit::TestCluster;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+fn apis(cluster: &TestCluster) -> BTreeMap<&'static str, Api> {
+    ["a", "b", "c"]
+        .into_iter()
+        .map(|r| (r, Api::new(cluster.gateway(r))))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_level_on_three_regions() {
+    let cluster = TestCluster::start(THREE_BY_THREE)
+        .await
+        .expect("cluster starts");
+    let apis = apis(&cluster);
+    // (level, acks required in total, required in each region (a, b, c))
+    let levels = [
+        ("ANY", 1, [0, 0, 0]),
+        ("ONE", 1, [0, 0, 0]),
+        ("TWO", 2, [0, 0, 0]),
+        ("THREE", 3, [0, 0, 0]),
+        ("QUORUM", 5, [0, 0, 0]),
+        ("ALL", 9, [0, 0, 0]),
+        ("LOCAL_ONE", 1, [1, 0, 0]),
+        ("LOCAL_QUORUM", 2, [2, 0, 0]),
+        ("EACH_QUORUM", 6, [2, 2, 2]),
+    ];
+    for (level, required, per_region) in levels {
+        let key = format!("three-{level}");
+        let (status, body) = apis["a"].write(&key, json!(level), Some(level)).await;
+        assert_eq!(status, 201, "{level}: {body}");
+        assert_eq!(body["acks"]["required"], required, "{level}");
+        for (i, region) in ["a", "b", "c"].iter().enumerate() {
+            let acks = body["acks"]["regions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["region"] == *region);
+            let acks = acks.unwrap_or_else(|| panic!("{level}: acks of region {region} in {body}"));
+            assert_eq!(
+                acks["required"].as_u64().unwrap_or(0),
+                per_region[i],
+                "{level} {region}"
+            );
+            assert!(
+                acks["received"].as_u64().unwrap() >= per_region[i],
+                "{level} {region}: {body}"
+            );
+        }
+        let read_level = if level == "ANY" { "ALL" } else { level };
+        let (status, read) = apis["a"].read(&key, Some(read_level)).await;
+        assert_eq!((status, &read["value"]), (200, &json!(level)), "{level}");
+    }
+    // A write is delivered to every region whatever its level: after a
+    // LOCAL_ONE write in A, region C answers at LOCAL_ONE (once delivered).
+    let (status, _) = apis["a"]
+        .write("spread", json!("everywhere"), Some("LOCAL_ONE"))
+        .await;
+    assert_eq!(status, 201);
+    for region in ["b", "c"] {
+        common::wait_until(Duration::from_secs(10), || async {
+            apis[region].read("spread", Some("LOCAL_ONE")).await.0 == 200
+        })
+        .await;
+    }
+    // Reads at EACH_QUORUM / QUORUM from C see a write acknowledged at EACH_QUORUM in A.
+    let (status, _) = apis["a"].write("each", json!(1), Some("EACH_QUORUM")).await;
+    assert_eq!(status, 201);
+    for level in ["EACH_QUORUM", "QUORUM", "ALL"] {
+        let (status, body) = apis["c"].read("each", Some(level)).await;
+        assert_eq!((status, &body["value"]), (200, &json!(1)), "{level} in c");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partition_then_outbox_replay_delivers_everything() {
+    let cluster = TestCluster::start(THREE_BY_THREE)
+        .await
+        .expect("cluster starts");
+    let apis = apis(&cluster);
+    cluster.cluster.partition("a", "c").unwrap();
+    cluster.cluster.partition("b", "c").unwrap();
+    let mut acknowledged: Vec<(String, serde_json::Value)> = Vec::new();
+
+    // Majority side: LOCAL_QUORUM and QUORUM (5 of 9: A and B) keep working.
+    for i in 0..10 {
+        for level in ["LOCAL_QUORUM", "QUORUM"] {
+            let key = format!("a-{level}-{i}");
+            let (status, body) = apis["a"].write(&key, json!(i), Some(level)).await;
+            assert_eq!(status, 201, "{level} in A during the partition: {body}");
+            acknowledged.push((key, json!(i)));
+        }
+    }
+    // EACH_QUORUM needs C: 503 (C known unreachable) or 504 (not yet known).
+    let (status, body) = apis["a"]
+        .write("a-each", json!(0), Some("EACH_QUORUM"))
+        .await;
+    assert!(status == 503 || status == 504, "{status} {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("region c"),
+        "{body}"
+    );
+    // Once C is known unreachable, the same fails fast with 503.
+    apis["a"].wait_replica_state("c1", "dead").await;
+    let started = Instant::now();
+    let (status, body) = apis["a"]
+        .write("a-each", json!(0), Some("EACH_QUORUM"))
+        .await;
+    assert_eq!((status, code(&body)), (503, "unavailable"), "{body}");
+    assert!(started.elapsed() < Duration::from_millis(500));
+
+    // Minority side: C's own LOCAL_QUORUM writes still work; QUORUM does not.
+    for i in 0..10 {
+        let key = format!("c-{i}");
+        let (status, body) = apis["c"].write(&key, json!(i), Some("LOCAL_QUORUM")).await;
+        assert_eq!(
+            status, 201,
+            "LOCAL_QUORUM in C during the partition: {body}"
+        );
+        acknowledged.push((key, json!(i)));
+    }
+    let (status, _) = apis["c"].write("c-quorum", json!(0), Some("QUORUM")).await;
+    assert!(status == 503 || status == 504);
+    // The outbox is measured once per replay interval (1 s).
+    for (region, what) in [
+        ("a", "what C has not received"),
+        ("c", "what A and B have not received"),
+    ] {
+        common::wait_until(Duration::from_secs(10), || async {
+            apis[region].outbox_depth().await > 0
+        })
+        .await;
+        println!(
+            "{region} holds {what}: {} entries",
+            apis[region].outbox_depth().await
+        );
+    }
+
+    // Heal: outbox replay alone (there is no anti-entropy) delivers
+    // everything, and every write acknowledged on either side is readable
+    // at LOCAL_ONE in every region.
+    cluster.cluster.heal();
+    for api in apis.values() {
+        api.wait_outbox_empty(Duration::from_secs(60)).await;
+    }
+    for (region, api) in &apis {
+        for (key, value) in &acknowledged {
+            let (status, body) = api.read(key, Some("LOCAL_ONE")).await;
+            assert_eq!(
+                (status, &body["value"]),
+                (200, value),
+                "{key} at LOCAL_ONE in {region}"
+            );
+        }
+    }
+    let (status, _) = apis["a"]
+        .write("after-heal", json!(true), Some("EACH_QUORUM"))
+        .await;
+    assert_eq!(status, 201);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_whole_region_down() {
+    let mut cluster = TestCluster::start(THREE_BY_THREE)
+        .await
+        .expect("cluster starts");
+    let apis = apis(&cluster);
+    for node in ["c1", "c2", "c3"] {
+        cluster.cluster.stop_node(node, false).unwrap();
+    }
+    // Within the failure-detection time (probes every 200 ms), A knows.
+    let started = Instant::now();
+    apis["a"].wait_replica_state("c3", "dead").await;
+    apis["a"].wait_replica_state("c1", "dead").await;
+    apis["a"].wait_replica_state("c2", "dead").await;
+    let detection = started.elapsed();
+    assert!(
+        detection < Duration::from_secs(5),
+        "detected in {detection:?}"
+    );
+    let (status, body) = apis["a"].write("each", json!(0), Some("EACH_QUORUM")).await;
+    assert_eq!((status, code(&body)), (503, "unavailable"), "{body}");
+    assert_eq!(
+        body["error"]["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["region"] == "c")
+            .unwrap()["alive"],
+        0
+    );
+
+    let mut acknowledged = Vec::new();
+    for (region, level) in [
+        ("a", "QUORUM"),
+        ("a", "LOCAL_QUORUM"),
+        ("b", "QUORUM"),
+        ("b", "LOCAL_QUORUM"),
+    ] {
+        for i in 0..5 {
+            let key = format!("{region}-{level}-{i}");
+            let (status, body) = apis[region].write(&key, json!(i), Some(level)).await;
+            assert_eq!(status, 201, "{level} in {region}: {body}");
+            let (status, _) = apis[region].read(&key, Some(level)).await;
+            assert_eq!(status, 200);
+            acknowledged.push((key, json!(i)));
+        }
+    }
+
+    // The region comes back; the outboxes of A and B deliver what it missed.
+    for node in ["c1", "c2", "c3"] {
+        cluster.cluster.start_node(node).await.unwrap();
+    }
+    for region in ["a", "b"] {
+        apis[region]
+            .wait_outbox_empty(Duration::from_secs(60))
+            .await;
+    }
+    for (key, value) in &acknowledged {
+        let (status, body) = apis["c"].read(key, Some("LOCAL_ONE")).await;
+        assert_eq!(
+            (status, &body["value"]),
+            (200, value),
+            "{key} at LOCAL_ONE in c"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn coordinator_killed_mid_stream_loses_nothing_acknowledged() {
+    let mut cluster = TestCluster::start(THREE_BY_THREE)
+        .await
+        .expect("cluster starts");
+    let apis = apis(&cluster);
+    let data_dir = cluster.cluster.data_dir().to_path_buf();
+    let writer_api = Api::new(cluster.gateway("a"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer_stop = stop.clone();
+    // A writer streaming writes at LOCAL_QUORUM through A, as fast as it can.
+    let writer = tokio::spawn(async move {
+        let mut acknowledged = Vec::new();
+        let mut refused = 0;
+        let mut i = 0;
+        while !writer_stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let key = format!("stream-{i}");
+            let (status, _) = writer_api.write(&key, json!(i), Some("LOCAL_QUORUM")).await;
+            if status == 201 {
+                acknowledged.push((key, json!(i)));
+            } else {
+                refused += 1;
+            }
+            i += 1;
+        }
+        (acknowledged, refused)
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    kill_by_cluster_json(&data_dir, "a-co1");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster
+        .cluster
+        .restart("a-co1")
+        .await
+        .expect("coordinator restarts");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (acknowledged, refused) = writer.await.unwrap();
+    assert!(
+        acknowledged.len() > 20,
+        "the writer made progress: {}",
+        acknowledged.len()
+    );
+    assert!(
+        refused > 0,
+        "some writes were refused while the coordinator was down"
+    );
+
+    // In A: quorum reads see every acknowledged write. In B and C: after
+    // outbox replay, every replica has it.
+    for api in apis.values() {
+        api.wait_outbox_empty(Duration::from_secs(60)).await;
+    }
+    for (key, value) in &acknowledged {
+        let (status, body) = apis["a"].read(key, Some("LOCAL_QUORUM")).await;
+        assert_eq!((status, &body["value"]), (200, value), "{key} in a");
+        for region in ["b", "c"] {
+            let (status, body) = apis[region].read(key, Some("LOCAL_ONE")).await;
+            assert_eq!(
+                (status, &body["value"]),
+                (200, value),
+                "{key} at LOCAL_ONE in {region}"
+            );
+        }
+    }
+}
