@@ -28,13 +28,13 @@ enum Command {
         #[arg(long, default_value = ".geolog")]
         data_dir: PathBuf,
         /// Number of regions (generated topology).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 3)]
         regions: usize,
         /// Storage nodes per region (generated topology).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 3)]
         nodes_per_region: usize,
         /// Replicas of each key per region (generated topology).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 3)]
         replication_factor: usize,
         /// Use this topology file instead of generating one.
         #[arg(long)]

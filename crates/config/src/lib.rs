@@ -114,7 +114,7 @@ pub struct CoordinatorSettings {
 impl Default for CoordinatorSettings {
     fn default() -> Self {
         CoordinatorSettings {
-            default_consistency: "QUORUM".to_string(),
+            default_consistency: "LOCAL_QUORUM".to_string(),
             write_timeout_ms: 2_000,
             read_timeout_ms: 2_000,
             replica_timeout_ms: 1_500,

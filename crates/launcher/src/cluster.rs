@@ -625,10 +625,8 @@ impl RunningCluster {
         service
             .process
             .stop(Signal::SIGTERM, Duration::from_secs(10));
-        if with_postgres {
-            if let Some(server) = self.postgres.get_mut(id) {
-                server.stop();
-            }
+        if with_postgres && let Some(server) = self.postgres.get_mut(id) {
+            server.stop();
         }
         self.write_cluster_file()
     }
@@ -636,27 +634,27 @@ impl RunningCluster {
     /// Starts a stopped storage node again (its PostgreSQL first, if that
     /// was stopped too) and waits until it is healthy.
     pub async fn start_node(&mut self, id: &str) -> Result<(), LaunchError> {
-        if let Some(server) = self.postgres.get_mut(id) {
-            if server.process.exited().is_some() || server.pid() == 0 {
-                let (bins, user) = self
-                    .pg
-                    .clone()
-                    .expect("managed PostgreSQL implies known binaries");
-                let dir = self.spec.data_dir.join("nodes").join(id);
-                let settings = PgSettings {
-                    port: server.port,
-                    fsync: self.spec.fsync,
-                };
-                let mut fresh = PgServer::spawn(
-                    &bins,
-                    &server.data_dir,
-                    user.as_ref(),
-                    &settings,
-                    &dir.join("postgres.log"),
-                )?;
-                fresh.wait_ready(self.spec.ready_timeout).await?;
-                *server = fresh;
-            }
+        if let Some(server) = self.postgres.get_mut(id)
+            && (server.process.exited().is_some() || server.pid() == 0)
+        {
+            let (bins, user) = self
+                .pg
+                .clone()
+                .expect("managed PostgreSQL implies known binaries");
+            let dir = self.spec.data_dir.join("nodes").join(id);
+            let settings = PgSettings {
+                port: server.port,
+                fsync: self.spec.fsync,
+            };
+            let mut fresh = PgServer::spawn(
+                &bins,
+                &server.data_dir,
+                user.as_ref(),
+                &settings,
+                &dir.join("postgres.log"),
+            )?;
+            fresh.wait_ready(self.spec.ready_timeout).await?;
+            *server = fresh;
         }
         self.restart(id).await
     }

@@ -286,10 +286,10 @@ impl QuorumEngine {
                 for idx in pending {
                     let _ = tx.send((idx, Err(miss)));
                 }
-                if delivered == idxs.len() {
-                    if let Some(id) = outbox_id {
-                        outbox_done(&mint_node, vec![id]).await;
-                    }
+                if delivered == idxs.len()
+                    && let Some(id) = outbox_id
+                {
+                    outbox_done(&mint_node, vec![id]).await;
                 }
             });
         }

@@ -18,6 +18,8 @@ async fn up_serves_and_down_leaves_nothing_running() {
     let mut up = Command::new(&geolog)
         .args([
             "up",
+            "--regions",
+            "1",
             "--nodes-per-region",
             "3",
             "--replication-factor",
@@ -77,4 +79,125 @@ async fn up_serves_and_down_leaves_nothing_running() {
         ClusterFile::read(&data_dir).is_err(),
         "cluster.json is removed"
     );
+}
+
+fn geolog(data_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let geolog = geolog_launcher::cluster::default_bin_dir().join("geolog");
+    Command::new(geolog)
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fault_and_node_commands_act_on_a_running_cluster() {
+    let dir = geolog_testkit::temp_dir();
+    let data_dir = dir.path().join("data");
+    let geolog_bin = geolog_launcher::cluster::default_bin_dir().join("geolog");
+    let mut up = Command::new(&geolog_bin)
+        .args([
+            "up",
+            "--regions",
+            "2",
+            "--nodes-per-region",
+            "2",
+            "--replication-factor",
+            "2",
+        ])
+        .args(["--gateway-port", "0", "--no-fsync", "--wan-latency", "5ms"])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .env("GEOLOG__COORDINATOR__PROBE_INTERVAL_MS", "200")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(90), || async {
+        ClusterFile::read(&data_dir).is_ok()
+    })
+    .await;
+    let file = ClusterFile::read(&data_dir).unwrap();
+    assert!(file.control_url.is_some());
+    let url = |region: &str| {
+        file.processes
+            .iter()
+            .find(|p| p.role == "gateway" && p.region == region)
+            .unwrap()
+            .url
+            .clone()
+            .unwrap()
+    };
+    let a = Api::new(url("a"));
+
+    // A partition makes EACH_QUORUM fail and leaves LOCAL_QUORUM working.
+    let out = geolog(&data_dir, &["fault", "partition", "a", "b"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a.wait_replica_state("b1", "dead").await;
+    let (status, _) = a.write("k", json!(1), Some("EACH_QUORUM")).await;
+    assert_eq!(status, 503);
+    assert_eq!(a.write("k", json!(2), Some("LOCAL_QUORUM")).await.0, 201);
+    let out = geolog(&data_dir, &["fault", "heal"]);
+    assert!(out.status.success());
+    a.wait_replica_state("b1", "alive").await;
+    assert_eq!(a.write("k", json!(3), Some("EACH_QUORUM")).await.0, 201);
+
+    // Bad arguments are refused with a message, not a crash.
+    let out = geolog(&data_dir, &["fault", "partition", "a", "zz"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no region"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !geolog(&data_dir, &["fault", "latency", "a", "b", "fast"])
+            .status
+            .success()
+    );
+    assert!(
+        geolog(&data_dir, &["fault", "latency", "a", "b", "20ms"])
+            .status
+            .success()
+    );
+
+    // Stopping a node and its PostgreSQL, then starting both again.
+    let before = ClusterFile::read(&data_dir).unwrap();
+    let a1 = before
+        .processes
+        .iter()
+        .find(|p| p.id == "a1")
+        .unwrap()
+        .clone();
+    let out = geolog(&data_dir, &["node", "stop", "a1", "--with-postgres"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pid_alive(a1.pid) && !pid_alive(a1.postgres_pid.unwrap()));
+    a.wait_replica_state("a1", "dead").await;
+    assert_eq!(a.write("k", json!(4), Some("ALL")).await.0, 503);
+    let out = geolog(&data_dir, &["node", "start", "a1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = ClusterFile::read(&data_dir).unwrap();
+    let a1_after = after.processes.iter().find(|p| p.id == "a1").unwrap();
+    assert!(pid_alive(a1_after.pid) && pid_alive(a1_after.postgres_pid.unwrap()));
+    a.wait_replica_state("a1", "alive").await;
+    assert_eq!(a.write("k", json!(5), Some("ALL")).await.0, 201);
+
+    assert!(geolog(&data_dir, &["down"]).status.success());
+    assert!(up.wait().unwrap().success());
+    for p in &after.processes {
+        assert!(!pid_alive(p.pid), "{} still running", p.id);
+    }
 }

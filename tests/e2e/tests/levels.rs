@@ -47,7 +47,7 @@ async fn every_level_writes_and_reads_back() {
         );
     }
 
-    // Levels are case-insensitive; the default is QUORUM.
+    // Levels are case-insensitive; the default is LOCAL_QUORUM.
     let (status, body) = api.write("mixed-case", json!(1), Some("quorum")).await;
     assert_eq!(
         (status, body["consistency"].as_str()),
@@ -56,7 +56,7 @@ async fn every_level_writes_and_reads_back() {
     let (status, body) = api.write("default-level", json!(2), None).await;
     assert_eq!(
         (status, body["consistency"].as_str()),
-        (201, Some("QUORUM"))
+        (201, Some("LOCAL_QUORUM"))
     );
     let (_, body) = api.read("default-level", None).await;
     assert_eq!(body["value"], 2);
