@@ -2,6 +2,7 @@
 //! consistency levels and quorum math, ring placement, hybrid logical clocks
 //! and key validation. Nothing here performs I/O.
 
+pub mod causal;
 pub mod consistency;
 pub mod error;
 pub mod hlc;

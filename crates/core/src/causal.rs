@@ -1,0 +1,424 @@
+//! Causality: dots, version vectors and the frontier of a key (dotted
+//! version vectors in the manner of Riak's DVV sets, state-based).
+//!
+//! Every version carries its **dot** — the storage node that minted it and
+//! that node's sequence number — and its **context**: the version vector of
+//! what its writer had seen. A version is superseded exactly when another
+//! version's context covers its dot. A key's state on a replica is its
+//! **frontier**: the versions no other version supersedes; merging states is
+//! taking the frontier of their union, and minting is merging the state with
+//! the new version. Replication always ships whole frontiers, so a replica
+//! never claims (in its state's vector) a dot it lacks: a concurrent sibling
+//! travels with the version that could otherwise seem to cover it.
+//!
+//! Pure: no I/O, generic over the version type, covered by property tests.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::error::{ErrorCode, GeologError};
+
+/// The identity of a version: minting node and its sequence number there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Dot {
+    pub node: String,
+    pub seq: u64,
+}
+
+impl Dot {
+    pub fn new(node: impl Into<String>, seq: u64) -> Self {
+        Dot {
+            node: node.into(),
+            seq,
+        }
+    }
+}
+
+/// For every node, the highest sequence number seen from it for one key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct VersionVector(pub BTreeMap<String, u64>);
+
+impl VersionVector {
+    pub fn get(&self, node: &str) -> u64 {
+        self.0.get(node).copied().unwrap_or(0)
+    }
+
+    /// True when this vector has seen `dot`.
+    pub fn covers(&self, dot: &Dot) -> bool {
+        self.get(&dot.node) >= dot.seq
+    }
+
+    /// Adds one dot (and, as vectors do, everything before it from that node).
+    pub fn add(&mut self, dot: &Dot) {
+        let entry = self.0.entry(dot.node.clone()).or_insert(0);
+        *entry = (*entry).max(dot.seq);
+    }
+
+    /// Pointwise maximum.
+    pub fn join(&mut self, other: &VersionVector) {
+        for (node, seq) in &other.0 {
+            let entry = self.0.entry(node.clone()).or_insert(0);
+            *entry = (*entry).max(*seq);
+        }
+    }
+
+    /// True when every entry of `other` is covered here.
+    pub fn descends(&self, other: &VersionVector) -> bool {
+        other.0.iter().all(|(node, seq)| self.get(node) >= *seq)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.values().all(|s| *s == 0)
+    }
+
+    /// The opaque context token given to clients (URL-safe base64 of JSON).
+    pub fn to_token(&self) -> String {
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&self.0).expect("a map of numbers serializes"))
+    }
+
+    /// Parses a token made by [`VersionVector::to_token`].
+    pub fn from_token(token: &str) -> Result<Self, GeologError> {
+        let invalid = |why: &str| {
+            GeologError::new(
+                ErrorCode::InvalidRequest,
+                format!("invalid context token: {why}; pass back the `context` a read returned"),
+            )
+        };
+        if token.len() > 64 * 1024 {
+            return Err(invalid("too long"));
+        }
+        let bytes = URL_SAFE_NO_PAD
+            .decode(token.trim())
+            .map_err(|_| invalid("not base64url"))?;
+        let map: BTreeMap<String, u64> =
+            serde_json::from_slice(&bytes).map_err(|_| invalid("not a version vector"))?;
+        if map.keys().any(|k| k.is_empty() || k.len() > 256) {
+            return Err(invalid("bad node name"));
+        }
+        Ok(VersionVector(map))
+    }
+}
+
+/// What the causality functions need to know of a version.
+pub trait Causal {
+    fn dot(&self) -> &Dot;
+    fn context(&self) -> &VersionVector;
+}
+
+/// The frontier of a set of versions (for example the union of several
+/// replicas' states): duplicates (same dot) collapse, and every version
+/// whose dot another version's context covers is dropped. Sorted by dot.
+pub fn frontier<V: Causal + Clone>(versions: impl IntoIterator<Item = V>) -> Vec<V> {
+    let mut by_dot: BTreeMap<Dot, V> = BTreeMap::new();
+    for v in versions {
+        by_dot.entry(v.dot().clone()).or_insert(v);
+    }
+    let all: Vec<&V> = by_dot.values().collect();
+    all.iter()
+        .filter(|v| !all.iter().any(|w| w.context().covers(v.dot())))
+        .map(|v| (*v).clone())
+        .collect()
+}
+
+/// The dots of `versions` that are superseded within the set.
+pub fn superseded<'a, V: Causal>(versions: &'a [V]) -> BTreeSet<&'a Dot> {
+    versions
+        .iter()
+        .filter(|v| versions.iter().any(|w| w.context().covers(v.dot())))
+        .map(|v| v.dot())
+        .collect()
+}
+
+/// Everything a state has seen: its versions' dots and contexts. This is the
+/// context a reader gets, and what a write without a context supersedes.
+pub fn state_vector<'a, V: Causal + 'a>(
+    frontier: impl IntoIterator<Item = &'a V>,
+) -> VersionVector {
+    let mut vv = VersionVector::default();
+    for v in frontier {
+        vv.join(v.context());
+        vv.add(v.dot());
+    }
+    vv
+}
+
+/// True when two versions are concurrent: neither's context covers the other.
+pub fn concurrent<V: Causal>(a: &V, b: &V) -> bool {
+    a.dot() != b.dot() && !a.context().covers(b.dot()) && !b.context().covers(a.dot())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    /// A version for tests: also records the dots its writer truly saw
+    /// (ground truth, computed independently of vectors).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct V {
+        dot: Dot,
+        context: VersionVector,
+        saw: BTreeSet<Dot>,
+    }
+
+    impl Causal for V {
+        fn dot(&self) -> &Dot {
+            &self.dot
+        }
+        fn context(&self) -> &VersionVector {
+            &self.context
+        }
+    }
+
+    fn v(node: &str, seq: u64, ctx: &[(&str, u64)]) -> V {
+        let context = VersionVector(ctx.iter().map(|(n, s)| (n.to_string(), *s)).collect());
+        V {
+            dot: Dot::new(node, seq),
+            context,
+            saw: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn sequential_writes_replace_concurrent_ones_stay() {
+        let a1 = v("a", 1, &[]);
+        let a2 = v("a", 2, &[("a", 1)]);
+        assert_eq!(frontier([a1.clone(), a2.clone()]), vec![a2.clone()]);
+        let b1 = v("b", 1, &[("a", 1)]);
+        let both = frontier([a1, a2.clone(), b1.clone()]);
+        assert_eq!(both.len(), 2);
+        assert!(concurrent(&a2, &b1));
+        let resolved = v("a", 3, &[("a", 2), ("b", 1)]);
+        assert_eq!(
+            frontier(both.into_iter().chain([resolved.clone()])),
+            vec![resolved]
+        );
+    }
+
+    #[test]
+    fn tokens_round_trip_and_reject_garbage() {
+        let vv = VersionVector([("a1".to_string(), 12), ("b2".to_string(), 7)].into());
+        assert_eq!(VersionVector::from_token(&vv.to_token()).unwrap(), vv);
+        for bad in ["", "!!!", "e30", "WzFd", &"A".repeat(70_000)] {
+            // "e30" is base64 of "{}" — an empty vector is valid.
+            if bad == "e30" {
+                assert!(VersionVector::from_token(bad).unwrap().is_empty());
+                continue;
+            }
+            assert_eq!(
+                VersionVector::from_token(bad).unwrap_err().code,
+                ErrorCode::InvalidRequest,
+                "{bad:?}"
+            );
+        }
+    }
+
+    /// A simulated cluster: replicas hold frontiers and a history; clients
+    /// read a replica (getting its frontier and vector) and later write,
+    /// with or without that context; states travel between replicas as
+    /// messages that may be lost, duplicated or reordered.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Write at replica `r`; with `Some(k)`, using the context of read `k`.
+        Write { r: usize, read: Option<usize> },
+        /// A client reads replica `r` (remembered for later writes).
+        Read { r: usize },
+        /// Replica `from` sends its state; it is delivered `copies` times
+        /// (0 = lost), in an order chosen by the run.
+        /// `full`: the whole history (anti-entropy); else only the frontier
+        /// (what the write path and read repair ship).
+        Send {
+            from: usize,
+            to: usize,
+            copies: u8,
+            full: bool,
+        },
+    }
+
+    fn op(replicas: usize) -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..replicas, proptest::option::of(0usize..8))
+                .prop_map(|(r, read)| Op::Write { r, read }),
+            (0..replicas).prop_map(|r| Op::Read { r }),
+            (0..replicas, 0..replicas, 0u8..3, any::<bool>()).prop_map(
+                |(from, to, copies, full)| Op::Send {
+                    from,
+                    to,
+                    copies,
+                    full
+                }
+            ),
+        ]
+    }
+
+    struct Sim {
+        states: Vec<Vec<V>>,
+        history: Vec<BTreeMap<Dot, V>>,
+        reads: Vec<(VersionVector, BTreeSet<Dot>)>,
+        seq: Vec<u64>,
+        all: BTreeMap<Dot, V>,
+        in_flight: Vec<(usize, usize, Vec<V>)>,
+    }
+
+    impl Sim {
+        fn new(replicas: usize) -> Self {
+            Sim {
+                states: vec![Vec::new(); replicas],
+                history: vec![BTreeMap::new(); replicas],
+                reads: Vec::new(),
+                seq: vec![0; replicas],
+                all: BTreeMap::new(),
+                in_flight: Vec::new(),
+            }
+        }
+
+        /// Everything replica `r` has seen, by ground truth: every dot in
+        /// its history and everything those versions' writers saw.
+        fn truly_seen(&self, r: usize) -> BTreeSet<Dot> {
+            self.history[r]
+                .values()
+                .flat_map(|v| v.saw.iter().cloned().chain([v.dot.clone()]))
+                .collect()
+        }
+
+        fn merge_into(&mut self, r: usize, incoming: &[V]) {
+            for v in incoming {
+                self.history[r].insert(v.dot.clone(), v.clone());
+            }
+            let merged = frontier(self.states[r].iter().chain(incoming).cloned());
+            self.states[r] = merged;
+        }
+
+        fn apply(&mut self, op: &Op) {
+            match op {
+                Op::Read { r } => {
+                    let vv = state_vector(&self.states[*r]);
+                    self.reads.push((vv, self.truly_seen(*r)));
+                }
+                Op::Write { r, read } => {
+                    let r = *r;
+                    self.seq[r] += 1;
+                    let node = format!("n{r}");
+                    let dot = Dot::new(node, self.seq[r] * 10 + r as u64); // global, non-contiguous per key
+                    let (context, saw) = match read.and_then(|k| self.reads.get(k)) {
+                        Some((vv, saw)) => (vv.clone(), saw.clone()),
+                        None => (state_vector(&self.states[r]), self.truly_seen(r)),
+                    };
+                    let version = V {
+                        dot: dot.clone(),
+                        context,
+                        saw,
+                    };
+                    self.all.insert(dot, version.clone());
+                    self.merge_into(r, &[version]);
+                }
+                Op::Send {
+                    from,
+                    to,
+                    copies,
+                    full,
+                } => {
+                    // A full exchange ships every version of the history
+                    // (whatever superseded one is in the set too, so the
+                    // receiver's frontier stays right).
+                    let state: Vec<V> = if *full {
+                        self.history[*from].values().cloned().collect()
+                    } else {
+                        self.states[*from].clone()
+                    };
+                    for _ in 0..*copies {
+                        self.in_flight.push((*from, *to, state.clone()));
+                    }
+                }
+            }
+        }
+
+        fn deliver_one(&mut self, index: usize) {
+            let (_, to, state) = self.in_flight.remove(index);
+            self.merge_into(to, &state);
+        }
+    }
+
+    fn run(ops: &[Op], replicas: usize) -> Sim {
+        let mut sim = Sim::new(replicas);
+        for (i, op) in ops.iter().enumerate() {
+            sim.apply(op);
+            // Deliver a message chosen by the operation index: reordering.
+            if !sim.in_flight.is_empty() && i % 2 == 0 {
+                let index = i % sim.in_flight.len();
+                sim.deliver_one(index);
+            }
+        }
+        sim
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Invariant 1: merge is commutative, associative and idempotent
+        /// over states reachable by real histories.
+        #[test]
+        fn merge_is_a_semilattice(ops in proptest::collection::vec(op(3), 1..40)) {
+            let sim = run(&ops, 3);
+            let (a, b, c) = (&sim.states[0], &sim.states[1], &sim.states[2]);
+            let m = |x: &[V], y: &[V]| frontier(x.iter().chain(y).cloned());
+            prop_assert_eq!(m(a, b), m(b, a));
+            prop_assert_eq!(m(&m(a, b), c), m(a, &m(b, c)));
+            prop_assert_eq!(m(a, a), frontier(a.iter().cloned()));
+        }
+
+        /// Invariant 2: a version leaves a replica's frontier only when a
+        /// version whose writer truly saw it is merged there.
+        #[test]
+        fn versions_leave_the_frontier_only_when_truly_superseded(ops in proptest::collection::vec(op(3), 1..40)) {
+            let sim = run(&ops, 3);
+            for r in 0..3 {
+                let in_frontier: BTreeSet<&Dot> = sim.states[r].iter().map(|v| &v.dot).collect();
+                for dot in sim.history[r].keys().filter(|d| !in_frontier.contains(d)) {
+                    let justified = sim.history[r].values().any(|w| w.saw.contains(dot));
+                    prop_assert!(justified, "{:?} left replica {}'s frontier with no writer that saw it", dot, r);
+                }
+            }
+        }
+
+        /// Invariant 3: concurrent writes are never reported as ordered,
+        /// ordered writes never as concurrent.
+        #[test]
+        fn order_matches_ground_truth(ops in proptest::collection::vec(op(3), 1..40)) {
+            let sim = run(&ops, 3);
+            for x in sim.all.values() {
+                for y in sim.all.values() {
+                    if x.dot != y.dot {
+                        prop_assert_eq!(x.context.covers(&y.dot), x.saw.contains(&y.dot), "{:?} vs {:?}", x.dot, y.dot);
+                    }
+                }
+            }
+        }
+
+        /// Invariant 4: replicas that exchanged all their state agree.
+        #[test]
+        fn full_exchange_converges(ops in proptest::collection::vec(op(3), 1..40)) {
+            let mut sim = run(&ops, 3);
+            while !sim.in_flight.is_empty() {
+                sim.deliver_one(0);
+            }
+            for _ in 0..2 {
+                for from in 0..3 {
+                    for to in 0..3 {
+                        let state: Vec<V> = sim.history[from].values().cloned().collect();
+                        sim.merge_into(to, &state);
+                    }
+                }
+            }
+            let histories: Vec<BTreeSet<&Dot>> = sim.history.iter().map(|h| h.keys().collect()).collect();
+            prop_assert_eq!(&sim.states[0], &sim.states[1]);
+            prop_assert_eq!(&sim.states[1], &sim.states[2]);
+            prop_assert_eq!(&histories[0], &histories[1]);
+            prop_assert_eq!(&histories[1], &histories[2]);
+        }
+    }
+}
