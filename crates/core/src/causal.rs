@@ -16,7 +16,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::error::{ErrorCode, GeologError};
 
@@ -83,7 +83,7 @@ impl VersionVector {
     pub fn from_token(token: &str) -> Result<Self, GeologError> {
         let invalid = |why: &str| {
             GeologError::new(
-                ErrorCode::InvalidRequest,
+                ErrorCode::InvalidContext,
                 format!("invalid context token: {why}; pass back the `context` a read returned"),
             )
         };
@@ -120,15 +120,6 @@ pub fn frontier<V: Causal + Clone>(versions: impl IntoIterator<Item = V>) -> Vec
     all.iter()
         .filter(|v| !all.iter().any(|w| w.context().covers(v.dot())))
         .map(|v| (*v).clone())
-        .collect()
-}
-
-/// The dots of `versions` that are superseded within the set.
-pub fn superseded<'a, V: Causal>(versions: &'a [V]) -> BTreeSet<&'a Dot> {
-    versions
-        .iter()
-        .filter(|v| versions.iter().any(|w| w.context().covers(v.dot())))
-        .map(|v| v.dot())
         .collect()
 }
 
@@ -211,7 +202,7 @@ mod tests {
             }
             assert_eq!(
                 VersionVector::from_token(bad).unwrap_err().code,
-                ErrorCode::InvalidRequest,
+                ErrorCode::InvalidContext,
                 "{bad:?}"
             );
         }

@@ -17,6 +17,8 @@ pub enum ErrorCode {
     InvalidKey,
     /// The consistency level is unknown or not allowed for this operation.
     InvalidConsistency,
+    /// The context token is not one a read returned.
+    InvalidContext,
     /// Some other part of the request (query parameter, header) is invalid.
     InvalidRequest,
     /// The body exceeds the configured limit.
@@ -44,6 +46,7 @@ impl ErrorCode {
             ErrorCode::InvalidJson => "invalid_json",
             ErrorCode::InvalidKey => "invalid_key",
             ErrorCode::InvalidConsistency => "invalid_consistency",
+            ErrorCode::InvalidContext => "invalid_context",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::NotFound => "not_found",
@@ -63,6 +66,7 @@ impl ErrorCode {
             ErrorCode::InvalidJson
             | ErrorCode::InvalidKey
             | ErrorCode::InvalidConsistency
+            | ErrorCode::InvalidContext
             | ErrorCode::InvalidRequest => S::BAD_REQUEST,
             ErrorCode::PayloadTooLarge => S::PAYLOAD_TOO_LARGE,
             ErrorCode::NotFound | ErrorCode::RouteNotFound => S::NOT_FOUND,
@@ -80,6 +84,7 @@ impl ErrorCode {
             ErrorCode::InvalidJson
             | ErrorCode::InvalidKey
             | ErrorCode::InvalidConsistency
+            | ErrorCode::InvalidContext
             | ErrorCode::InvalidRequest => C::InvalidArgument,
             ErrorCode::PayloadTooLarge | ErrorCode::Overloaded => C::ResourceExhausted,
             ErrorCode::NotFound | ErrorCode::RouteNotFound => C::NotFound,
@@ -221,6 +226,7 @@ mod tests {
             ErrorCode::InvalidJson,
             ErrorCode::InvalidKey,
             ErrorCode::InvalidConsistency,
+            ErrorCode::InvalidContext,
             ErrorCode::InvalidRequest,
             ErrorCode::PayloadTooLarge,
         ] {

@@ -20,12 +20,13 @@
 
 use crate::replicas::{Replica, ReplicaSet};
 use geolog_config::GeologConfig;
+use geolog_core::causal::{self, Causal, Dot, VersionVector};
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
 use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError, Requirement};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -33,9 +34,146 @@ use tokio::sync::mpsc;
 /// The outcome of a successful write or read.
 #[derive(Debug)]
 pub struct Outcome {
+    /// The written version, or the deterministic pick among `siblings`.
     pub version: Option<pb::Version>,
     pub level: ConsistencyLevel,
     pub acks: geolog_core::error::QuorumDetails,
+    /// The key's current versions (merged frontier).
+    pub siblings: Vec<pb::Version>,
+    /// Context token of the state the client now knows.
+    pub context: String,
+    /// Replicas written back by read repair.
+    pub repaired: u32,
+}
+
+/// What a read asks each replica for.
+#[derive(Debug, Clone)]
+pub enum ReadKind {
+    /// The key's frontier (current versions).
+    Frontier,
+    /// A page of the key's history.
+    History {
+        limit: u32,
+        before: Option<pb::HistoryCursor>,
+        after: Option<pb::HistoryCursor>,
+    },
+}
+
+impl ReadKind {
+    async fn query(
+        &self,
+        replica: &Replica,
+        key: String,
+    ) -> Result<Vec<pb::Version>, tonic::Status> {
+        let mut client = replica.client.clone();
+        match self {
+            ReadKind::Frontier => Ok(client
+                .read(pb::ReadRequest { key })
+                .await?
+                .into_inner()
+                .versions),
+            ReadKind::History { .. } => {
+                let request = self
+                    .history_request(&key)
+                    .expect("history kind has a request");
+                Ok(client.history(request).await?.into_inner().versions)
+            }
+        }
+    }
+
+    fn history_request(&self, key: &str) -> Option<pb::HistoryRequest> {
+        match self {
+            ReadKind::Frontier => None,
+            ReadKind::History {
+                limit,
+                before,
+                after,
+            } => Some(pb::HistoryRequest {
+                key: key.to_string(),
+                limit: *limit,
+                before: before.clone(),
+                after: after.clone(),
+            }),
+        }
+    }
+}
+
+/// The answers a read collected.
+struct Gathered {
+    placement: Arc<Vec<Placement>>,
+    answers: Vec<(usize, Vec<pb::Version>)>,
+    acks: geolog_core::error::QuorumDetails,
+    deadline: tokio::time::Instant,
+}
+
+/// A wire version seen through the causality functions.
+#[derive(Clone)]
+struct Wire {
+    dot: Dot,
+    context: VersionVector,
+    version: pb::Version,
+}
+
+impl Wire {
+    fn of(version: pb::Version) -> Wire {
+        let dot = version
+            .dot
+            .as_ref()
+            .map(|d| Dot::new(d.node.clone(), d.seq))
+            .unwrap_or_else(|| Dot::new("", 0));
+        let context = VersionVector(
+            version
+                .context
+                .iter()
+                .map(|(n, s)| (n.clone(), *s))
+                .collect(),
+        );
+        Wire {
+            dot,
+            context,
+            version,
+        }
+    }
+}
+
+impl Causal for Wire {
+    fn dot(&self) -> &Dot {
+        &self.dot
+    }
+    fn context(&self) -> &VersionVector {
+        &self.context
+    }
+}
+
+/// The causal frontier of versions from several replicas.
+fn merge_frontiers(versions: impl Iterator<Item = pb::Version>) -> Vec<pb::Version> {
+    causal::frontier(versions.map(Wire::of))
+        .into_iter()
+        .map(|w| w.version)
+        .collect()
+}
+
+fn dot_set(versions: &[pb::Version]) -> BTreeSet<(String, u64)> {
+    versions
+        .iter()
+        .filter_map(|v| v.dot.as_ref().map(|d| (d.node.clone(), d.seq)))
+        .collect()
+}
+
+/// Everything a set of current versions has seen: the context token a reader gets.
+pub fn state_vector_of(frontier: &[pb::Version]) -> VersionVector {
+    let wires: Vec<Wire> = frontier.iter().cloned().map(Wire::of).collect();
+    causal::state_vector(&wires)
+}
+
+/// History order: (timestamp, node, seq).
+fn history_key(v: &pb::Version) -> (u64, String, u64) {
+    let dot = v.dot.clone().unwrap_or_default();
+    (
+        v.timestamp.as_ref().map_or(0, |t| t.packed),
+        dot.node,
+        dot.seq,
+    )
 }
 
 /// Why a replica did not acknowledge.
@@ -152,6 +290,7 @@ impl QuorumEngine {
         key: &str,
         value_json: &str,
         level: ConsistencyLevel,
+        context: Option<VersionVector>,
     ) -> Result<Outcome, GeologError> {
         geolog_core::key::validate_key(key)?;
         let requirement = self.requirement(level, Operation::Write)?;
@@ -176,6 +315,11 @@ impl QuorumEngine {
                 key: key.to_string(),
                 value_json: value_json.to_string(),
                 outbox_regions: remote_regions.clone(),
+                has_context: context.is_some(),
+                context: context
+                    .clone()
+                    .map(|c| c.0.into_iter().collect())
+                    .unwrap_or_default(),
             };
             // Spawned so that, past our deadline, the call still runs to its
             // own end and a hung replica gets marked dead by its breaker.
@@ -227,6 +371,10 @@ impl QuorumEngine {
             .into_iter()
             .map(|e| (e.region, e.id))
             .collect();
+        // What travels is the minting replica's whole frontier for the key
+        // (state-based: see geolog_core::causal), which contains `version`.
+        let frontier = minted.frontier;
+        let context = state_vector_of(&frontier).to_token();
 
         let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<(), Miss>)>();
         // Every other local replica, directly.
@@ -235,11 +383,9 @@ impl QuorumEngine {
                 continue;
             }
             let replica = self.local_replica(&placement[idx].node);
-            let (tx, version) = (tx.clone(), version.clone());
+            let (tx, frontier) = (tx.clone(), frontier.clone());
             tokio::spawn(async move {
-                let result = apply(&replica, vec![version])
-                    .await
-                    .map_err(|s| Miss::of(&s));
+                let result = apply(&replica, frontier).await.map_err(|s| Miss::of(&s));
                 let _ = tx.send((idx, result));
             });
         }
@@ -250,13 +396,13 @@ impl QuorumEngine {
                 .filter(|&i| placement[i].region == remote.name)
                 .collect();
             let remote = remote.clone();
-            let (tx, version, placement) = (tx.clone(), version.clone(), placement.clone());
+            let (tx, frontier, placement) = (tx.clone(), frontier.clone(), placement.clone());
             let outbox_id = outbox.get(&remote.name).copied();
             let (origin, mint_node) = (self.region.clone(), mint_node.clone());
             tokio::spawn(async move {
                 let request = cpb::ReplicateRequest {
                     origin_region: origin,
-                    versions: vec![version],
+                    versions: frontier,
                 };
                 let acks = replicate(&remote, request).await;
                 let mut delivered = 0;
@@ -308,11 +454,20 @@ impl QuorumEngine {
             version: Some(version),
             level,
             acks: tracker.details(),
+            siblings: Vec::new(),
+            context,
+            repaired: 0,
         })
     }
 
-    /// Reads the newest version of `key` from as many replicas as `level` needs.
-    pub async fn read(&self, key: &str, level: ConsistencyLevel) -> Result<Outcome, GeologError> {
+    /// Asks as many alive replicas as `level` needs for `kind` of `key` and
+    /// returns every answer, by replica index, once the level is met.
+    async fn gather(
+        &self,
+        key: &str,
+        level: ConsistencyLevel,
+        kind: &ReadKind,
+    ) -> Result<Gathered, GeologError> {
         geolog_core::key::validate_key(key)?;
         let requirement = self.requirement(level, Operation::Read)?;
         let (placement, alive) = self.plan(key, &requirement)?;
@@ -332,17 +487,10 @@ impl QuorumEngine {
         let (tx, mut rx) = mpsc::unbounded_channel::<Answer>();
         let send_local = |idx: usize| {
             let replica = self.local_replica(&placement[idx].node);
-            let (tx, key) = (tx.clone(), key.to_string());
+            let (tx, key, kind) = (tx.clone(), key.to_string(), kind.clone());
             tokio::spawn(async move {
-                let mut client = replica.client.clone();
-                let result = client.read(pb::ReadRequest { key }).await;
-                let _ = tx.send((
-                    idx,
-                    result
-                        .map(|r| r.into_inner().versions)
-                        .map_err(|s| Miss::of(&s)),
-                    true,
-                ));
+                let result = kind.query(&replica, key).await.map_err(|s| Miss::of(&s));
+                let _ = tx.send((idx, result, true));
             });
         };
         let mut in_flight = 0;
@@ -365,13 +513,14 @@ impl QuorumEngine {
             let candidates: Vec<usize> = (0..placement.len())
                 .filter(|&i| placement[i].region == region)
                 .collect();
-            let (tx, key, placement) = (tx.clone(), key.to_string(), placement.clone());
+            let (tx, placement) = (tx.clone(), placement.clone());
             let wanted = idxs.len();
+            let request = cpb::RegionReadRequest {
+                key: key.to_string(),
+                replicas: wanted as u32,
+                history: kind.history_request(key),
+            };
             tokio::spawn(async move {
-                let request = cpb::RegionReadRequest {
-                    key,
-                    replicas: wanted as u32,
-                };
                 let answers = region_read(&remote, request).await;
                 let mut reported = 0;
                 let mut unused = candidates;
@@ -410,13 +559,13 @@ impl QuorumEngine {
                     settled += 1;
                 }
                 // Fewer unused replicas than missing answers: settle the rest
-                // on a replica already reported as failed.
+                // without naming a replica.
                 for _ in settled..missing {
                     let _ = tx.send((usize::MAX, Err(miss), true));
                 }
             });
         }
-        let mut newest: Option<pb::Version> = None;
+        let mut answers: Vec<(usize, Vec<pb::Version>)> = Vec::new();
         let mut speculated = false;
         while !tracker.is_met() {
             if tracker.is_impossible() || in_flight == 0 {
@@ -434,19 +583,12 @@ impl QuorumEngine {
                 }
             };
             match received {
-                Ok(Some((usize::MAX, _, settles))) => {
-                    in_flight -= usize::from(settles);
-                }
+                Ok(Some((usize::MAX, _, settles))) => in_flight -= usize::from(settles),
                 Ok(Some((idx, Ok(versions), settles))) => {
                     in_flight -= usize::from(settles);
-                    if tracker.answered(idx) {
-                        continue;
-                    }
-                    tracker.record_ok(idx);
-                    for v in versions {
-                        if newest.as_ref().is_none_or(|n| order_key(&v) > order_key(n)) {
-                            newest = Some(v);
-                        }
+                    if !tracker.answered(idx) {
+                        tracker.record_ok(idx);
+                        answers.push((idx, versions));
                     }
                 }
                 Ok(Some((idx, Err(miss), settles))) => {
@@ -461,11 +603,248 @@ impl QuorumEngine {
                 Ok(None) | Err(_) => return Err(tracker.failure("read")),
             }
         }
-        Ok(Outcome {
-            version: newest,
-            level,
+        Ok(Gathered {
+            placement,
+            answers,
             acks: tracker.details(),
+            deadline,
         })
+    }
+
+    /// Reads the current value of `key`: the merged frontier of as many
+    /// replicas as `level` needs. Replicas that disagree with the merge are
+    /// written back before answering (so quorum reads never go backwards);
+    /// the key's other replicas are repaired in the background.
+    pub async fn read(&self, key: &str, level: ConsistencyLevel) -> Result<Outcome, GeologError> {
+        let gathered = self.gather(key, level, &ReadKind::Frontier).await?;
+        let merged: Vec<pb::Version> =
+            merge_frontiers(gathered.answers.iter().flat_map(|(_, v)| v.iter().cloned()));
+        let merged_dots = dot_set(&merged);
+        let stale: Vec<usize> = gathered
+            .answers
+            .iter()
+            .filter(|(_, v)| dot_set(v) != merged_dots)
+            .map(|(i, _)| *i)
+            .collect();
+        let mut repaired = 0;
+        if !stale.is_empty() && !merged.is_empty() {
+            repaired = self.repair(&gathered, &stale, &merged).await;
+            metrics::counter!("read_repairs_total").increment(repaired as u64);
+        }
+        if merged.len() > 1 {
+            metrics::counter!("version_vector_conflicts_total").increment(1);
+        }
+        let context = state_vector_of(&merged).to_token();
+        let version = merged
+            .iter()
+            .max_by(|a, b| order_key(a).cmp(&order_key(b)))
+            .cloned();
+        Ok(Outcome {
+            version,
+            level,
+            acks: gathered.acks,
+            siblings: merged,
+            context,
+            repaired: repaired as u32,
+        })
+    }
+
+    /// Writes `merged` back to the stale replicas that were read (waiting,
+    /// within the read deadline) and, in the background, to every other
+    /// replica of the key. Returns how many read replicas acknowledged.
+    async fn repair(&self, gathered: &Gathered, stale: &[usize], merged: &[pb::Version]) -> usize {
+        let placement = &gathered.placement;
+        let read: Vec<usize> = gathered.answers.iter().map(|(i, _)| *i).collect();
+        let mut waits = tokio::task::JoinSet::new();
+        let mut remote_stale: Vec<&str> = Vec::new();
+        for &idx in stale {
+            if placement[idx].region == self.region {
+                let replica = self.local_replica(&placement[idx].node);
+                let merged = merged.to_vec();
+                waits.spawn(async move { apply(&replica, merged).await.is_ok() as usize });
+            } else if !remote_stale.contains(&placement[idx].region.as_str()) {
+                remote_stale.push(placement[idx].region.as_str());
+            }
+        }
+        for region in &remote_stale {
+            // One message repairs every replica of that region.
+            if let Some(remote) = self.replicas.remote(region).cloned() {
+                let count = stale
+                    .iter()
+                    .filter(|&&i| placement[i].region == *region)
+                    .count();
+                let request = cpb::ReplicateRequest {
+                    origin_region: self.region.clone(),
+                    versions: merged.to_vec(),
+                };
+                waits.spawn(async move {
+                    match replicate(&remote, request).await {
+                        Ok(acks) if acks.iter().all(|a| a.ok) => count,
+                        _ => 0,
+                    }
+                });
+            }
+        }
+        let mut repaired = 0;
+        while let Ok(Some(done)) =
+            tokio::time::timeout_at(gathered.deadline, waits.join_next()).await
+        {
+            repaired += done.unwrap_or(0);
+        }
+        // Background: the replicas not read.
+        for idx in (0..placement.len()).filter(|i| !read.contains(i)) {
+            if placement[idx].region == self.region {
+                let replica = self.local_replica(&placement[idx].node);
+                let merged = merged.to_vec();
+                tokio::spawn(async move { apply(&replica, merged).await });
+            }
+        }
+        for remote in self.replicas.remote_regions() {
+            let untouched = !remote_stale.contains(&remote.name.as_str());
+            let unread = (0..placement.len())
+                .any(|i| placement[i].region == remote.name && !read.contains(&i));
+            if untouched && unread {
+                let remote = remote.clone();
+                let request = cpb::ReplicateRequest {
+                    origin_region: self.region.clone(),
+                    versions: merged.to_vec(),
+                };
+                tokio::spawn(async move { replicate(&remote, request).await });
+            }
+        }
+        repaired
+    }
+
+    /// A page of the key's history (superseded versions too), newest first,
+    /// from as many replicas as `level` needs.
+    pub async fn history(
+        &self,
+        key: &str,
+        level: ConsistencyLevel,
+        limit: u32,
+        before: Option<pb::HistoryCursor>,
+        after: Option<pb::HistoryCursor>,
+    ) -> Result<(Vec<pb::Version>, bool, Outcome), GeologError> {
+        let limit = limit.clamp(1, 1_000);
+        let kind = ReadKind::History {
+            limit,
+            before,
+            after,
+        };
+        let gathered = self.gather(key, level, &kind).await?;
+        let more = gathered
+            .answers
+            .iter()
+            .any(|(_, v)| v.len() >= limit as usize);
+        let mut by_dot: BTreeMap<(String, u64), pb::Version> = BTreeMap::new();
+        for v in gathered.answers.into_iter().flat_map(|(_, v)| v) {
+            let dot = v
+                .dot
+                .as_ref()
+                .map(|d| (d.node.clone(), d.seq))
+                .unwrap_or_default();
+            by_dot.entry(dot).or_insert(v);
+        }
+        let mut versions: Vec<pb::Version> = by_dot.into_values().collect();
+        versions.sort_by_key(|v| std::cmp::Reverse(history_key(v)));
+        let more = more || versions.len() > limit as usize;
+        versions.truncate(limit as usize);
+        let outcome = Outcome {
+            version: None,
+            level,
+            acks: gathered.acks,
+            siblings: Vec::new(),
+            context: String::new(),
+            repaired: 0,
+        };
+        Ok((versions, more, outcome))
+    }
+
+    /// Every replica of `key` and what it holds (its frontier), or why it
+    /// did not answer. Asks all of them, whatever their believed health.
+    pub async fn replica_view(&self, key: &str) -> Result<Vec<cpb::ReplicaView>, GeologError> {
+        geolog_core::key::validate_key(key)?;
+        let placement = self.replicas.placement(key);
+        let mut calls = tokio::task::JoinSet::new();
+        for p in placement.iter().filter(|p| p.region == self.region) {
+            let replica = self.local_replica(&p.node);
+            let key = key.to_string();
+            calls.spawn(async move {
+                let mut client = replica.probe_client();
+                let request = pb::ReadRequest { key };
+                let result =
+                    tokio::time::timeout(Duration::from_secs(2), client.read(request)).await;
+                let (answered, error, versions) = match result {
+                    Ok(Ok(r)) => (true, String::new(), r.into_inner().versions),
+                    Ok(Err(status)) => (false, status.message().to_string(), Vec::new()),
+                    Err(_) => (false, "timed out".to_string(), Vec::new()),
+                };
+                vec![cpb::ReplicaView {
+                    node: replica.node.clone(),
+                    region: replica.region.clone(),
+                    answered,
+                    error,
+                    versions,
+                }]
+            });
+        }
+        for remote in self.replicas.remote_regions() {
+            let nodes: Vec<String> = placement
+                .iter()
+                .filter(|p| p.region == remote.name)
+                .map(|p| p.node.clone())
+                .collect();
+            let (remote, key) = (remote.clone(), key.to_string());
+            calls.spawn(async move {
+                let request = cpb::RegionReadRequest {
+                    key,
+                    replicas: nodes.len() as u32,
+                    history: None,
+                };
+                let answers = region_read(&remote, request).await;
+                nodes
+                    .into_iter()
+                    .map(|node| {
+                        let found = answers
+                            .as_ref()
+                            .ok()
+                            .and_then(|a| a.iter().find(|a| a.node == node));
+                        match (found, &answers) {
+                            (Some(a), _) => cpb::ReplicaView {
+                                node,
+                                region: remote.name.clone(),
+                                answered: a.ok,
+                                error: a.error.clone(),
+                                versions: a.versions.clone(),
+                            },
+                            (None, Err(status)) => cpb::ReplicaView {
+                                node,
+                                region: remote.name.clone(),
+                                answered: false,
+                                error: format!("region unreachable: {}", status.message()),
+                                versions: Vec::new(),
+                            },
+                            (None, Ok(_)) => cpb::ReplicaView {
+                                node,
+                                region: remote.name.clone(),
+                                answered: false,
+                                error: "not asked: believed dead by its region".into(),
+                                versions: Vec::new(),
+                            },
+                        }
+                    })
+                    .collect()
+            });
+        }
+        let mut views = Vec::new();
+        while let Some(done) = calls.join_next().await {
+            views.extend(
+                done.map_err(|e| GeologError::internal(format!("replica view task failed: {e}")))?,
+            );
+        }
+        let order: Vec<&str> = placement.iter().map(|p| p.node.as_str()).collect();
+        views.sort_by_key(|v| order.iter().position(|n| *n == v.node));
+        Ok(views)
     }
 
     /// For a remote region's `Replicate`: applies `versions` to this region's
@@ -513,12 +892,14 @@ impl QuorumEngine {
         rx
     }
 
-    /// For a remote region's `RegionRead`: reads `key` from `wanted` alive
-    /// replicas of this region, replacing failed ones, streaming answers.
+    /// For a remote region's `RegionRead`: reads `kind` of `key` from
+    /// `wanted` alive replicas of this region, replacing failed ones,
+    /// streaming answers.
     pub fn read_local(
         &self,
         key: String,
         wanted: usize,
+        kind: ReadKind,
     ) -> mpsc::UnboundedReceiver<cpb::ReplicaVersions> {
         let placement = self.replicas.placement(&key);
         let mut candidates: Vec<Arc<Replica>> = placement
@@ -535,23 +916,19 @@ impl QuorumEngine {
                     .collect();
                 let mut calls = tokio::task::JoinSet::new();
                 for replica in batch {
-                    let key = key.clone();
-                    calls.spawn(async move {
-                        let mut client = replica.client.clone();
-                        (
-                            replica.node.clone(),
-                            client.read(pb::ReadRequest { key }).await,
-                        )
-                    });
+                    let (key, kind) = (key.clone(), kind.clone());
+                    calls.spawn(
+                        async move { (replica.node.clone(), kind.query(&replica, key).await) },
+                    );
                 }
                 while let Some(Ok((node, result))) = calls.join_next().await {
                     let answer = match result {
-                        Ok(response) => {
+                        Ok(versions) => {
                             answered += 1;
                             cpb::ReplicaVersions {
                                 node,
                                 ok: true,
-                                versions: response.into_inner().versions,
+                                versions,
                                 ..Default::default()
                             }
                         }

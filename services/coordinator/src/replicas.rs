@@ -38,6 +38,14 @@ pub struct Replica {
     pub state: Arc<ReplicaState>,
 }
 
+impl Replica {
+    /// A client that bypasses the breaker: for operator views and probes,
+    /// which must reach a node believed dead.
+    pub fn probe_client(&self) -> StorageClient<Channel> {
+        self.probe_client.clone()
+    }
+}
+
 /// Another region, reached through its coordinators.
 pub struct RemoteRegion {
     pub name: String,

@@ -1,8 +1,9 @@
 //! The coordinator's gRPC service: decodes requests, calls the engine,
 //! encodes outcomes and errors. Errors are logged here, where handled.
 
-use crate::engine::{Outcome, QuorumEngine, observed};
+use crate::engine::{Outcome, QuorumEngine, ReadKind, observed};
 use crate::outbox::OutboxView;
+use geolog_core::causal::VersionVector;
 use geolog_core::{ErrorCode, GeologError};
 use geolog_proto::coordinator as pb;
 use std::pin::Pin;
@@ -81,7 +82,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<Self::RegionReadStream>, Status> {
         let req = request.into_inner();
         geolog_core::key::validate_key(&req.key)?;
-        let answers = self.engine.read_local(req.key, req.replicas as usize);
+        let kind = match req.history {
+            None => ReadKind::Frontier,
+            Some(h) => ReadKind::History {
+                limit: h.limit.clamp(1, 1_000),
+                before: h.before,
+                after: h.after,
+            },
+        };
+        let answers = self.engine.read_local(req.key, req.replicas as usize, kind);
         Ok(Response::new(Box::pin(
             UnboundedReceiverStream::new(answers).map(Ok),
         )))
@@ -96,10 +105,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .engine
             .level(&req.consistency)
             .map_err(|e| fail("write", &req.key, e))?;
+        let context = if req.context.is_empty() {
+            None
+        } else {
+            Some(VersionVector::from_token(&req.context).map_err(|e| fail("write", &req.key, e))?)
+        };
         let outcome = observed(
             "write",
             level.as_str(),
-            self.engine.write(&req.key, &req.value_json, level),
+            self.engine.write(&req.key, &req.value_json, level, context),
         )
         .await
         .map_err(|e| fail("write", &req.key, e))?;
@@ -107,6 +121,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             acks: Some(acks(&outcome)),
             consistency: outcome.level.to_string(),
             version: outcome.version,
+            context: outcome.context,
         }))
     }
 
@@ -126,7 +141,48 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             acks: Some(acks(&outcome)),
             consistency: outcome.level.to_string(),
             version: outcome.version,
+            siblings: outcome.siblings,
+            context: outcome.context,
+            repaired: outcome.repaired,
         }))
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let req = request.into_inner();
+        let level = self
+            .engine
+            .level(&req.consistency)
+            .map_err(|e| fail("history", &req.key, e))?;
+        let (versions, more, outcome) = observed(
+            "history",
+            level.as_str(),
+            self.engine
+                .history(&req.key, level, req.limit, req.before, req.after),
+        )
+        .await
+        .map_err(|e| fail("history", &req.key, e))?;
+        Ok(Response::new(pb::HistoryResponse {
+            versions,
+            consistency: level.to_string(),
+            acks: Some(acks(&outcome)),
+            more,
+        }))
+    }
+
+    async fn replicas(
+        &self,
+        request: Request<pb::ReplicasRequest>,
+    ) -> Result<Response<pb::ReplicasResponse>, Status> {
+        let req = request.into_inner();
+        let replicas = self
+            .engine
+            .replica_view(&req.key)
+            .await
+            .map_err(|e| fail("replicas", &req.key, e))?;
+        Ok(Response::new(pb::ReplicasResponse { replicas }))
     }
 
     async fn health(

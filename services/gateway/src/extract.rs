@@ -46,6 +46,9 @@ pub struct WriteBody {
     pub key: String,
     /// Any JSON value, kept verbatim.
     pub value: Box<RawValue>,
+    /// Context token from a read: the write supersedes what it saw.
+    #[serde(default)]
+    pub context: Option<String>,
 }
 
 /// Parses and validates a write body.
@@ -67,26 +70,91 @@ pub fn parse_write(bytes: &[u8]) -> Result<WriteBody, ApiError> {
 pub struct LogQuery {
     /// `None` means the coordinator's default level.
     pub consistency: Option<ConsistencyLevel>,
+    /// History page size.
+    pub limit: Option<u32>,
+    /// History cursors (tokens from an earlier page).
+    pub before: Option<HistoryCursor>,
+    pub after: Option<HistoryCursor>,
 }
 
-/// Parses a raw query string; unknown parameters are rejected, so a typo
-/// such as `consistancy=ALL` cannot silently fall back to the default level.
-pub fn parse_query(raw: Option<&str>) -> Result<LogQuery, ApiError> {
+/// Parameters of the plain log routes.
+pub const LOG_PARAMS: &[&str] = &["consistency"];
+/// Parameters of the history route.
+pub const HISTORY_PARAMS: &[&str] = &["consistency", "limit", "before", "after"];
+
+/// Largest history page.
+pub const MAX_HISTORY_LIMIT: u32 = 1_000;
+
+/// Parses a raw query string; parameters outside `accepted` are rejected,
+/// so a typo such as `consistancy=ALL` cannot silently fall back to the
+/// default level.
+pub fn parse_query(raw: Option<&str>, accepted: &[&str]) -> Result<LogQuery, ApiError> {
     let mut query = LogQuery::default();
     let Some(raw) = raw else { return Ok(query) };
     let pairs: Vec<(String, String)> = serde_urlencoded_pairs(raw)?;
     for (name, value) in pairs {
+        if !accepted.contains(&name.as_str()) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "unknown query parameter {name:?}; accepted: {}",
+                    accepted.join(", ")
+                ),
+            ));
+        }
         match name.as_str() {
             "consistency" => query.consistency = Some(value.parse()?),
-            other => {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidRequest,
-                    format!("unknown query parameter {other:?}; accepted: consistency"),
-                ));
+            "limit" => {
+                let limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|l| (1..=MAX_HISTORY_LIMIT).contains(l));
+                query.limit = Some(limit.ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::InvalidRequest,
+                        format!("limit must be 1 to {MAX_HISTORY_LIMIT}"),
+                    )
+                })?);
             }
+            "before" => query.before = Some(HistoryCursor::from_token(&value)?),
+            "after" => query.after = Some(HistoryCursor::from_token(&value)?),
+            _ => unreachable!("accepted names are handled above"),
         }
     }
     Ok(query)
+}
+
+/// A position in a key's history, as an opaque token in URLs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct HistoryCursor {
+    pub hlc: u64,
+    pub node: String,
+    pub seq: u64,
+}
+
+impl HistoryCursor {
+    pub fn to_token(&self) -> String {
+        use base64::Engine;
+        let json =
+            serde_json::to_vec(&(self.hlc, &self.node, self.seq)).expect("a tuple serializes");
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+    }
+
+    pub fn from_token(token: &str) -> Result<Self, ApiError> {
+        use base64::Engine;
+        let bad = || {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                "invalid history cursor; pass back a `next` token",
+            )
+        };
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.trim())
+            .map_err(|_| bad())?;
+        let (hlc, node, seq): (u64, String, u64) =
+            serde_json::from_slice(&bytes).map_err(|_| bad())?;
+        Ok(HistoryCursor { hlc, node, seq })
+    }
 }
 
 /// `a=b&c=d` with percent-decoding and `+` as space.
@@ -132,29 +200,46 @@ mod tests {
 
     #[test]
     fn query_rules() {
+        let q = |raw: &str| parse_query(Some(raw), LOG_PARAMS);
         assert_eq!(
-            parse_query(Some("consistency=all")).unwrap().consistency,
+            q("consistency=all").unwrap().consistency,
             Some(ConsistencyLevel::All)
         );
         assert_eq!(
-            parse_query(Some("consistency=LOCAL%5FONE"))
-                .unwrap()
-                .consistency,
+            q("consistency=LOCAL%5FONE").unwrap().consistency,
             Some(ConsistencyLevel::LocalOne)
         );
-        assert!(parse_query(None).unwrap().consistency.is_none());
+        assert!(parse_query(None, LOG_PARAMS).unwrap().consistency.is_none());
         assert_eq!(
-            parse_query(Some("consistency=MOST")).unwrap_err().0.code,
+            q("consistency=MOST").unwrap_err().0.code,
             ErrorCode::InvalidConsistency
         );
         assert_eq!(
-            parse_query(Some("consistancy=ALL")).unwrap_err().0.code,
+            q("consistancy=ALL").unwrap_err().0.code,
             ErrorCode::InvalidRequest
         );
         assert_eq!(
-            parse_query(Some("consistency=%zz")).unwrap_err().0.code,
+            q("consistency=%zz").unwrap_err().0.code,
             ErrorCode::InvalidRequest
         );
+        assert_eq!(
+            q("limit=5").unwrap_err().0.code,
+            ErrorCode::InvalidRequest,
+            "limit is history-only"
+        );
+        let h = |raw: &str| parse_query(Some(raw), HISTORY_PARAMS);
+        assert_eq!(h("limit=5").unwrap().limit, Some(5));
+        assert!(h("limit=0").is_err() && h("limit=1001").is_err() && h("limit=x").is_err());
+        let cursor = HistoryCursor {
+            hlc: 7,
+            node: "a1".into(),
+            seq: 3,
+        };
+        assert_eq!(
+            h(&format!("before={}", cursor.to_token())).unwrap().before,
+            Some(cursor)
+        );
+        assert!(h("before=garbage").is_err());
     }
 
     #[test]

@@ -32,6 +32,8 @@ struct VersionView {
     node: String,
     /// That node's sequence number for it.
     seq: u64,
+    /// The version's version vector: what its writer had seen plus itself.
+    vector: std::collections::BTreeMap<String, u64>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -65,6 +67,10 @@ fn version_view(v: &spb::Version) -> VersionView {
             })
             .unwrap_or_default();
     let dot = v.dot.clone().unwrap_or_default();
+    let mut vector: std::collections::BTreeMap<String, u64> =
+        v.context.iter().map(|(n, s)| (n.clone(), *s)).collect();
+    let own = vector.entry(dot.node.clone()).or_insert(0);
+    *own = (*own).max(dot.seq);
     VersionView {
         timestamp: Timestamp {
             hlc: hlc.packed(),
@@ -74,6 +80,7 @@ fn version_view(v: &spb::Version) -> VersionView {
         },
         node: dot.node,
         seq: dot.seq,
+        vector,
     }
 }
 
@@ -108,29 +115,94 @@ fn missing_version() -> ApiError {
     )
 }
 
+/// Header that may carry the context token instead of the body field.
+pub const CONTEXT_HEADER: &str = "x-geolog-context";
+
+fn key_from_path(key: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(key) =
+        key.map_err(|e| ApiError::new(ErrorCode::InvalidKey, format!("invalid key in path: {e}")))?;
+    geolog_core::key::validate_key(&key)?;
+    Ok(key)
+}
+
+fn raw_value(version: &spb::Version) -> Result<Box<RawValue>, ApiError> {
+    RawValue::from_string(version.value_json.clone()).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("stored value is not JSON: {e}"),
+        )
+    })
+}
+
+/// A version with its value, as in `siblings`, history and replica views.
+#[derive(Serialize)]
+struct ValueView {
+    value: Box<RawValue>,
+    version: VersionView,
+}
+
+fn value_views(versions: &[spb::Version]) -> Result<Vec<ValueView>, ApiError> {
+    versions
+        .iter()
+        .map(|v| {
+            Ok(ValueView {
+                value: raw_value(v)?,
+                version: version_view(v),
+            })
+        })
+        .collect()
+}
+
 #[derive(Serialize)]
 struct WriteAnswer<'a> {
     key: &'a str,
     version: VersionView,
+    /// Context token of the key's state after this write.
+    context: String,
     consistency: String,
     acks: AcksView,
 }
 
-/// `POST /api/logs?consistency=LEVEL` with `{"key": ..., "value": ...}`.
+/// `POST /api/logs?consistency=LEVEL` with `{"key": ..., "value": ..., "context"?: ...}`.
 pub async fn write(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let query = extract::parse_query(raw.as_deref())?;
+    let query = extract::parse_query(raw.as_deref(), extract::LOG_PARAMS)?;
     let bytes = extract::read_body(&headers, body, state.max_body_bytes).await?;
     let body = extract::parse_write(&bytes)?;
+    let header_context = match headers.get(CONTEXT_HEADER) {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| {
+                    ApiError::new(ErrorCode::InvalidContext, "X-Geolog-Context is not ASCII")
+                })?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let context = match (body.context.clone(), header_context) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidContext,
+                "context in body and X-Geolog-Context header differ",
+            ));
+        }
+        (a, b) => a.or(b).unwrap_or_default(),
+    };
+    if !context.is_empty() {
+        // Fail here with a clear 400 rather than after a round trip.
+        geolog_core::causal::VersionVector::from_token(&context)?;
+    }
     let mut client = state.coordinator.clone();
     let mut request = tonic::Request::new(cpb::WriteRequest {
         key: body.key.clone(),
         value_json: body.value.get().to_string(),
         consistency: level_name(&query),
+        context,
     });
     request.set_timeout(state.request_timeout);
     let answer = client.write(request).await?.into_inner();
@@ -138,6 +210,7 @@ pub async fn write(
     let view = WriteAnswer {
         key: &body.key,
         version: version_view(version),
+        context: answer.context,
         consistency: answer.consistency,
         acks: acks_view(answer.acks),
     };
@@ -147,8 +220,15 @@ pub async fn write(
 #[derive(Serialize)]
 struct ReadAnswer<'a> {
     key: &'a str,
-    value: &'a RawValue,
+    /// The deterministic pick among the siblings: highest timestamp, ties by dot.
+    value: Box<RawValue>,
     version: VersionView,
+    /// Every current (concurrent) version.
+    siblings: Vec<ValueView>,
+    /// True when there is more than one sibling.
+    conflict: bool,
+    /// Pass it back with the next write to supersede what this read saw.
+    context: String,
     consistency: String,
     acks: AcksView,
 }
@@ -159,10 +239,8 @@ pub async fn read(
     key: Result<Path<String>, PathRejection>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let Path(key) =
-        key.map_err(|e| ApiError::new(ErrorCode::InvalidKey, format!("invalid key in path: {e}")))?;
-    geolog_core::key::validate_key(&key)?;
-    let query = extract::parse_query(raw.as_deref())?;
+    let key = key_from_path(key)?;
+    let query = extract::parse_query(raw.as_deref(), extract::LOG_PARAMS)?;
     let mut client = state.coordinator.clone();
     let mut request = tonic::Request::new(cpb::ReadRequest {
         key: key.clone(),
@@ -179,20 +257,119 @@ pub async fn read(
             ),
         ));
     };
-    let value = RawValue::from_string(version.value_json.clone()).map_err(|e| {
-        ApiError::new(
-            ErrorCode::Internal,
-            format!("stored value is not JSON: {e}"),
-        )
-    })?;
     let view = ReadAnswer {
         key: &key,
-        value: &value,
+        value: raw_value(version)?,
         version: version_view(version),
+        siblings: value_views(&answer.siblings)?,
+        conflict: answer.siblings.len() > 1,
+        context: answer.context,
         consistency: answer.consistency,
         acks: acks_view(answer.acks),
     };
     Ok(Json(view).into_response())
+}
+
+#[derive(Serialize)]
+struct HistoryAnswer<'a> {
+    key: &'a str,
+    /// Every version, superseded ones too, newest first.
+    versions: Vec<ValueView>,
+    /// Cursor for the next (older) page: pass it as `before`; null at the end.
+    next: Option<String>,
+    consistency: String,
+    acks: AcksView,
+}
+
+/// Default history page size.
+const DEFAULT_HISTORY_LIMIT: u32 = 100;
+
+/// `GET /api/logs/{key}/history?limit=&before=&after=&consistency=`.
+pub async fn history(
+    State(state): State<AppState>,
+    key: Result<Path<String>, PathRejection>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let key = key_from_path(key)?;
+    let query = extract::parse_query(raw.as_deref(), extract::HISTORY_PARAMS)?;
+    let cursor = |c: Option<extract::HistoryCursor>| {
+        c.map(|c| spb::HistoryCursor {
+            hlc: c.hlc,
+            node: c.node,
+            seq: c.seq,
+        })
+    };
+    let mut client = state.coordinator.clone();
+    let mut request = tonic::Request::new(cpb::HistoryRequest {
+        key: key.clone(),
+        consistency: level_name(&query),
+        limit: query.limit.unwrap_or(DEFAULT_HISTORY_LIMIT),
+        before: cursor(query.before.clone()),
+        after: cursor(query.after.clone()),
+    });
+    request.set_timeout(state.request_timeout);
+    let answer = client.history(request).await?.into_inner();
+    let next = answer
+        .more
+        .then(|| answer.versions.last())
+        .flatten()
+        .map(|v| {
+            let dot = v.dot.clone().unwrap_or_default();
+            extract::HistoryCursor {
+                hlc: v.timestamp.as_ref().map_or(0, |t| t.packed),
+                node: dot.node,
+                seq: dot.seq,
+            }
+            .to_token()
+        });
+    let view = HistoryAnswer {
+        key: &key,
+        versions: value_views(&answer.versions)?,
+        next,
+        consistency: answer.consistency,
+        acks: acks_view(answer.acks),
+    };
+    Ok(Json(view).into_response())
+}
+
+#[derive(Serialize)]
+struct ReplicaHolding {
+    node: String,
+    region: String,
+    answered: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    error: String,
+    /// The key's current versions on this replica.
+    versions: Vec<ValueView>,
+}
+
+/// `GET /api/logs/{key}/replicas`: the key's replicas per region (from the
+/// ring), whether each answered, and what each holds.
+pub async fn replicas(
+    State(state): State<AppState>,
+    key: Result<Path<String>, PathRejection>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let key = key_from_path(key)?;
+    extract::parse_query(raw.as_deref(), &[])?;
+    let mut client = state.coordinator.clone();
+    let mut request = tonic::Request::new(cpb::ReplicasRequest { key: key.clone() });
+    request.set_timeout(state.request_timeout);
+    let answer = client.replicas(request).await?.into_inner();
+    let replicas = answer
+        .replicas
+        .into_iter()
+        .map(|r| {
+            Ok(ReplicaHolding {
+                versions: value_views(&r.versions)?,
+                node: r.node,
+                region: r.region,
+                answered: r.answered,
+                error: r.error,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Json(serde_json::json!({ "key": key, "replicas": replicas })).into_response())
 }
 
 #[derive(Serialize)]

@@ -118,7 +118,7 @@ async fn record_metrics(request: Request, next: Next) -> Response {
         .unwrap_or_else(|| "unmatched".to_string());
     let method = request.method().to_string();
     // Only valid level names become label values: bounded cardinality.
-    let level = extract::parse_query(request.uri().query())
+    let level = extract::parse_query(request.uri().query(), extract::HISTORY_PARAMS)
         .ok()
         .and_then(|q| q.consistency)
         .map_or("default", |l| l.as_str());
@@ -145,6 +145,8 @@ pub fn router(state: AppState, concurrency_limit: usize, request_timeout: Durati
         .route("/api/logs", post(handlers::write))
         .route("/api/logs/health", get(handlers::health))
         .route("/api/logs/{key}", get(handlers::read))
+        .route("/api/logs/{key}/history", get(handlers::history))
+        .route("/api/logs/{key}/replicas", get(handlers::replicas))
         .route("/metrics", get(handlers::metrics))
         .fallback(handlers::route_not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)

@@ -1,7 +1,8 @@
 //! The storage node's gRPC service: translates between protobuf messages and
 //! [`VersionStore`] calls. No SQL and no replication logic here.
 
-use crate::store::{StoredVersion, VersionStore};
+use crate::store::{HistoryCursor, StoredVersion, VersionStore};
+use geolog_core::causal::{Dot, VersionVector};
 use geolog_core::{ErrorCode, GeologError, Hlc};
 use geolog_proto::storage as pb;
 use std::sync::Arc;
@@ -29,13 +30,15 @@ pub fn to_proto(v: StoredVersion) -> pb::Version {
             packed: v.hlc.packed(),
         }),
         dot: Some(pb::Dot {
-            node: v.node,
-            seq: v.seq,
+            node: v.dot.node,
+            seq: v.dot.seq,
         }),
+        context: v.context.0.into_iter().collect(),
     }
 }
 
-fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
+/// Converts and checks a version received from the network.
+pub fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
     let (Some(ts), Some(dot)) = (v.timestamp, v.dot) else {
         return Err(GeologError::new(
             ErrorCode::InvalidRequest,
@@ -43,22 +46,31 @@ fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
         ));
     };
     geolog_core::key::validate_key(&v.key)?;
+    let fits = |n: u64| n > 0 && n <= i64::MAX as u64;
     if dot.node.is_empty()
-        || dot.seq == 0
-        || dot.seq > i64::MAX as u64
-        || ts.packed > i64::MAX as u64
+        || !fits(dot.seq)
+        || !fits(ts.packed)
+        || v.context.values().any(|s| *s > i64::MAX as u64)
     {
         return Err(GeologError::new(
             ErrorCode::InvalidRequest,
-            "version with an invalid dot or timestamp",
+            "version with an invalid dot, timestamp or context",
         ));
     }
     Ok(StoredVersion {
         key: v.key,
         value_json: v.value_json,
         hlc: Hlc::from_packed(ts.packed),
-        node: dot.node,
-        seq: dot.seq,
+        dot: Dot::new(dot.node, dot.seq),
+        context: VersionVector(v.context.into_iter().collect()),
+    })
+}
+
+fn cursor(c: Option<pb::HistoryCursor>) -> Option<HistoryCursor> {
+    c.map(|c| HistoryCursor {
+        hlc: c.hlc,
+        node: c.node,
+        seq: c.seq,
     })
 }
 
@@ -88,22 +100,27 @@ impl pb::storage_server::Storage for StorageService {
         let started = Instant::now();
         let req = request.into_inner();
         geolog_core::key::validate_key(&req.key)?;
+        let context = req
+            .has_context
+            .then(|| VersionVector(req.context.into_iter().collect()));
         let result = self
             .store
-            .mint_with_outbox(&req.key, &req.value_json, &req.outbox_regions)
+            .mint_full(&req.key, &req.value_json, context, &req.outbox_regions)
             .await;
         observe("mint", started, result.is_ok());
-        let (version, outbox) = result.map_err(|e| fail("mint", e))?;
+        let minted = result.map_err(|e| fail("mint", e))?;
         Ok(Response::new(pb::MintResponse {
-            version: Some(to_proto(version)),
-            outbox: outbox
+            version: Some(to_proto(minted.version)),
+            outbox: minted
+                .outbox
                 .into_iter()
                 .map(|(id, region)| pb::OutboxEntry {
                     id,
                     region,
-                    version: None,
+                    ..Default::default()
                 })
                 .collect(),
+            frontier: minted.frontier.into_iter().map(to_proto).collect(),
         }))
     }
 
@@ -118,7 +135,7 @@ impl pb::storage_server::Storage for StorageService {
             .into_iter()
             .map(from_proto)
             .collect::<Result<Vec<_>, _>>()?;
-        let result = self.store.apply(&versions).await;
+        let result = self.store.merge(&versions).await;
         observe("apply", started, result.is_ok());
         let inserted = result.map_err(|e| fail("apply", e))?;
         Ok(Response::new(pb::ApplyResponse {
@@ -133,11 +150,31 @@ impl pb::storage_server::Storage for StorageService {
         let started = Instant::now();
         let req = request.into_inner();
         geolog_core::key::validate_key(&req.key)?;
-        let result = self.store.latest(&req.key).await;
+        let result = self.store.frontier(&req.key).await;
         observe("read", started, result.is_ok());
-        let latest = result.map_err(|e| fail("read", e))?;
+        let frontier = result.map_err(|e| fail("read", e))?;
         Ok(Response::new(pb::ReadResponse {
-            versions: latest.into_iter().map(to_proto).collect(),
+            versions: frontier.into_iter().map(to_proto).collect(),
+        }))
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        geolog_core::key::validate_key(&req.key)?;
+        let (before, after) = (cursor(req.before), cursor(req.after));
+        let limit = req.limit.clamp(1, 1_000);
+        let result = self
+            .store
+            .history(&req.key, limit, before.as_ref(), after.as_ref())
+            .await;
+        observe("history", started, result.is_ok());
+        let versions = result.map_err(|e| fail("history", e))?;
+        Ok(Response::new(pb::HistoryResponse {
+            versions: versions.into_iter().map(to_proto).collect(),
         }))
     }
 
@@ -155,10 +192,11 @@ impl pb::storage_server::Storage for StorageService {
         Ok(Response::new(pb::OutboxPendingResponse {
             entries: entries
                 .into_iter()
-                .map(|(id, v)| pb::OutboxEntry {
+                .map(|(id, v, frontier)| pb::OutboxEntry {
                     id,
                     region: req.region.clone(),
                     version: Some(to_proto(v)),
+                    frontier: frontier.into_iter().map(to_proto).collect(),
                 })
                 .collect(),
         }))

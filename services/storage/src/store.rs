@@ -1,11 +1,16 @@
 //! `VersionStore`: this node's PostgreSQL database. It owns the SQL (bound
 //! parameters only, statements prepared and cached per connection by sqlx),
-//! the node's dot sequence and its hybrid logical clock. It never decides
-//! anything about quorums: it stores and returns versions.
+//! the node's dot sequence and its hybrid logical clock. Every change to a
+//! key's state — minting, merging states from other replicas — runs in one
+//! transaction under a per-key advisory lock, so the stored frontier is
+//! always the causal frontier of everything stored for the key. It never
+//! decides anything about quorums.
 
+use geolog_core::causal::{self, Causal, Dot, VersionVector};
 use geolog_core::{ErrorCode, GeologError, Hlc, HlcClock};
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// A stored version (the storage node's view of `proto::storage::Version`).
@@ -14,8 +19,36 @@ pub struct StoredVersion {
     pub key: String,
     pub value_json: String,
     pub hlc: Hlc,
+    pub dot: Dot,
+    /// What the writer had seen; the version supersedes what this covers.
+    pub context: VersionVector,
+}
+
+impl Causal for StoredVersion {
+    fn dot(&self) -> &Dot {
+        &self.dot
+    }
+    fn context(&self) -> &VersionVector {
+        &self.context
+    }
+}
+
+/// A position in a key's history, which orders by (hlc, node, seq).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryCursor {
+    pub hlc: u64,
     pub node: String,
     pub seq: u64,
+}
+
+/// A freshly minted version with what the write path needs next.
+#[derive(Debug)]
+pub struct Minted {
+    pub version: StoredVersion,
+    /// The key's frontier after the mint (includes `version`).
+    pub frontier: Vec<StoredVersion>,
+    /// Outbox entries stored with it: (id, remote region).
+    pub outbox: Vec<(u64, String)>,
 }
 
 /// Failures of the store, named for what callers do about them.
@@ -145,65 +178,147 @@ impl VersionStore {
         &self.node
     }
 
-    /// Mints a new version of `key` on this node and stores it.
+    /// Mints a new version of `key` without a client context.
     pub async fn mint(&self, key: &str, value_json: &str) -> Result<StoredVersion, StoreError> {
-        Ok(self.mint_with_outbox(key, value_json, &[]).await?.0)
+        Ok(self.mint_full(key, value_json, None, &[]).await?.version)
     }
 
-    /// Mints a new version and, in the same statement (so atomically), one
-    /// outbox entry per region in `outbox_regions`. Returns the version and
-    /// the outbox entries as `(id, region)`.
-    pub async fn mint_with_outbox(
+    /// Mints a new version of `key` and stores, in the same transaction, one
+    /// outbox entry per region in `outbox_regions`. With a `context` the
+    /// version supersedes exactly the versions it covers; without, it
+    /// supersedes everything this node has seen of the key.
+    pub async fn mint_full(
         &self,
         key: &str,
         value_json: &str,
+        context: Option<VersionVector>,
         outbox_regions: &[String],
-    ) -> Result<(StoredVersion, Vec<(u64, String)>), StoreError> {
-        let hlc = self.clock.now();
-        let rows: Vec<(i64, Option<i64>, Option<String>)> = sqlx::query_as(
-            "WITH v AS ( \
-                 INSERT INTO versions (key, node, seq, hlc, value) \
-                 VALUES ($1, $2, nextval('dot_seq'), $3, $4::json) RETURNING key, node, seq), \
-             o AS ( \
-                 INSERT INTO outbox (region, key, node, seq) \
-                 SELECT r, v.key, v.node, v.seq FROM v CROSS JOIN UNNEST($5::text[]) AS r \
-                 RETURNING id, region) \
-             SELECT v.seq, o.id, o.region FROM v LEFT JOIN o ON true",
-        )
-        .bind(key)
-        .bind(&self.node)
-        .bind(hlc.packed() as i64)
-        .bind(value_json)
-        .bind(outbox_regions)
-        .fetch_all(&self.pool)
-        .await?;
-        let seq = rows
-            .first()
-            .map(|r| r.0)
-            .ok_or_else(|| StoreError::Internal("insert returned no row".into()))?;
-        let outbox = rows
-            .into_iter()
-            .filter_map(|(_, id, region)| Some((id? as u64, region?)))
-            .collect();
+    ) -> Result<Minted, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        lock_key(&mut tx, key).await?;
+        let current = frontier_of(&mut tx, key).await?;
+        let context = context.unwrap_or_else(|| causal::state_vector(&current));
+        let seq: i64 = sqlx::query_scalar("SELECT nextval('dot_seq')")
+            .fetch_one(&mut *tx)
+            .await?;
         let version = StoredVersion {
             key: key.to_string(),
             value_json: value_json.to_string(),
-            hlc,
-            node: self.node.clone(),
-            seq: seq as u64,
+            hlc: self.clock.now(),
+            dot: Dot::new(self.node.clone(), seq as u64),
+            context,
         };
-        Ok((version, outbox))
+        let frontier = causal::frontier(current.iter().cloned().chain([version.clone()]));
+        let superseded: Vec<&StoredVersion> = current
+            .iter()
+            .filter(|v| !frontier.iter().any(|f| f.dot == v.dot))
+            .collect();
+        insert_versions(&mut tx, std::slice::from_ref(&version), &BTreeSet::new()).await?;
+        mark_superseded(&mut tx, key, &superseded).await?;
+        let outbox: Vec<(i64, String)> = sqlx::query_as(
+            "INSERT INTO outbox (region, key, node, seq) SELECT r, $1, $2, $3 FROM UNNEST($4::text[]) AS r \
+             RETURNING id, region",
+        )
+        .bind(key)
+        .bind(&self.node)
+        .bind(seq)
+        .bind(outbox_regions)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Minted {
+            version,
+            frontier,
+            outbox: outbox.into_iter().map(|(id, r)| (id as u64, r)).collect(),
+        })
     }
 
-    /// The oldest `limit` outbox entries for `region`, with their versions.
+    /// Merges key states from other replicas (frontiers, possibly with extra
+    /// history versions; several keys may be mixed), one transaction per
+    /// key. Returns how many versions were new here.
+    pub async fn merge(&self, versions: &[StoredVersion]) -> Result<u64, StoreError> {
+        let mut by_key: BTreeMap<&str, Vec<&StoredVersion>> = BTreeMap::new();
+        for v in versions {
+            self.clock.observe(v.hlc);
+            by_key.entry(v.key.as_str()).or_default().push(v);
+        }
+        let mut inserted = 0;
+        for (key, incoming) in by_key {
+            let mut tx = self.pool.begin().await?;
+            lock_key(&mut tx, key).await?;
+            let current = frontier_of(&mut tx, key).await?;
+            let merged = causal::frontier(
+                current
+                    .iter()
+                    .cloned()
+                    .chain(incoming.iter().map(|v| (*v).clone())),
+            );
+            let in_frontier: BTreeSet<&Dot> = merged.iter().map(|v| &v.dot).collect();
+            let superseded: Vec<&StoredVersion> = current
+                .iter()
+                .filter(|v| !in_frontier.contains(&v.dot))
+                .collect();
+            let incoming: Vec<StoredVersion> = incoming.into_iter().cloned().collect();
+            let stale: BTreeSet<Dot> = incoming
+                .iter()
+                .filter(|v| !in_frontier.contains(&v.dot))
+                .map(|v| v.dot.clone())
+                .collect();
+            inserted += insert_versions(&mut tx, &incoming, &stale).await?;
+            mark_superseded(&mut tx, key, &superseded).await?;
+            tx.commit().await?;
+        }
+        Ok(inserted)
+    }
+
+    /// The key's frontier: every current (concurrent) version.
+    pub async fn frontier(&self, key: &str) -> Result<Vec<StoredVersion>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        frontier_of(&mut conn, key).await
+    }
+
+    /// Every version of `key`, newest first, at most `limit`, strictly
+    /// between the cursors when given.
+    pub async fn history(
+        &self,
+        key: &str,
+        limit: u32,
+        before: Option<&HistoryCursor>,
+        after: Option<&HistoryCursor>,
+    ) -> Result<Vec<StoredVersion>, StoreError> {
+        let bound =
+            |c: Option<&HistoryCursor>| c.map(|c| (c.hlc as i64, c.node.clone(), c.seq as i64));
+        let (before, after) = (bound(before), bound(after));
+        let rows = sqlx::query(
+            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context FROM versions \
+             WHERE key = $1 \
+               AND ($2::bigint IS NULL OR (hlc, node, seq) < ($2, $3::text, $4::bigint)) \
+               AND ($5::bigint IS NULL OR (hlc, node, seq) > ($5, $6::text, $7::bigint)) \
+             ORDER BY hlc DESC, node DESC, seq DESC LIMIT $8",
+        )
+        .bind(key)
+        .bind(before.as_ref().map(|b| b.0))
+        .bind(before.as_ref().map(|b| b.1.clone()))
+        .bind(before.as_ref().map(|b| b.2))
+        .bind(after.as_ref().map(|a| a.0))
+        .bind(after.as_ref().map(|a| a.1.clone()))
+        .bind(after.as_ref().map(|a| a.2))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(version_from_row).collect()
+    }
+
+    /// The oldest `limit` outbox entries for `region` older than `min_age`,
+    /// each with its version and its key's current frontier here.
     pub async fn outbox_pending(
         &self,
         region: &str,
         limit: u32,
         min_age: Duration,
-    ) -> Result<Vec<(u64, StoredVersion)>, StoreError> {
+    ) -> Result<Vec<(u64, StoredVersion, Vec<StoredVersion>)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT o.id, v.key, v.node, v.seq, v.hlc, v.value::text AS value \
+            "SELECT o.id, v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context \
              FROM outbox o JOIN versions v ON (v.key, v.node, v.seq) = (o.key, o.node, o.seq) \
              WHERE o.region = $1 AND o.created_at <= now() - make_interval(secs => $3) \
              ORDER BY o.id LIMIT $2",
@@ -213,10 +328,35 @@ impl VersionStore {
         .bind(min_age.as_secs_f64())
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|row| Ok((row.try_get::<i64, _>("id")? as u64, version_from_row(&row)?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        let entries: Vec<(u64, StoredVersion)> = rows
+            .iter()
+            .map(|row| Ok((row.try_get::<i64, _>("id")? as u64, version_from_row(row)?)))
+            .collect::<Result<_, StoreError>>()?;
+        let keys: Vec<&str> = entries
+            .iter()
+            .map(|(_, v)| v.key.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let rows = sqlx::query(
+            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context FROM versions \
+             WHERE key = ANY($1) AND NOT superseded",
+        )
+        .bind(&keys)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut frontiers: BTreeMap<String, Vec<StoredVersion>> = BTreeMap::new();
+        for row in &rows {
+            let v = version_from_row(row)?;
+            frontiers.entry(v.key.clone()).or_default().push(v);
+        }
+        Ok(entries
+            .into_iter()
+            .map(|(id, v)| {
+                let frontier = frontiers.get(&v.key).cloned().unwrap_or_default();
+                (id, v, frontier)
+            })
+            .collect())
     }
 
     /// Deletes delivered outbox entries; returns how many existed.
@@ -244,52 +384,7 @@ impl VersionStore {
             .collect())
     }
 
-    /// Stores versions minted elsewhere; already-present ones are skipped.
-    /// Returns how many were new.
-    pub async fn apply(&self, versions: &[StoredVersion]) -> Result<u64, StoreError> {
-        if versions.is_empty() {
-            return Ok(0);
-        }
-        for v in versions {
-            self.clock.observe(v.hlc);
-        }
-        let keys: Vec<&str> = versions.iter().map(|v| v.key.as_str()).collect();
-        let nodes: Vec<&str> = versions.iter().map(|v| v.node.as_str()).collect();
-        let seqs: Vec<i64> = versions.iter().map(|v| v.seq as i64).collect();
-        let hlcs: Vec<i64> = versions.iter().map(|v| v.hlc.packed() as i64).collect();
-        let values: Vec<&str> = versions.iter().map(|v| v.value_json.as_str()).collect();
-        let result = sqlx::query(
-            "INSERT INTO versions (key, node, seq, hlc, value) \
-             SELECT k, n, s, h, v::json \
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS t(k, n, s, h, v) \
-             ON CONFLICT (key, node, seq) DO NOTHING",
-        )
-        .bind(keys)
-        .bind(nodes)
-        .bind(seqs)
-        .bind(hlcs)
-        .bind(values)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected())
-    }
-
-    /// The newest version of `key` (highest HLC, ties by node id), if any.
-    pub async fn latest(&self, key: &str) -> Result<Option<StoredVersion>, StoreError> {
-        let row = sqlx::query(
-            "SELECT key, node, seq, hlc, value::text AS value FROM versions \
-             WHERE key = $1 ORDER BY hlc DESC, node DESC LIMIT 1",
-        )
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref()
-            .map(version_from_row)
-            .transpose()
-            .map_err(Into::into)
-    }
-
-    /// How many versions of `key` this node holds.
+    /// How many versions of `key` this node holds (history included).
     pub async fn count_versions(&self, key: &str) -> Result<i64, StoreError> {
         Ok(
             sqlx::query_scalar("SELECT count(*) FROM versions WHERE key = $1")
@@ -312,12 +407,105 @@ impl VersionStore {
     }
 }
 
-fn version_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredVersion, sqlx::Error> {
+type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
+
+/// Serializes every change to one key's state on this node.
+async fn lock_key(tx: &mut Tx, key: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(key)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn frontier_of(
+    conn: &mut sqlx::PgConnection,
+    key: &str,
+) -> Result<Vec<StoredVersion>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT key, node, seq, hlc, value::text AS value, context::text AS context FROM versions \
+         WHERE key = $1 AND NOT superseded ORDER BY node, seq",
+    )
+    .bind(key)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(version_from_row).collect()
+}
+
+/// Inserts versions not stored yet; those in `stale` are stored as
+/// superseded (history only). Returns how many were new.
+async fn insert_versions(
+    tx: &mut Tx,
+    versions: &[StoredVersion],
+    stale: &BTreeSet<Dot>,
+) -> Result<u64, StoreError> {
+    if versions.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<&str> = versions.iter().map(|v| v.key.as_str()).collect();
+    let nodes: Vec<&str> = versions.iter().map(|v| v.dot.node.as_str()).collect();
+    let seqs: Vec<i64> = versions.iter().map(|v| v.dot.seq as i64).collect();
+    let hlcs: Vec<i64> = versions.iter().map(|v| v.hlc.packed() as i64).collect();
+    let values: Vec<&str> = versions.iter().map(|v| v.value_json.as_str()).collect();
+    let contexts: Vec<String> = versions
+        .iter()
+        .map(|v| serde_json::to_string(&v.context).expect("a version vector serializes"))
+        .collect();
+    let superseded: Vec<bool> = versions.iter().map(|v| stale.contains(&v.dot)).collect();
+    let result = sqlx::query(
+        "INSERT INTO versions (key, node, seq, hlc, value, context, superseded) \
+         SELECT k, n, s, h, v::json, c::jsonb, x \
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bool[]) \
+              AS t(k, n, s, h, v, c, x) \
+         ON CONFLICT (key, node, seq) DO NOTHING",
+    )
+    .bind(keys)
+    .bind(nodes)
+    .bind(seqs)
+    .bind(hlcs)
+    .bind(values)
+    .bind(contexts)
+    .bind(superseded)
+    .execute(&mut **tx)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+async fn mark_superseded(
+    tx: &mut Tx,
+    key: &str,
+    versions: &[&StoredVersion],
+) -> Result<(), StoreError> {
+    if versions.is_empty() {
+        return Ok(());
+    }
+    let nodes: Vec<&str> = versions.iter().map(|v| v.dot.node.as_str()).collect();
+    let seqs: Vec<i64> = versions.iter().map(|v| v.dot.seq as i64).collect();
+    sqlx::query(
+        "UPDATE versions SET superseded = true \
+         WHERE key = $1 AND (node, seq) IN (SELECT * FROM UNNEST($2::text[], $3::bigint[]))",
+    )
+    .bind(key)
+    .bind(nodes)
+    .bind(seqs)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn version_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredVersion, StoreError> {
+    let context: String = row.try_get("context")?;
+    let context: VersionVector = serde_json::from_str(&context).map_err(|e| {
+        StoreError::Internal(format!("stored context is not a version vector: {e}"))
+    })?;
     Ok(StoredVersion {
         key: row.try_get("key")?,
         value_json: row.try_get("value")?,
         hlc: Hlc::from_packed(row.try_get::<i64, _>("hlc")? as u64),
-        node: row.try_get("node")?,
-        seq: row.try_get::<i64, _>("seq")? as u64,
+        dot: Dot::new(
+            row.try_get::<String, _>("node")?,
+            row.try_get::<i64, _>("seq")? as u64,
+        ),
+        context,
     })
 }

@@ -1,7 +1,8 @@
 //! `VersionStore` against a real PostgreSQL started by the test harness.
 
 use geolog_core::Hlc;
-use geolog_storage::store::{PoolSettings, StoreError, StoredVersion, VersionStore};
+use geolog_core::causal::{Dot, VersionVector};
+use geolog_storage::store::{HistoryCursor, PoolSettings, StoreError, StoredVersion, VersionStore};
 use geolog_testkit::TestPostgres;
 use std::time::Duration;
 
@@ -18,62 +19,124 @@ async fn open(pg: &TestPostgres, node: &str) -> VersionStore {
         .expect("open store")
 }
 
-fn version(key: &str, node: &str, seq: u64, hlc: Hlc, value: &str) -> StoredVersion {
+fn vv(entries: &[(&str, u64)]) -> VersionVector {
+    VersionVector(entries.iter().map(|(n, s)| (n.to_string(), *s)).collect())
+}
+
+fn version(
+    key: &str,
+    node: &str,
+    seq: u64,
+    hlc: Hlc,
+    value: &str,
+    ctx: &[(&str, u64)],
+) -> StoredVersion {
     StoredVersion {
         key: key.into(),
         value_json: value.into(),
         hlc,
-        node: node.into(),
-        seq,
+        dot: Dot::new(node, seq),
+        context: vv(ctx),
     }
 }
 
 #[tokio::test]
-async fn mint_keeps_every_version_and_orders_them() {
+async fn sequential_mints_replace_and_every_version_is_kept() {
     let pg = TestPostgres::start().await.expect("start postgres");
     let store = open(&pg, "n1").await;
     let first = store.mint("k", r#"{"a": 1}"#).await.unwrap();
     let second = store.mint("k", "[1, 2,  3]").await.unwrap();
-    assert!(second.seq > first.seq && second.hlc > first.hlc);
+    assert!(second.dot.seq > first.dot.seq && second.hlc > first.hlc);
+    assert!(
+        second.context.covers(&first.dot),
+        "a write without context supersedes what the node saw"
+    );
+    assert_eq!(store.frontier("k").await.unwrap(), vec![second.clone()]);
     assert_eq!(
         store.count_versions("k").await.unwrap(),
         2,
         "every version is kept"
     );
-    let latest = store.latest("k").await.unwrap().unwrap();
-    assert_eq!(latest, second);
     // The JSON comes back byte for byte, whitespace included.
-    assert_eq!(latest.value_json, "[1, 2,  3]");
-    assert!(store.latest("absent").await.unwrap().is_none());
+    assert_eq!(
+        store.frontier("k").await.unwrap()[0].value_json,
+        "[1, 2,  3]"
+    );
+    assert!(store.frontier("absent").await.unwrap().is_empty());
 }
 
 #[tokio::test]
-async fn apply_is_idempotent_and_latest_breaks_ties_by_node() {
+async fn concurrent_states_become_siblings_and_a_context_resolves_them() {
     let pg = TestPostgres::start().await.expect("start postgres");
     let store = open(&pg, "n1").await;
     let t = Hlc::new(1_000, 0);
-    let batch = vec![version("k", "a", 1, t, "1"), version("k", "b", 1, t, "2")];
-    assert_eq!(store.apply(&batch).await.unwrap(), 2);
+    // Two versions minted elsewhere, neither seeing the other.
+    let a = version("k", "a", 1, t, "\"from a\"", &[]);
+    let b = version("k", "b", 1, t, "\"from b\"", &[]);
+    assert_eq!(store.merge(&[a.clone()]).await.unwrap(), 1);
+    assert_eq!(store.merge(&[b.clone()]).await.unwrap(), 1);
     assert_eq!(
-        store.apply(&batch).await.unwrap(),
+        store.merge(&[a.clone(), b.clone()]).await.unwrap(),
         0,
-        "re-applying stores nothing new"
+        "merging again stores nothing"
     );
-    assert_eq!(store.count_versions("k").await.unwrap(), 2);
-    assert_eq!(store.latest("k").await.unwrap().unwrap().node, "b");
-    // A version minted after observing a future timestamp sorts after it.
-    store
-        .apply(&[version(
-            "k",
-            "c",
-            1,
-            Hlc::new(u64::from(u32::MAX) * 1000, 5),
-            "3",
-        )])
+    let frontier = store.frontier("k").await.unwrap();
+    assert_eq!(frontier.len(), 2, "concurrent versions are siblings");
+
+    // A write carrying a context that saw only `a` supersedes `a`, not `b`.
+    let minted = store
+        .mint_full("k", "\"saw a\"", Some(vv(&[("a", 1)])), &[])
         .await
         .unwrap();
-    let minted = store.mint("k", "4").await.unwrap();
-    assert_eq!(store.latest("k").await.unwrap().unwrap(), minted);
+    let dots: Vec<&Dot> = minted.frontier.iter().map(|v| &v.dot).collect();
+    assert!(
+        dots.contains(&&b.dot) && dots.contains(&&minted.version.dot) && !dots.contains(&&a.dot)
+    );
+    // A context that saw everything resolves the conflict.
+    let all = geolog_core::causal::state_vector(&minted.frontier);
+    let resolved = store
+        .mint_full("k", "\"resolved\"", Some(all), &[])
+        .await
+        .unwrap();
+    assert_eq!(resolved.frontier, vec![resolved.version.clone()]);
+    assert_eq!(store.frontier("k").await.unwrap(), vec![resolved.version]);
+    assert_eq!(store.count_versions("k").await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn a_superseded_version_arriving_late_goes_to_history_only() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let store = open(&pg, "n1").await;
+    let old = version("k", "a", 1, Hlc::new(1_000, 0), "1", &[]);
+    let new = version("k", "a", 2, Hlc::new(2_000, 0), "2", &[("a", 1)]);
+    store.merge(&[new.clone()]).await.unwrap();
+    assert_eq!(
+        store.merge(&[old.clone()]).await.unwrap(),
+        1,
+        "stored for history"
+    );
+    assert_eq!(store.frontier("k").await.unwrap(), vec![new.clone()]);
+    let history = store.history("k", 10, None, None).await.unwrap();
+    assert_eq!(history, vec![new.clone(), old.clone()], "newest first");
+    let cursor = HistoryCursor {
+        hlc: new.hlc.packed(),
+        node: "a".into(),
+        seq: 2,
+    };
+    assert_eq!(
+        store.history("k", 10, Some(&cursor), None).await.unwrap(),
+        vec![old.clone()]
+    );
+    let cursor = HistoryCursor {
+        hlc: old.hlc.packed(),
+        node: "a".into(),
+        seq: 1,
+    };
+    assert_eq!(
+        store.history("k", 10, None, Some(&cursor)).await.unwrap(),
+        vec![new]
+    );
+    assert_eq!(store.history("k", 1, None, None).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -84,8 +147,22 @@ async fn reopening_never_reuses_a_dot_or_goes_back_in_time() {
     store.close().await;
     let store = open(&pg, "n1").await;
     let after = store.mint("k", "2").await.unwrap();
-    assert!(after.seq > before.seq);
+    assert!(after.dot.seq > before.dot.seq);
     assert!(after.hlc > before.hlc);
+    // A version from the future moves the clock past it.
+    store
+        .merge(&[version(
+            "k",
+            "z",
+            1,
+            Hlc::new(u64::from(u32::MAX) * 1000, 5),
+            "3",
+            &[],
+        )])
+        .await
+        .unwrap();
+    let minted = store.mint("k", "4").await.unwrap();
+    assert!(minted.hlc > Hlc::new(u64::from(u32::MAX) * 1000, 5));
 }
 
 #[tokio::test]
