@@ -73,8 +73,8 @@ async fn concurrent_states_become_siblings_and_a_context_resolves_them() {
     // Two versions minted elsewhere, neither seeing the other.
     let a = version("k", "a", 1, t, "\"from a\"", &[]);
     let b = version("k", "b", 1, t, "\"from b\"", &[]);
-    assert_eq!(store.merge(&[a.clone()]).await.unwrap(), 1);
-    assert_eq!(store.merge(&[b.clone()]).await.unwrap(), 1);
+    assert_eq!(store.merge(std::slice::from_ref(&a)).await.unwrap(), 1);
+    assert_eq!(store.merge(std::slice::from_ref(&b)).await.unwrap(), 1);
     assert_eq!(
         store.merge(&[a.clone(), b.clone()]).await.unwrap(),
         0,
@@ -109,9 +109,9 @@ async fn a_superseded_version_arriving_late_goes_to_history_only() {
     let store = open(&pg, "n1").await;
     let old = version("k", "a", 1, Hlc::new(1_000, 0), "1", &[]);
     let new = version("k", "a", 2, Hlc::new(2_000, 0), "2", &[("a", 1)]);
-    store.merge(&[new.clone()]).await.unwrap();
+    store.merge(std::slice::from_ref(&new)).await.unwrap();
     assert_eq!(
-        store.merge(&[old.clone()]).await.unwrap(),
+        store.merge(std::slice::from_ref(&old)).await.unwrap(),
         1,
         "stored for history"
     );
