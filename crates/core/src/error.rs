@@ -25,6 +25,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// The key has no versions at the requested level.
     NotFound,
+    /// The idempotency key was used before with a different request.
+    IdempotencyConflict,
     /// No such route.
     RouteNotFound,
     /// The route exists but not for this HTTP method.
@@ -50,6 +52,7 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::IdempotencyConflict => "idempotency_conflict",
             ErrorCode::RouteNotFound => "route_not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Unavailable => "unavailable",
@@ -70,6 +73,7 @@ impl ErrorCode {
             | ErrorCode::InvalidRequest => S::BAD_REQUEST,
             ErrorCode::PayloadTooLarge => S::PAYLOAD_TOO_LARGE,
             ErrorCode::NotFound | ErrorCode::RouteNotFound => S::NOT_FOUND,
+            ErrorCode::IdempotencyConflict => S::CONFLICT,
             ErrorCode::MethodNotAllowed => S::METHOD_NOT_ALLOWED,
             ErrorCode::Unavailable | ErrorCode::Overloaded => S::SERVICE_UNAVAILABLE,
             ErrorCode::Timeout => S::GATEWAY_TIMEOUT,
@@ -88,6 +92,7 @@ impl ErrorCode {
             | ErrorCode::InvalidRequest => C::InvalidArgument,
             ErrorCode::PayloadTooLarge | ErrorCode::Overloaded => C::ResourceExhausted,
             ErrorCode::NotFound | ErrorCode::RouteNotFound => C::NotFound,
+            ErrorCode::IdempotencyConflict => C::AlreadyExists,
             ErrorCode::MethodNotAllowed => C::Unimplemented,
             ErrorCode::Unavailable => C::Unavailable,
             ErrorCode::Timeout => C::DeadlineExceeded,

@@ -355,6 +355,8 @@ impl RunningCluster {
             .arg(&self.config_path)
             .arg("--id")
             .arg(id);
+        // Errors (not panics) print one line instead of a backtrace.
+        command.env("RUST_LIB_BACKTRACE", "0");
         command.envs(self.spec.env.iter().map(|(k, v)| (k, v)));
         let log = self.spec.data_dir.join("logs").join(format!("{id}.log"));
         ManagedProcess::spawn(&format!("{role} {id}"), command, &log)

@@ -52,11 +52,16 @@ impl ManagedProcess {
         &self.log
     }
 
-    /// The last lines of the log, for error messages.
+    /// The last lines of the log, for error messages — starting at the
+    /// last `Error:` line when there is one (the cause, not a backtrace).
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        let start = all
+            .iter()
+            .rposition(|l| l.starts_with("Error:"))
+            .unwrap_or(all.len().saturating_sub(lines));
+        all[start..(start + lines).min(all.len())].join("\n")
     }
 
     /// `Some(status)` if the process has exited.

@@ -44,6 +44,8 @@ pub struct Outcome {
     pub context: String,
     /// Replicas written back by read repair.
     pub repaired: u32,
+    /// True when a write was a retry answered with the first write's version.
+    pub replayed: bool,
 }
 
 /// What a read asks each replica for.
@@ -57,6 +59,8 @@ pub enum ReadKind {
         before: Option<pb::HistoryCursor>,
         after: Option<pb::HistoryCursor>,
     },
+    /// The version created with an idempotency key.
+    Idempotent { idempotency_key: String },
 }
 
 impl ReadKind {
@@ -78,12 +82,19 @@ impl ReadKind {
                     .expect("history kind has a request");
                 Ok(client.history(request).await?.into_inner().versions)
             }
+            ReadKind::Idempotent { idempotency_key } => {
+                let request = pb::FindIdempotentRequest {
+                    key,
+                    idempotency_key: idempotency_key.clone(),
+                };
+                Ok(client.find_idempotent(request).await?.into_inner().versions)
+            }
         }
     }
 
     fn history_request(&self, key: &str) -> Option<pb::HistoryRequest> {
         match self {
-            ReadKind::Frontier => None,
+            ReadKind::Frontier | ReadKind::Idempotent { .. } => None,
             ReadKind::History {
                 limit,
                 before,
@@ -96,6 +107,28 @@ impl ReadKind {
             }),
         }
     }
+}
+
+impl ReadKind {
+    fn idempotency_key(&self) -> String {
+        match self {
+            ReadKind::Idempotent { idempotency_key } => idempotency_key.clone(),
+            _ => String::new(),
+        }
+    }
+}
+
+/// The hash that tells a retry (same request) from a reuse (another one).
+pub fn body_hash(key: &str, value_json: &str, context: Option<&VersionVector>) -> String {
+    let mut bytes = Vec::with_capacity(key.len() + value_json.len() + 2);
+    bytes.extend_from_slice(key.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(value_json.as_bytes());
+    bytes.push(0);
+    if let Some(context) = context {
+        bytes.extend_from_slice(context.to_token().as_bytes());
+    }
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
 }
 
 /// The answers a read collected.
@@ -209,6 +242,9 @@ pub struct QuorumEngine {
     read_timeout: Duration,
     speculative_read: Duration,
     replicas: Arc<ReplicaSet>,
+    /// Fast path for retries: (key, idempotency key) → (body hash, version).
+    /// Only a cache — the durable record travels with the version.
+    recent_idempotency: moka::sync::Cache<(String, String), (String, pb::Version)>,
 }
 
 impl QuorumEngine {
@@ -225,6 +261,10 @@ impl QuorumEngine {
             read_timeout: config.coordinator.read_timeout(),
             speculative_read: config.coordinator.speculative_read(),
             replicas,
+            recent_idempotency: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
         }
     }
 
@@ -291,9 +331,18 @@ impl QuorumEngine {
         value_json: &str,
         level: ConsistencyLevel,
         context: Option<VersionVector>,
+        idempotency_key: Option<String>,
     ) -> Result<Outcome, GeologError> {
         geolog_core::key::validate_key(key)?;
         let requirement = self.requirement(level, Operation::Write)?;
+        let hash = idempotency_key
+            .as_ref()
+            .map(|_| body_hash(key, value_json, context.as_ref()));
+        if let (Some(id), Some(hash)) = (&idempotency_key, &hash)
+            && let Some(earlier) = self.find_idempotent(key, id).await
+        {
+            return self.replay(key, id, hash, earlier, level);
+        }
         let (placement, alive) = self.plan(key, &requirement)?;
         let deadline = tokio::time::Instant::now() + self.write_timeout;
         let mut tracker = Self::tracker(requirement, &placement);
@@ -320,6 +369,8 @@ impl QuorumEngine {
                     .clone()
                     .map(|c| c.0.into_iter().collect())
                     .unwrap_or_default(),
+                idempotency_key: idempotency_key.clone().unwrap_or_default(),
+                body_hash: hash.clone().unwrap_or_default(),
             };
             // Spawned so that, past our deadline, the call still runs to its
             // own end and a hung replica gets marked dead by its breaker.
@@ -366,6 +417,17 @@ impl QuorumEngine {
         let version = minted
             .version
             .ok_or_else(|| GeologError::internal("storage node minted no version"))?;
+        if let (true, Some(id), Some(hash)) = (minted.replayed, &idempotency_key, &hash) {
+            // The minting node already held a write with this key (the
+            // lookup above could not reach it): nothing new was created.
+            return self.replay(key, id, hash, version, level);
+        }
+        if let (Some(id), Some(hash)) = (&idempotency_key, &hash) {
+            self.recent_idempotency.insert(
+                (key.to_string(), id.clone()),
+                (hash.clone(), version.clone()),
+            );
+        }
         let outbox: HashMap<String, u64> = minted
             .outbox
             .into_iter()
@@ -457,6 +519,97 @@ impl QuorumEngine {
             siblings: Vec::new(),
             context,
             repaired: 0,
+            replayed: false,
+        })
+    }
+
+    /// Looks for the version created with idempotency key `id`: in the cache,
+    /// then on every alive local replica and, through their coordinators, on
+    /// every reachable replica of the other regions, within the read
+    /// timeout. Unreachable replicas are skipped: during a partition a retry
+    /// may not see a first write made on the other side.
+    async fn find_idempotent(&self, key: &str, id: &str) -> Option<pb::Version> {
+        if let Some((_, version)) = self
+            .recent_idempotency
+            .get(&(key.to_string(), id.to_string()))
+        {
+            return Some(version);
+        }
+        let placement = self.replicas.placement(key);
+        let kind = ReadKind::Idempotent {
+            idempotency_key: id.to_string(),
+        };
+        let mut lookups = tokio::task::JoinSet::new();
+        for p in placement
+            .iter()
+            .filter(|p| p.region == self.region && self.replicas.is_alive(p))
+        {
+            let (replica, kind, key) = (self.local_replica(&p.node), kind.clone(), key.to_string());
+            lookups.spawn(async move { kind.query(&replica, key).await.unwrap_or_default() });
+        }
+        for remote in self
+            .replicas
+            .remote_regions()
+            .iter()
+            .filter(|r| r.link.is_alive())
+        {
+            let count = placement.iter().filter(|p| p.region == remote.name).count() as u32;
+            let request = cpb::RegionReadRequest {
+                key: key.to_string(),
+                replicas: count,
+                history: None,
+                idempotency_key: id.to_string(),
+            };
+            let remote = remote.clone();
+            lookups.spawn(async move {
+                region_read(&remote, request)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .flat_map(|a| a.versions)
+                    .collect()
+            });
+        }
+        let deadline = tokio::time::Instant::now() + self.read_timeout;
+        while let Ok(Some(found)) = tokio::time::timeout_at(deadline, lookups.join_next()).await {
+            if let Some(version) = found.ok().and_then(|v| v.into_iter().next()) {
+                return Some(version);
+            }
+        }
+        None
+    }
+
+    /// The answer to a retry: the earlier version if the request is the
+    /// same, `409 idempotency_conflict` if the key was used for another.
+    fn replay(
+        &self,
+        key: &str,
+        id: &str,
+        hash: &str,
+        earlier: pb::Version,
+        level: ConsistencyLevel,
+    ) -> Result<Outcome, GeologError> {
+        if earlier.body_hash != hash {
+            return Err(GeologError::new(
+                ErrorCode::IdempotencyConflict,
+                format!(
+                    "idempotency key {id:?} was already used for a different request on key {key:?}"
+                ),
+            ));
+        }
+        metrics::counter!("idempotent_replays_total").increment(1);
+        self.recent_idempotency.insert(
+            (key.to_string(), id.to_string()),
+            (hash.to_string(), earlier.clone()),
+        );
+        Ok(Outcome {
+            context: state_vector_of(std::slice::from_ref(&earlier)).to_token(),
+            version: Some(earlier),
+            level,
+            acks: Default::default(),
+            siblings: Vec::new(),
+            repaired: 0,
+            replayed: true,
         })
     }
 
@@ -519,6 +672,7 @@ impl QuorumEngine {
                 key: key.to_string(),
                 replicas: wanted as u32,
                 history: kind.history_request(key),
+                idempotency_key: kind.idempotency_key(),
             };
             tokio::spawn(async move {
                 let answers = region_read(&remote, request).await;
@@ -646,6 +800,7 @@ impl QuorumEngine {
             siblings: merged,
             context,
             repaired: repaired as u32,
+            replayed: false,
         })
     }
 
@@ -756,6 +911,7 @@ impl QuorumEngine {
             siblings: Vec::new(),
             context: String::new(),
             repaired: 0,
+            replayed: false,
         };
         Ok((versions, more, outcome))
     }
@@ -800,6 +956,7 @@ impl QuorumEngine {
                     key,
                     replicas: nodes.len() as u32,
                     history: None,
+                    idempotency_key: String::new(),
                 };
                 let answers = region_read(&remote, request).await;
                 nodes

@@ -83,6 +83,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let req = request.into_inner();
         geolog_core::key::validate_key(&req.key)?;
         let kind = match req.history {
+            None if !req.idempotency_key.is_empty() => ReadKind::Idempotent {
+                idempotency_key: req.idempotency_key,
+            },
             None => ReadKind::Frontier,
             Some(h) => ReadKind::History {
                 limit: h.limit.clamp(1, 1_000),
@@ -113,7 +116,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let outcome = observed(
             "write",
             level.as_str(),
-            self.engine.write(&req.key, &req.value_json, level, context),
+            self.engine.write(
+                &req.key,
+                &req.value_json,
+                level,
+                context,
+                (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone()),
+            ),
         )
         .await
         .map_err(|e| fail("write", &req.key, e))?;
@@ -122,6 +131,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             consistency: outcome.level.to_string(),
             version: outcome.version,
             context: outcome.context,
+            replayed: outcome.replayed,
         }))
     }
 

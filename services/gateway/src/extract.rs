@@ -49,6 +49,28 @@ pub struct WriteBody {
     /// Context token from a read: the write supersedes what it saw.
     #[serde(default)]
     pub context: Option<String>,
+    /// Idempotency key (same as the `Idempotency-Key` header).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+
+/// Checks an idempotency key: 1 to 255 visible ASCII characters.
+pub fn validate_idempotency_key(id: &str) -> Result<(), ApiError> {
+    if id.is_empty()
+        || id.len() > MAX_IDEMPOTENCY_KEY_BYTES
+        || !id.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} visible ASCII characters"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Parses and validates a write body.

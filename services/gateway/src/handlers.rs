@@ -159,6 +159,10 @@ struct WriteAnswer<'a> {
     version: VersionView,
     /// Context token of the key's state after this write.
     context: String,
+    /// True when this answers a retry with the same idempotency key: the
+    /// version is the first write's and nothing new was created (`acks`
+    /// then describe nothing).
+    replayed: bool,
     consistency: String,
     acks: AcksView,
 }
@@ -197,12 +201,36 @@ pub async fn write(
         // Fail here with a clear 400 rather than after a round trip.
         geolog_core::causal::VersionVector::from_token(&context)?;
     }
+    let header_id = match headers.get("idempotency-key") {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| {
+                    ApiError::new(ErrorCode::InvalidRequest, "Idempotency-Key is not ASCII")
+                })?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let idempotency_key = match (body.id.clone(), header_id) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "\"id\" and the Idempotency-Key header differ",
+            ));
+        }
+        (a, b) => a.or(b),
+    };
+    if let Some(id) = &idempotency_key {
+        extract::validate_idempotency_key(id)?;
+    }
     let mut client = state.coordinator.clone();
     let mut request = tonic::Request::new(cpb::WriteRequest {
         key: body.key.clone(),
         value_json: body.value.get().to_string(),
         consistency: level_name(&query),
         context,
+        idempotency_key: idempotency_key.unwrap_or_default(),
     });
     request.set_timeout(state.request_timeout);
     let answer = client.write(request).await?.into_inner();
@@ -211,6 +239,7 @@ pub async fn write(
         key: &body.key,
         version: version_view(version),
         context: answer.context,
+        replayed: answer.replayed,
         consistency: answer.consistency,
         acks: acks_view(answer.acks),
     };

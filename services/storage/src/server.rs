@@ -1,7 +1,7 @@
 //! The storage node's gRPC service: translates between protobuf messages and
 //! [`VersionStore`] calls. No SQL and no replication logic here.
 
-use crate::store::{HistoryCursor, StoredVersion, VersionStore};
+use crate::store::{HistoryCursor, Idempotency, StoredVersion, VersionStore};
 use geolog_core::causal::{Dot, VersionVector};
 use geolog_core::{ErrorCode, GeologError, Hlc};
 use geolog_proto::storage as pb;
@@ -34,7 +34,17 @@ pub fn to_proto(v: StoredVersion) -> pb::Version {
             seq: v.dot.seq,
         }),
         context: v.context.0.into_iter().collect(),
+        idempotency_key: v
+            .idempotency
+            .as_ref()
+            .map(|i| i.key.clone())
+            .unwrap_or_default(),
+        body_hash: v.idempotency.map(|i| i.body_hash).unwrap_or_default(),
     }
+}
+
+fn idempotency(key: String, body_hash: String) -> Option<Idempotency> {
+    (!key.is_empty()).then_some(Idempotency { key, body_hash })
 }
 
 /// Converts and checks a version received from the network.
@@ -63,6 +73,7 @@ pub fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
         hlc: Hlc::from_packed(ts.packed),
         dot: Dot::new(dot.node, dot.seq),
         context: VersionVector(v.context.into_iter().collect()),
+        idempotency: idempotency(v.idempotency_key, v.body_hash),
     })
 }
 
@@ -105,7 +116,13 @@ impl pb::storage_server::Storage for StorageService {
             .then(|| VersionVector(req.context.into_iter().collect()));
         let result = self
             .store
-            .mint_full(&req.key, &req.value_json, context, &req.outbox_regions)
+            .mint_full(
+                &req.key,
+                &req.value_json,
+                context,
+                &req.outbox_regions,
+                idempotency(req.idempotency_key, req.body_hash),
+            )
             .await;
         observe("mint", started, result.is_ok());
         let minted = result.map_err(|e| fail("mint", e))?;
@@ -121,6 +138,7 @@ impl pb::storage_server::Storage for StorageService {
                 })
                 .collect(),
             frontier: minted.frontier.into_iter().map(to_proto).collect(),
+            replayed: minted.replayed,
         }))
     }
 
@@ -175,6 +193,22 @@ impl pb::storage_server::Storage for StorageService {
         let versions = result.map_err(|e| fail("history", e))?;
         Ok(Response::new(pb::HistoryResponse {
             versions: versions.into_iter().map(to_proto).collect(),
+        }))
+    }
+
+    async fn find_idempotent(
+        &self,
+        request: Request<pb::FindIdempotentRequest>,
+    ) -> Result<Response<pb::FindIdempotentResponse>, Status> {
+        let req = request.into_inner();
+        geolog_core::key::validate_key(&req.key)?;
+        let found = self
+            .store
+            .find_idempotent(&req.key, &req.idempotency_key)
+            .await
+            .map_err(|e| fail("find_idempotent", e))?;
+        Ok(Response::new(pb::FindIdempotentResponse {
+            versions: found.into_iter().map(to_proto).collect(),
         }))
     }
 

@@ -22,6 +22,15 @@ pub struct StoredVersion {
     pub dot: Dot,
     /// What the writer had seen; the version supersedes what this covers.
     pub context: VersionVector,
+    /// The client's idempotency key and request hash, if the write had one.
+    pub idempotency: Option<Idempotency>,
+}
+
+/// The durable record of an idempotent write, kept on its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    pub key: String,
+    pub body_hash: String,
 }
 
 impl Causal for StoredVersion {
@@ -49,6 +58,9 @@ pub struct Minted {
     pub frontier: Vec<StoredVersion>,
     /// Outbox entries stored with it: (id, remote region).
     pub outbox: Vec<(u64, String)>,
+    /// True when `version` is an earlier write with the same idempotency
+    /// key: nothing was minted.
+    pub replayed: bool,
 }
 
 /// Failures of the store, named for what callers do about them.
@@ -60,6 +72,9 @@ pub enum StoreError {
     /// The input was rejected by PostgreSQL (e.g. invalid JSON).
     #[error("rejected by database: {0}")]
     Rejected(String),
+    /// The idempotency key was used with a different request.
+    #[error("idempotency key {0:?} was already used with a different request")]
+    IdempotencyConflict(String),
     /// Anything else: a bug or a corrupted database.
     #[error("database error: {0}")]
     Internal(String),
@@ -97,6 +112,7 @@ impl From<StoreError> for GeologError {
         let code = match err {
             StoreError::Unavailable(_) => ErrorCode::Unavailable,
             StoreError::Rejected(_) => ErrorCode::InvalidJson,
+            StoreError::IdempotencyConflict(_) => ErrorCode::IdempotencyConflict,
             StoreError::Internal(_) => ErrorCode::Internal,
         };
         GeologError::new(code, err.to_string())
@@ -180,7 +196,27 @@ impl VersionStore {
 
     /// Mints a new version of `key` without a client context.
     pub async fn mint(&self, key: &str, value_json: &str) -> Result<StoredVersion, StoreError> {
-        Ok(self.mint_full(key, value_json, None, &[]).await?.version)
+        Ok(self
+            .mint_full(key, value_json, None, &[], None)
+            .await?
+            .version)
+    }
+
+    /// The version of `key` created with idempotency key `idempotency_key`, if held here.
+    pub async fn find_idempotent(
+        &self,
+        key: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<StoredVersion>, StoreError> {
+        let row = sqlx::query(
+            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash \
+             FROM versions WHERE key = $1 AND idempotency_key = $2 ORDER BY hlc, node, seq LIMIT 1",
+        )
+        .bind(key)
+        .bind(idempotency_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(version_from_row).transpose()
     }
 
     /// Mints a new version of `key` and stores, in the same transaction, one
@@ -193,10 +229,33 @@ impl VersionStore {
         value_json: &str,
         context: Option<VersionVector>,
         outbox_regions: &[String],
+        idempotency: Option<Idempotency>,
     ) -> Result<Minted, StoreError> {
         let mut tx = self.pool.begin().await?;
         lock_key(&mut tx, key).await?;
         let current = frontier_of(&mut tx, key).await?;
+        if let Some(idem) = &idempotency {
+            let earlier = sqlx::query(
+                "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash \
+                 FROM versions WHERE key = $1 AND idempotency_key = $2 ORDER BY hlc, node, seq LIMIT 1",
+            )
+            .bind(key)
+            .bind(&idem.key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = earlier {
+                let version = version_from_row(&row)?;
+                if version.idempotency.as_ref().map(|i| &i.body_hash) != Some(&idem.body_hash) {
+                    return Err(StoreError::IdempotencyConflict(idem.key.clone()));
+                }
+                return Ok(Minted {
+                    version,
+                    frontier: current,
+                    outbox: Vec::new(),
+                    replayed: true,
+                });
+            }
+        }
         let context = context.unwrap_or_else(|| causal::state_vector(&current));
         let seq: i64 = sqlx::query_scalar("SELECT nextval('dot_seq')")
             .fetch_one(&mut *tx)
@@ -207,6 +266,7 @@ impl VersionStore {
             hlc: self.clock.now(),
             dot: Dot::new(self.node.clone(), seq as u64),
             context,
+            idempotency,
         };
         let frontier = causal::frontier(current.iter().cloned().chain([version.clone()]));
         let superseded: Vec<&StoredVersion> = current
@@ -230,6 +290,7 @@ impl VersionStore {
             version,
             frontier,
             outbox: outbox.into_iter().map(|(id, r)| (id as u64, r)).collect(),
+            replayed: false,
         })
     }
 
@@ -290,7 +351,7 @@ impl VersionStore {
             |c: Option<&HistoryCursor>| c.map(|c| (c.hlc as i64, c.node.clone(), c.seq as i64));
         let (before, after) = (bound(before), bound(after));
         let rows = sqlx::query(
-            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context FROM versions \
+            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash FROM versions \
              WHERE key = $1 \
                AND ($2::bigint IS NULL OR (hlc, node, seq) < ($2, $3::text, $4::bigint)) \
                AND ($5::bigint IS NULL OR (hlc, node, seq) > ($5, $6::text, $7::bigint)) \
@@ -318,7 +379,7 @@ impl VersionStore {
         min_age: Duration,
     ) -> Result<Vec<(u64, StoredVersion, Vec<StoredVersion>)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT o.id, v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context \
+            "SELECT o.id, v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
              FROM outbox o JOIN versions v ON (v.key, v.node, v.seq) = (o.key, o.node, o.seq) \
              WHERE o.region = $1 AND o.created_at <= now() - make_interval(secs => $3) \
              ORDER BY o.id LIMIT $2",
@@ -339,7 +400,7 @@ impl VersionStore {
             .into_iter()
             .collect();
         let rows = sqlx::query(
-            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context FROM versions \
+            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash FROM versions \
              WHERE key = ANY($1) AND NOT superseded",
         )
         .bind(&keys)
@@ -423,7 +484,7 @@ async fn frontier_of(
     key: &str,
 ) -> Result<Vec<StoredVersion>, StoreError> {
     let rows = sqlx::query(
-        "SELECT key, node, seq, hlc, value::text AS value, context::text AS context FROM versions \
+        "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash FROM versions \
          WHERE key = $1 AND NOT superseded ORDER BY node, seq",
     )
     .bind(key)
@@ -452,11 +513,20 @@ async fn insert_versions(
         .map(|v| serde_json::to_string(&v.context).expect("a version vector serializes"))
         .collect();
     let superseded: Vec<bool> = versions.iter().map(|v| stale.contains(&v.dot)).collect();
+    let idem_keys: Vec<Option<&str>> = versions
+        .iter()
+        .map(|v| v.idempotency.as_ref().map(|i| i.key.as_str()))
+        .collect();
+    let hashes: Vec<Option<&str>> = versions
+        .iter()
+        .map(|v| v.idempotency.as_ref().map(|i| i.body_hash.as_str()))
+        .collect();
     let result = sqlx::query(
-        "INSERT INTO versions (key, node, seq, hlc, value, context, superseded) \
-         SELECT k, n, s, h, v::json, c::jsonb, x \
-         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bool[]) \
-              AS t(k, n, s, h, v, c, x) \
+        "INSERT INTO versions (key, node, seq, hlc, value, context, superseded, idempotency_key, body_hash) \
+         SELECT k, n, s, h, v::json, c::jsonb, x, i, b \
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bool[], \
+                     $8::text[], $9::text[]) \
+              AS t(k, n, s, h, v, c, x, i, b) \
          ON CONFLICT (key, node, seq) DO NOTHING",
     )
     .bind(keys)
@@ -466,6 +536,8 @@ async fn insert_versions(
     .bind(values)
     .bind(contexts)
     .bind(superseded)
+    .bind(idem_keys)
+    .bind(hashes)
     .execute(&mut **tx)
     .await?;
     Ok(result.rows_affected())
@@ -507,5 +579,12 @@ fn version_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredVersion, StoreE
             row.try_get::<i64, _>("seq")? as u64,
         ),
         context,
+        idempotency: match (
+            row.try_get::<Option<String>, _>("idempotency_key")?,
+            row.try_get::<Option<String>, _>("body_hash")?,
+        ) {
+            (Some(key), Some(body_hash)) => Some(Idempotency { key, body_hash }),
+            _ => None,
+        },
     })
 }

@@ -37,6 +37,7 @@ fn version(
         hlc,
         dot: Dot::new(node, seq),
         context: vv(ctx),
+        idempotency: None,
     }
 }
 
@@ -85,7 +86,7 @@ async fn concurrent_states_become_siblings_and_a_context_resolves_them() {
 
     // A write carrying a context that saw only `a` supersedes `a`, not `b`.
     let minted = store
-        .mint_full("k", "\"saw a\"", Some(vv(&[("a", 1)])), &[])
+        .mint_full("k", "\"saw a\"", Some(vv(&[("a", 1)])), &[], None)
         .await
         .unwrap();
     let dots: Vec<&Dot> = minted.frontier.iter().map(|v| &v.dot).collect();
@@ -95,7 +96,7 @@ async fn concurrent_states_become_siblings_and_a_context_resolves_them() {
     // A context that saw everything resolves the conflict.
     let all = geolog_core::causal::state_vector(&minted.frontier);
     let resolved = store
-        .mint_full("k", "\"resolved\"", Some(all), &[])
+        .mint_full("k", "\"resolved\"", Some(all), &[], None)
         .await
         .unwrap();
     assert_eq!(resolved.frontier, vec![resolved.version.clone()]);
@@ -183,4 +184,54 @@ async fn stopped_postgres_is_unavailable() {
     assert!(!store.ping(Duration::from_millis(500)).await);
     let err = store.mint("k", "2").await.unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_the_first_version_or_refuses_another_body() {
+    use geolog_storage::store::Idempotency;
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let store = open(&pg, "n1").await;
+    let idem = |hash: &str| {
+        Some(Idempotency {
+            key: "req-1".into(),
+            body_hash: hash.into(),
+        })
+    };
+    let first = store
+        .mint_full("k", "1", None, &["b".to_string()], idem("h1"))
+        .await
+        .unwrap();
+    assert!(!first.replayed && first.outbox.len() == 1);
+    let retry = store
+        .mint_full("k", "1", None, &["b".to_string()], idem("h1"))
+        .await
+        .unwrap();
+    assert!(retry.replayed);
+    assert_eq!(retry.version, first.version);
+    assert!(retry.outbox.is_empty(), "a replay stores nothing");
+    let err = store
+        .mint_full("k", "2", None, &[], idem("h2"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::IdempotencyConflict(_)), "{err:?}");
+    assert_eq!(store.count_versions("k").await.unwrap(), 1);
+    assert_eq!(
+        store.find_idempotent("k", "req-1").await.unwrap(),
+        Some(first.version.clone())
+    );
+    assert_eq!(store.find_idempotent("k", "other").await.unwrap(), None);
+    // The record travels with the version: a replica that merges it knows it too.
+    let pg2 = TestPostgres::start().await.expect("start postgres");
+    let other = open(&pg2, "n2").await;
+    other
+        .merge(std::slice::from_ref(&first.version))
+        .await
+        .unwrap();
+    assert!(
+        other
+            .mint_full("k", "1", None, &[], idem("h1"))
+            .await
+            .unwrap()
+            .replayed
+    );
 }

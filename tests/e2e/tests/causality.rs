@@ -252,3 +252,82 @@ async fn a_quorum_read_repairs_the_stale_replica_it_reads() {
         .unwrap();
     assert!(metrics.contains("http_server_requests_seconds"));
 }
+
+async fn idempotent_write(
+    api: &Api,
+    key: &str,
+    value: Value,
+    id: &str,
+    in_body: bool,
+) -> (u16, Value) {
+    let mut body = json!({"key": key, "value": value});
+    let mut request = api
+        .http
+        .post(format!("{}/api/logs?consistency=LOCAL_QUORUM", api.base));
+    if in_body {
+        body["id"] = json!(id);
+    } else {
+        request = request.header("Idempotency-Key", id);
+    }
+    Api::decode(request.json(&body).send().await.unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotent_retries_across_regions_create_one_version() {
+    let cluster = TestCluster::start(THREE_BY_THREE)
+        .await
+        .expect("cluster starts");
+    let (a, b, c) = (
+        Api::new(cluster.gateway("a")),
+        Api::new(cluster.gateway("b")),
+        Api::new(cluster.gateway("c")),
+    );
+    let payment = json!({"amount": 42, "currency": "EUR"});
+
+    let (status, first) =
+        idempotent_write(&a, "payments", payment.clone(), "pay-0001", false).await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(first["replayed"], false);
+    // Retries through another region's gateway, by header and by body field,
+    // and through the same gateway: the first result, nothing new.
+    for (api, in_body) in [(&b, false), (&c, true), (&a, true)] {
+        let (status, retry) =
+            idempotent_write(api, "payments", payment.clone(), "pay-0001", in_body).await;
+        assert_eq!(status, 201, "{retry}");
+        assert_eq!(retry["replayed"], true, "{retry}");
+        assert_eq!(retry["version"], first["version"]);
+    }
+    // The same idempotency key with another body is a conflict.
+    let (status, body) =
+        idempotent_write(&b, "payments", json!({"amount": 43}), "pay-0001", false).await;
+    assert_eq!(
+        (status, code(&body)),
+        (409, "idempotency_conflict"),
+        "{body}"
+    );
+    // Bad keys are refused.
+    let (status, body) =
+        idempotent_write(&a, "payments", payment.clone(), "has space", false).await;
+    assert_eq!((status, code(&body)), (400, "invalid_request"));
+    // A different idempotency key is a different write.
+    let (status, other) =
+        idempotent_write(&c, "payments", payment.clone(), "pay-0002", false).await;
+    assert_eq!((status, other["replayed"].as_bool()), (201, Some(false)));
+
+    for api in [&a, &b, &c] {
+        api.wait_outbox_empty(Duration::from_secs(60)).await;
+    }
+    let (status, history) = c
+        .raw(
+            Method::GET,
+            "/api/logs/payments/history?consistency=ALL",
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, 200, "{history}");
+    assert_eq!(
+        history["versions"].as_array().unwrap().len(),
+        2,
+        "one version per idempotency key: {history}"
+    );
+}
