@@ -38,13 +38,35 @@ impl LaunchError {
     }
 }
 
-/// Binds port 0 on loopback and returns the port the kernel picked. The
-/// port is released at once; a tiny race with other processes remains.
+/// Ports handed out by [`free_port`] in this process.
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// A loopback port that is free now, for a process we are about to start.
+///
+/// Binding port 0 and releasing it is not enough: the kernel may hand the
+/// same port out again before its process binds it (seen here: two storage
+/// nodes given one port). So ports are picked below Linux's ephemeral range
+/// (32768+, where outgoing connections and port-0 binds live), never twice
+/// by one process (several clusters may start at once in tests), and from a
+/// window of 2,000 ports chosen by this process's PID so that concurrent
+/// launchers rarely meet. A race with unrelated processes remains.
 pub fn free_port() -> Result<u16, LaunchError> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(LaunchError::io("bind a free port"))?;
-    Ok(listener
-        .local_addr()
-        .map_err(LaunchError::io("read a bound port"))?
-        .port())
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .expect("lock is never poisoned: no panics while held");
+    let window = 20_000 + (std::process::id() % 6) as u16 * 2_000;
+    for _ in 0..1_000 {
+        let port = fastrand::u16(window..window + 2_000);
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            return Ok(port);
+        }
+    }
+    Err(LaunchError::Command(format!(
+        "no free port found between {window} and {}",
+        window + 2_000
+    )))
 }

@@ -76,12 +76,17 @@ impl HealthBoard {
     }
 }
 
+/// Consecutive probe timeouts that mark a replica dead.
+pub const PROBE_TIMEOUTS_TO_DEAD: u32 = 2;
+
 /// Per-replica state shared between the breaker and health reporting.
 pub struct ReplicaState {
     pub node: Arc<str>,
     board: Arc<HealthBoard>,
     /// `HealthBoard::now_ms` of the last success, 0 when never.
     last_ok_ms: AtomicU64,
+    /// Health probes that timed out in a row (see `record_probe_timeout`).
+    probe_timeouts: std::sync::atomic::AtomicU32,
     last_error: Mutex<String>,
 }
 
@@ -91,6 +96,7 @@ impl ReplicaState {
             node: node.into(),
             board,
             last_ok_ms: AtomicU64::new(0),
+            probe_timeouts: std::sync::atomic::AtomicU32::new(0),
             last_error: Mutex::new(String::new()),
         })
     }
@@ -102,7 +108,17 @@ impl ReplicaState {
     pub fn record_success(&self) {
         self.last_ok_ms
             .store(self.board.now_ms().max(1), Ordering::Relaxed);
+        self.probe_timeouts.store(0, Ordering::Relaxed);
         self.board.close(&self.node);
+    }
+
+    /// A health probe timed out. One slow probe is often a busy machine,
+    /// not a dead node: only a second one in a row marks the replica dead
+    /// (a refused connection or a failed database still does at once).
+    pub fn record_probe_timeout(&self) {
+        if self.probe_timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= PROBE_TIMEOUTS_TO_DEAD {
+            self.record_failure("health check timed out twice in a row".into());
+        }
     }
 
     pub fn record_failure(&self, reason: String) {

@@ -290,7 +290,7 @@ impl ReplicaSet {
                     Ok(Ok(r)) if r.get_ref().database_ok => replica.state.record_success(),
                     Ok(Ok(_)) => replica.state.record_failure("database unreachable".into()),
                     Ok(Err(status)) => replica.state.record_failure(format!("health check failed: {}", status.message())),
-                    Err(_) => replica.state.record_failure("health check timed out".into()),
+                    Err(_) => replica.state.record_probe_timeout(),
                 }
             });
         }
@@ -325,7 +325,7 @@ impl ReplicaSet {
                     Ok(Err(status)) => region
                         .link
                         .record_failure(format!("health check failed: {}", status.message())),
-                    Err(_) => region.link.record_failure("health check timed out".into()),
+                    Err(_) => region.link.record_probe_timeout(),
                 }
             });
         }

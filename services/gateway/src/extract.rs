@@ -54,6 +54,33 @@ pub struct WriteBody {
     pub id: Option<String>,
 }
 
+/// A value a client may send as a body field or as a header: either, or
+/// both when they agree. Errors carry `code`.
+pub fn body_or_header(
+    field_value: Option<String>,
+    headers: &HeaderMap,
+    header: &str,
+    field: &str,
+    code: ErrorCode,
+) -> Result<Option<String>, ApiError> {
+    let header_value = match headers.get(header) {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| ApiError::new(code, format!("header {header} is not visible ASCII")))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    match (field_value, header_value) {
+        (Some(a), Some(b)) if a != b => Err(ApiError::new(
+            code,
+            format!("body field {field:?} and header {header} differ"),
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
 /// Longest idempotency key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 

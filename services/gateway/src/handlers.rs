@@ -177,50 +177,25 @@ pub async fn write(
     let query = extract::parse_query(raw.as_deref(), extract::LOG_PARAMS)?;
     let bytes = extract::read_body(&headers, body, state.max_body_bytes).await?;
     let body = extract::parse_write(&bytes)?;
-    let header_context = match headers.get(CONTEXT_HEADER) {
-        Some(value) => Some(
-            value
-                .to_str()
-                .map_err(|_| {
-                    ApiError::new(ErrorCode::InvalidContext, "X-Geolog-Context is not ASCII")
-                })?
-                .to_string(),
-        ),
-        None => None,
-    };
-    let context = match (body.context.clone(), header_context) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidContext,
-                "context in body and X-Geolog-Context header differ",
-            ));
-        }
-        (a, b) => a.or(b).unwrap_or_default(),
-    };
+    let context = extract::body_or_header(
+        body.context.clone(),
+        &headers,
+        CONTEXT_HEADER,
+        "context",
+        ErrorCode::InvalidContext,
+    )?
+    .unwrap_or_default();
     if !context.is_empty() {
         // Fail here with a clear 400 rather than after a round trip.
         geolog_core::causal::VersionVector::from_token(&context)?;
     }
-    let header_id = match headers.get("idempotency-key") {
-        Some(value) => Some(
-            value
-                .to_str()
-                .map_err(|_| {
-                    ApiError::new(ErrorCode::InvalidRequest, "Idempotency-Key is not ASCII")
-                })?
-                .to_string(),
-        ),
-        None => None,
-    };
-    let idempotency_key = match (body.id.clone(), header_id) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                "\"id\" and the Idempotency-Key header differ",
-            ));
-        }
-        (a, b) => a.or(b),
-    };
+    let idempotency_key = extract::body_or_header(
+        body.id.clone(),
+        &headers,
+        "idempotency-key",
+        "id",
+        ErrorCode::InvalidRequest,
+    )?;
     if let Some(id) = &idempotency_key {
         extract::validate_idempotency_key(id)?;
     }

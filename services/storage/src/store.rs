@@ -208,15 +208,8 @@ impl VersionStore {
         key: &str,
         idempotency_key: &str,
     ) -> Result<Option<StoredVersion>, StoreError> {
-        let row = sqlx::query(
-            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash \
-             FROM versions WHERE key = $1 AND idempotency_key = $2 ORDER BY hlc, node, seq LIMIT 1",
-        )
-        .bind(key)
-        .bind(idempotency_key)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(version_from_row).transpose()
+        let mut conn = self.pool.acquire().await?;
+        idempotent_version(&mut conn, key, idempotency_key).await
     }
 
     /// Mints a new version of `key` and stores, in the same transaction, one
@@ -234,27 +227,18 @@ impl VersionStore {
         let mut tx = self.pool.begin().await?;
         lock_key(&mut tx, key).await?;
         let current = frontier_of(&mut tx, key).await?;
-        if let Some(idem) = &idempotency {
-            let earlier = sqlx::query(
-                "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash \
-                 FROM versions WHERE key = $1 AND idempotency_key = $2 ORDER BY hlc, node, seq LIMIT 1",
-            )
-            .bind(key)
-            .bind(&idem.key)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = earlier {
-                let version = version_from_row(&row)?;
-                if version.idempotency.as_ref().map(|i| &i.body_hash) != Some(&idem.body_hash) {
-                    return Err(StoreError::IdempotencyConflict(idem.key.clone()));
-                }
-                return Ok(Minted {
-                    version,
-                    frontier: current,
-                    outbox: Vec::new(),
-                    replayed: true,
-                });
+        if let Some(idem) = &idempotency
+            && let Some(version) = idempotent_version(&mut tx, key, &idem.key).await?
+        {
+            if version.idempotency.as_ref().map(|i| &i.body_hash) != Some(&idem.body_hash) {
+                return Err(StoreError::IdempotencyConflict(idem.key.clone()));
             }
+            return Ok(Minted {
+                version,
+                frontier: current,
+                outbox: Vec::new(),
+                replayed: true,
+            });
         }
         let context = context.unwrap_or_else(|| causal::state_vector(&current));
         let seq: i64 = sqlx::query_scalar("SELECT nextval('dot_seq')")
@@ -477,6 +461,22 @@ async fn lock_key(tx: &mut Tx, key: &str) -> Result<(), StoreError> {
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+async fn idempotent_version(
+    conn: &mut sqlx::PgConnection,
+    key: &str,
+    idempotency_key: &str,
+) -> Result<Option<StoredVersion>, StoreError> {
+    let row = sqlx::query(
+        "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash \
+         FROM versions WHERE key = $1 AND idempotency_key = $2 ORDER BY hlc, node, seq LIMIT 1",
+    )
+    .bind(key)
+    .bind(idempotency_key)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(version_from_row).transpose()
 }
 
 async fn frontier_of(

@@ -1,0 +1,596 @@
+//! The read side of the quorum engine: gathering answers from as many
+//! replicas as a level needs (local first, remote regions through their
+//! coordinators, with replacement of failed replicas and one speculative
+//! extra read), merging frontiers, read repair, history pages and the
+//! operators' replica view.
+
+use super::remote::{apply, region_read, replicate};
+use super::{Miss, Outcome, QuorumEngine};
+use crate::replicas::Replica;
+use geolog_core::causal::{self, Causal, Dot, VersionVector};
+use geolog_core::consistency::Operation;
+use geolog_core::ring::Placement;
+use geolog_core::{ConsistencyLevel, GeologError, Requirement};
+use geolog_proto::coordinator as cpb;
+use geolog_proto::storage as pb;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// What a read asks each replica for.
+#[derive(Debug, Clone)]
+pub enum ReadKind {
+    /// The key's frontier (current versions).
+    Frontier,
+    /// A page of the key's history.
+    History {
+        limit: u32,
+        before: Option<pb::HistoryCursor>,
+        after: Option<pb::HistoryCursor>,
+    },
+    /// The version created with an idempotency key.
+    Idempotent { idempotency_key: String },
+}
+
+impl ReadKind {
+    pub(super) async fn query(
+        &self,
+        replica: &Replica,
+        key: String,
+    ) -> Result<Vec<pb::Version>, tonic::Status> {
+        let mut client = replica.client.clone();
+        match self {
+            ReadKind::Frontier => Ok(client
+                .read(pb::ReadRequest { key })
+                .await?
+                .into_inner()
+                .versions),
+            ReadKind::History { .. } => {
+                let request = self
+                    .history_request(&key)
+                    .expect("history kind has a request");
+                Ok(client.history(request).await?.into_inner().versions)
+            }
+            ReadKind::Idempotent { idempotency_key } => {
+                let request = pb::FindIdempotentRequest {
+                    key,
+                    idempotency_key: idempotency_key.clone(),
+                };
+                Ok(client.find_idempotent(request).await?.into_inner().versions)
+            }
+        }
+    }
+
+    fn history_request(&self, key: &str) -> Option<pb::HistoryRequest> {
+        match self {
+            ReadKind::Frontier | ReadKind::Idempotent { .. } => None,
+            ReadKind::History {
+                limit,
+                before,
+                after,
+            } => Some(pb::HistoryRequest {
+                key: key.to_string(),
+                limit: *limit,
+                before: before.clone(),
+                after: after.clone(),
+            }),
+        }
+    }
+}
+
+impl ReadKind {
+    fn idempotency_key(&self) -> String {
+        match self {
+            ReadKind::Idempotent { idempotency_key } => idempotency_key.clone(),
+            _ => String::new(),
+        }
+    }
+}
+
+/// The answers a read collected.
+struct Gathered {
+    placement: Arc<Vec<Placement>>,
+    answers: Vec<(usize, Vec<pb::Version>)>,
+    acks: geolog_core::error::QuorumDetails,
+    deadline: tokio::time::Instant,
+}
+
+/// A wire version seen through the causality functions.
+#[derive(Clone)]
+struct Wire {
+    dot: Dot,
+    context: VersionVector,
+    version: pb::Version,
+}
+
+impl Wire {
+    fn of(version: pb::Version) -> Wire {
+        let dot = version
+            .dot
+            .as_ref()
+            .map(|d| Dot::new(d.node.clone(), d.seq))
+            .unwrap_or_else(|| Dot::new("", 0));
+        let context = VersionVector(
+            version
+                .context
+                .iter()
+                .map(|(n, s)| (n.clone(), *s))
+                .collect(),
+        );
+        Wire {
+            dot,
+            context,
+            version,
+        }
+    }
+}
+
+impl Causal for Wire {
+    fn dot(&self) -> &Dot {
+        &self.dot
+    }
+    fn context(&self) -> &VersionVector {
+        &self.context
+    }
+}
+
+/// The causal frontier of versions from several replicas.
+fn merge_frontiers(versions: impl Iterator<Item = pb::Version>) -> Vec<pb::Version> {
+    causal::frontier(versions.map(Wire::of))
+        .into_iter()
+        .map(|w| w.version)
+        .collect()
+}
+
+fn dot_set(versions: &[pb::Version]) -> BTreeSet<(String, u64)> {
+    versions
+        .iter()
+        .filter_map(|v| v.dot.as_ref().map(|d| (d.node.clone(), d.seq)))
+        .collect()
+}
+
+/// Everything a set of current versions has seen: the context token a reader gets.
+pub fn state_vector_of(frontier: &[pb::Version]) -> VersionVector {
+    let wires: Vec<Wire> = frontier.iter().cloned().map(Wire::of).collect();
+    causal::state_vector(&wires)
+}
+
+/// History order: (timestamp, node, seq).
+fn history_key(v: &pb::Version) -> (u64, String, u64) {
+    let dot = v.dot.clone().unwrap_or_default();
+    (
+        v.timestamp.as_ref().map_or(0, |t| t.packed),
+        dot.node,
+        dot.seq,
+    )
+}
+
+impl QuorumEngine {
+    /// Asks as many alive replicas as `level` needs for `kind` of `key` and
+    /// returns every answer, by replica index, once the level is met.
+    async fn gather(
+        &self,
+        key: &str,
+        level: ConsistencyLevel,
+        kind: &ReadKind,
+    ) -> Result<Gathered, GeologError> {
+        geolog_core::key::validate_key(key)?;
+        let requirement = self.requirement(level, Operation::Read)?;
+        let (placement, alive) = self.plan(key, &requirement)?;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.read_timeout;
+        let initial = initial_read_set(&requirement, &placement, &alive);
+        let mut untried: Vec<usize> = alive
+            .iter()
+            .copied()
+            .filter(|i| !initial.contains(i) && placement[*i].region == self.region)
+            .collect();
+        let mut tracker = Self::tracker(requirement, &placement);
+
+        // (replica, answer, whether it settles one of the answers in flight:
+        // a remote region reports failed replicas it then replaces).
+        type Answer = (usize, Result<Vec<pb::Version>, Miss>, bool);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Answer>();
+        let send_local = |idx: usize| {
+            let replica = self.local_replica(&placement[idx].node);
+            let (tx, key, kind) = (tx.clone(), key.to_string(), kind.clone());
+            tokio::spawn(async move {
+                let result = kind.query(&replica, key).await.map_err(|s| Miss::of(&s));
+                let _ = tx.send((idx, result, true));
+            });
+        };
+        let mut in_flight = 0;
+        let mut remote_counts: HashMap<&str, Vec<usize>> = HashMap::new();
+        for &idx in &initial {
+            if placement[idx].region == self.region {
+                send_local(idx);
+            } else {
+                remote_counts
+                    .entry(placement[idx].region.as_str())
+                    .or_default()
+                    .push(idx);
+            }
+            in_flight += 1;
+        }
+        for (region, idxs) in remote_counts {
+            let Some(remote) = self.replicas.remote(region).cloned() else {
+                continue;
+            };
+            let candidates: Vec<usize> = (0..placement.len())
+                .filter(|&i| placement[i].region == region)
+                .collect();
+            let (tx, placement) = (tx.clone(), placement.clone());
+            let wanted = idxs.len();
+            let request = cpb::RegionReadRequest {
+                key: key.to_string(),
+                replicas: wanted as u32,
+                history: kind.history_request(key),
+                idempotency_key: kind.idempotency_key(),
+            };
+            tokio::spawn(async move {
+                let answers = region_read(&remote, request).await;
+                let mut reported = 0;
+                let mut unused = candidates;
+                if let Ok(answers) = &answers {
+                    for answer in answers {
+                        let Some(pos) = unused
+                            .iter()
+                            .position(|&i| placement[i].node == answer.node)
+                        else {
+                            continue;
+                        };
+                        let idx = unused.remove(pos);
+                        let result = if answer.ok {
+                            Ok(answer.versions.clone())
+                        } else if answer.timed_out {
+                            Err(Miss::TimedOut)
+                        } else {
+                            Err(Miss::Failed)
+                        };
+                        let settles = result.is_ok();
+                        if settles {
+                            reported += 1;
+                        }
+                        let _ = tx.send((idx, result, settles));
+                    }
+                }
+                // Every asked-for answer that did not come is a miss.
+                let miss = match &answers {
+                    Err(status) => Miss::of(status),
+                    Ok(_) => Miss::Failed,
+                };
+                let missing = wanted.saturating_sub(reported);
+                let mut settled = 0;
+                for idx in unused.into_iter().take(missing) {
+                    let _ = tx.send((idx, Err(miss), true));
+                    settled += 1;
+                }
+                // Fewer unused replicas than missing answers: settle the rest
+                // without naming a replica.
+                for _ in settled..missing {
+                    let _ = tx.send((usize::MAX, Err(miss), true));
+                }
+            });
+        }
+        let mut answers: Vec<(usize, Vec<pb::Version>)> = Vec::new();
+        let mut speculated = false;
+        while !tracker.is_met() {
+            if tracker.is_impossible() || in_flight == 0 {
+                return Err(tracker.failure("read"));
+            }
+            let speculate_at = started + self.speculative_read;
+            let received = tokio::select! {
+                received = tokio::time::timeout_at(deadline, rx.recv()) => received,
+                _ = tokio::time::sleep_until(speculate_at), if !speculated && !untried.is_empty() => {
+                    speculated = true;
+                    metrics::counter!("speculative_reads_total").increment(1);
+                    send_local(untried.remove(0));
+                    in_flight += 1;
+                    continue;
+                }
+            };
+            match received {
+                Ok(Some((usize::MAX, _, settles))) => in_flight -= usize::from(settles),
+                Ok(Some((idx, Ok(versions), settles))) => {
+                    in_flight -= usize::from(settles);
+                    if !tracker.answered(idx) {
+                        tracker.record_ok(idx);
+                        answers.push((idx, versions));
+                    }
+                }
+                Ok(Some((idx, Err(miss), settles))) => {
+                    in_flight -= usize::from(settles);
+                    miss.record(&mut tracker, idx);
+                    // Replace a failed local replica with the next alive one.
+                    if placement[idx].region == self.region && !untried.is_empty() {
+                        send_local(untried.remove(0));
+                        in_flight += 1;
+                    }
+                }
+                Ok(None) | Err(_) => return Err(tracker.failure("read")),
+            }
+        }
+        Ok(Gathered {
+            placement,
+            answers,
+            acks: tracker.details(),
+            deadline,
+        })
+    }
+
+    /// Reads the current value of `key`: the merged frontier of as many
+    /// replicas as `level` needs. Replicas that disagree with the merge are
+    /// written back before answering (so quorum reads never go backwards);
+    /// the key's other replicas are repaired in the background.
+    pub async fn read(&self, key: &str, level: ConsistencyLevel) -> Result<Outcome, GeologError> {
+        let gathered = self.gather(key, level, &ReadKind::Frontier).await?;
+        let merged: Vec<pb::Version> =
+            merge_frontiers(gathered.answers.iter().flat_map(|(_, v)| v.iter().cloned()));
+        let merged_dots = dot_set(&merged);
+        let stale: Vec<usize> = gathered
+            .answers
+            .iter()
+            .filter(|(_, v)| dot_set(v) != merged_dots)
+            .map(|(i, _)| *i)
+            .collect();
+        let mut repaired = 0;
+        if !stale.is_empty() && !merged.is_empty() {
+            repaired = self.repair(&gathered, &stale, &merged).await;
+            metrics::counter!("read_repairs_total").increment(repaired as u64);
+        }
+        if merged.len() > 1 {
+            metrics::counter!("version_vector_conflicts_total").increment(1);
+        }
+        let context = state_vector_of(&merged).to_token();
+        let version = merged
+            .iter()
+            .max_by(|a, b| order_key(a).cmp(&order_key(b)))
+            .cloned();
+        Ok(Outcome {
+            version,
+            level,
+            acks: gathered.acks,
+            siblings: merged,
+            context,
+            repaired: repaired as u32,
+            replayed: false,
+        })
+    }
+
+    /// Writes `merged` back to the stale replicas that were read (waiting,
+    /// within the read deadline) and, in the background, to every other
+    /// replica of the key. Returns how many read replicas acknowledged.
+    async fn repair(&self, gathered: &Gathered, stale: &[usize], merged: &[pb::Version]) -> usize {
+        let placement = &gathered.placement;
+        let read: Vec<usize> = gathered.answers.iter().map(|(i, _)| *i).collect();
+        let mut waits = tokio::task::JoinSet::new();
+        let mut remote_stale: Vec<&str> = Vec::new();
+        for &idx in stale {
+            if placement[idx].region == self.region {
+                let replica = self.local_replica(&placement[idx].node);
+                let merged = merged.to_vec();
+                waits.spawn(async move { apply(&replica, merged).await.is_ok() as usize });
+            } else if !remote_stale.contains(&placement[idx].region.as_str()) {
+                remote_stale.push(placement[idx].region.as_str());
+            }
+        }
+        for region in &remote_stale {
+            // One message repairs every replica of that region.
+            if let Some(remote) = self.replicas.remote(region).cloned() {
+                let count = stale
+                    .iter()
+                    .filter(|&&i| placement[i].region == *region)
+                    .count();
+                let request = cpb::ReplicateRequest {
+                    origin_region: self.region.clone(),
+                    versions: merged.to_vec(),
+                };
+                waits.spawn(async move {
+                    match replicate(&remote, request).await {
+                        Ok(acks) if acks.iter().all(|a| a.ok) => count,
+                        _ => 0,
+                    }
+                });
+            }
+        }
+        let mut repaired = 0;
+        while let Ok(Some(done)) =
+            tokio::time::timeout_at(gathered.deadline, waits.join_next()).await
+        {
+            repaired += done.unwrap_or(0);
+        }
+        // Background: the replicas not read.
+        for idx in (0..placement.len()).filter(|i| !read.contains(i)) {
+            if placement[idx].region == self.region {
+                let replica = self.local_replica(&placement[idx].node);
+                let merged = merged.to_vec();
+                tokio::spawn(async move { apply(&replica, merged).await });
+            }
+        }
+        for remote in self.replicas.remote_regions() {
+            let untouched = !remote_stale.contains(&remote.name.as_str());
+            let unread = (0..placement.len())
+                .any(|i| placement[i].region == remote.name && !read.contains(&i));
+            if untouched && unread {
+                let remote = remote.clone();
+                let request = cpb::ReplicateRequest {
+                    origin_region: self.region.clone(),
+                    versions: merged.to_vec(),
+                };
+                tokio::spawn(async move { replicate(&remote, request).await });
+            }
+        }
+        repaired
+    }
+
+    /// A page of the key's history (superseded versions too), newest first,
+    /// from as many replicas as `level` needs.
+    pub async fn history(
+        &self,
+        key: &str,
+        level: ConsistencyLevel,
+        limit: u32,
+        before: Option<pb::HistoryCursor>,
+        after: Option<pb::HistoryCursor>,
+    ) -> Result<(Vec<pb::Version>, bool, Outcome), GeologError> {
+        let limit = limit.clamp(1, 1_000);
+        let kind = ReadKind::History {
+            limit,
+            before,
+            after,
+        };
+        let gathered = self.gather(key, level, &kind).await?;
+        let more = gathered
+            .answers
+            .iter()
+            .any(|(_, v)| v.len() >= limit as usize);
+        let mut by_dot: BTreeMap<(String, u64), pb::Version> = BTreeMap::new();
+        for v in gathered.answers.into_iter().flat_map(|(_, v)| v) {
+            let dot = v
+                .dot
+                .as_ref()
+                .map(|d| (d.node.clone(), d.seq))
+                .unwrap_or_default();
+            by_dot.entry(dot).or_insert(v);
+        }
+        let mut versions: Vec<pb::Version> = by_dot.into_values().collect();
+        versions.sort_by_key(|v| std::cmp::Reverse(history_key(v)));
+        let more = more || versions.len() > limit as usize;
+        versions.truncate(limit as usize);
+        let outcome = Outcome {
+            version: None,
+            level,
+            acks: gathered.acks,
+            siblings: Vec::new(),
+            context: String::new(),
+            repaired: 0,
+            replayed: false,
+        };
+        Ok((versions, more, outcome))
+    }
+
+    /// Every replica of `key` and what it holds (its frontier), or why it
+    /// did not answer. Asks all of them, whatever their believed health.
+    pub async fn replica_view(&self, key: &str) -> Result<Vec<cpb::ReplicaView>, GeologError> {
+        geolog_core::key::validate_key(key)?;
+        let placement = self.replicas.placement(key);
+        let mut calls = tokio::task::JoinSet::new();
+        for p in placement.iter().filter(|p| p.region == self.region) {
+            let replica = self.local_replica(&p.node);
+            let key = key.to_string();
+            calls.spawn(async move {
+                let mut client = replica.probe_client();
+                let request = pb::ReadRequest { key };
+                let result =
+                    tokio::time::timeout(Duration::from_secs(2), client.read(request)).await;
+                let (answered, error, versions) = match result {
+                    Ok(Ok(r)) => (true, String::new(), r.into_inner().versions),
+                    Ok(Err(status)) => (false, status.message().to_string(), Vec::new()),
+                    Err(_) => (false, "timed out".to_string(), Vec::new()),
+                };
+                vec![cpb::ReplicaView {
+                    node: replica.node.clone(),
+                    region: replica.region.clone(),
+                    answered,
+                    error,
+                    versions,
+                }]
+            });
+        }
+        for remote in self.replicas.remote_regions() {
+            let nodes: Vec<String> = placement
+                .iter()
+                .filter(|p| p.region == remote.name)
+                .map(|p| p.node.clone())
+                .collect();
+            let (remote, key) = (remote.clone(), key.to_string());
+            calls.spawn(async move {
+                let request = cpb::RegionReadRequest {
+                    key,
+                    replicas: nodes.len() as u32,
+                    history: None,
+                    idempotency_key: String::new(),
+                };
+                let answers = region_read(&remote, request).await;
+                nodes
+                    .into_iter()
+                    .map(|node| {
+                        let found = answers
+                            .as_ref()
+                            .ok()
+                            .and_then(|a| a.iter().find(|a| a.node == node));
+                        match (found, &answers) {
+                            (Some(a), _) => cpb::ReplicaView {
+                                node,
+                                region: remote.name.clone(),
+                                answered: a.ok,
+                                error: a.error.clone(),
+                                versions: a.versions.clone(),
+                            },
+                            (None, Err(status)) => cpb::ReplicaView {
+                                node,
+                                region: remote.name.clone(),
+                                answered: false,
+                                error: format!("region unreachable: {}", status.message()),
+                                versions: Vec::new(),
+                            },
+                            (None, Ok(_)) => cpb::ReplicaView {
+                                node,
+                                region: remote.name.clone(),
+                                answered: false,
+                                error: "not asked: believed dead by its region".into(),
+                                versions: Vec::new(),
+                            },
+                        }
+                    })
+                    .collect()
+            });
+        }
+        let mut views = Vec::new();
+        while let Some(done) = calls.join_next().await {
+            views.extend(
+                done.map_err(|e| GeologError::internal(format!("replica view task failed: {e}")))?,
+            );
+        }
+        let order: Vec<&str> = placement.iter().map(|p| p.node.as_str()).collect();
+        views.sort_by_key(|v| order.iter().position(|n| *n == v.node));
+        Ok(views)
+    }
+}
+
+/// Newest first: highest HLC, ties broken by the minting node id.
+fn order_key(v: &pb::Version) -> (u64, &str) {
+    (
+        v.timestamp.as_ref().map_or(0, |t| t.packed),
+        v.dot.as_ref().map_or("", |d| d.node.as_str()),
+    )
+}
+
+/// The replicas to ask first: for each region with a minimum, that many of
+/// its alive replicas; then more alive ones (in contact order) up to the total.
+fn initial_read_set(
+    requirement: &Requirement,
+    placement: &[Placement],
+    alive: &[usize],
+) -> Vec<usize> {
+    let mut chosen = Vec::new();
+    for (region, need) in &requirement.per_region {
+        chosen.extend(
+            alive
+                .iter()
+                .copied()
+                .filter(|&i| &placement[i].region == region)
+                .take(*need),
+        );
+    }
+    for &i in alive {
+        if chosen.len() >= requirement.total {
+            break;
+        }
+        if !chosen.contains(&i) {
+            chosen.push(i);
+        }
+    }
+    chosen
+}

@@ -1,0 +1,179 @@
+//! What the engine does for and with other regions and nodes: applying and
+//! reading for a remote region's coordinator, the RPC helpers that talk to
+//! a remote region, and the small calls to local nodes they share.
+
+use super::read::ReadKind;
+use super::{Miss, QuorumEngine};
+use crate::replicas::Replica;
+use geolog_proto::coordinator as cpb;
+use geolog_proto::storage as pb;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+impl QuorumEngine {
+    /// For a remote region's `Replicate`: applies `versions` to this region's
+    /// replicas of their keys, one batch per node, reporting each node's ack
+    /// on the returned channel as it answers.
+    pub fn apply_local(
+        &self,
+        versions: Vec<pb::Version>,
+    ) -> mpsc::UnboundedReceiver<cpb::ReplicaAck> {
+        let mut by_node: HashMap<String, Vec<pb::Version>> = HashMap::new();
+        for version in versions {
+            for p in self
+                .replicas
+                .placement(&version.key)
+                .iter()
+                .filter(|p| p.region == self.region)
+            {
+                by_node
+                    .entry(p.node.clone())
+                    .or_default()
+                    .push(version.clone());
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        for (node, batch) in by_node {
+            let replica = self.local_replica(&node);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let ack = match apply(&replica, batch).await {
+                    Ok(()) => cpb::ReplicaAck {
+                        node,
+                        ok: true,
+                        ..Default::default()
+                    },
+                    Err(status) => cpb::ReplicaAck {
+                        node,
+                        ok: false,
+                        timed_out: Miss::of(&status) == Miss::TimedOut,
+                        error: status.message().to_string(),
+                    },
+                };
+                let _ = tx.send(ack);
+            });
+        }
+        rx
+    }
+
+    /// For a remote region's `RegionRead`: reads `kind` of `key` from
+    /// `wanted` alive replicas of this region, replacing failed ones,
+    /// streaming answers.
+    pub fn read_local(
+        &self,
+        key: String,
+        wanted: usize,
+        kind: ReadKind,
+    ) -> mpsc::UnboundedReceiver<cpb::ReplicaVersions> {
+        let placement = self.replicas.placement(&key);
+        let mut candidates: Vec<Arc<Replica>> = placement
+            .iter()
+            .filter(|p| p.region == self.region && self.replicas.is_alive(p))
+            .map(|p| self.local_replica(&p.node))
+            .collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut answered = 0;
+            while answered < wanted && !candidates.is_empty() {
+                let batch: Vec<Arc<Replica>> = candidates
+                    .drain(..(wanted - answered).min(candidates.len()))
+                    .collect();
+                let mut calls = tokio::task::JoinSet::new();
+                for replica in batch {
+                    let (key, kind) = (key.clone(), kind.clone());
+                    calls.spawn(
+                        async move { (replica.node.clone(), kind.query(&replica, key).await) },
+                    );
+                }
+                while let Some(Ok((node, result))) = calls.join_next().await {
+                    let answer = match result {
+                        Ok(versions) => {
+                            answered += 1;
+                            cpb::ReplicaVersions {
+                                node,
+                                ok: true,
+                                versions,
+                                ..Default::default()
+                            }
+                        }
+                        Err(status) => cpb::ReplicaVersions {
+                            node,
+                            ok: false,
+                            timed_out: Miss::of(&status) == Miss::TimedOut,
+                            error: status.message().to_string(),
+                            versions: Vec::new(),
+                        },
+                    };
+                    if tx.send(answer).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        rx
+    }
+}
+
+/// Applies versions to one local replica.
+pub async fn apply(replica: &Replica, versions: Vec<pb::Version>) -> Result<(), tonic::Status> {
+    let mut client = replica.client.clone();
+    match client.apply(pb::ApplyRequest { versions }).await {
+        Ok(_) => Ok(()),
+        Err(status) => {
+            tracing::debug!(replica = %replica.node, error = %status.message(), "apply failed");
+            Err(status)
+        }
+    }
+}
+
+/// Deletes delivered outbox entries on the node that holds them; failures
+/// only mean the replay worker sends them once more.
+pub async fn outbox_done(replica: &Replica, ids: Vec<u64>) {
+    let mut client = replica.client.clone();
+    if let Err(status) = client.outbox_done(pb::OutboxDoneRequest { ids }).await {
+        tracing::debug!(replica = %replica.node, error = %status.message(), "outbox cleanup failed; replay will resend");
+    }
+}
+
+/// Every message of a response stream, or the error that cut it.
+async fn collect<T>(mut stream: tonic::Streaming<T>) -> Result<Vec<T>, tonic::Status> {
+    let mut items = Vec::new();
+    while let Some(item) = stream.message().await? {
+        items.push(item);
+    }
+    Ok(items)
+}
+
+/// Sends versions to a remote region and collects every replica's ack.
+pub async fn replicate(
+    remote: &crate::replicas::RemoteRegion,
+    request: cpb::ReplicateRequest,
+) -> Result<Vec<cpb::ReplicaAck>, tonic::Status> {
+    let mut client = remote.client.clone();
+    collect(client.replicate(request).await?.into_inner()).await
+}
+
+pub(super) async fn region_read(
+    remote: &crate::replicas::RemoteRegion,
+    request: cpb::RegionReadRequest,
+) -> Result<Vec<cpb::ReplicaVersions>, tonic::Status> {
+    let mut client = remote.client.clone();
+    collect(client.region_read(request).await?.into_inner()).await
+}
+
+/// True when the replica did not answer in time: a deadline status, or the
+/// per-replica tower timeout somewhere in the error's sources.
+pub(super) fn is_timeout(status: &tonic::Status) -> bool {
+    if status.code() == tonic::Code::DeadlineExceeded {
+        return true;
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.is::<tower::timeout::error::Elapsed>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
