@@ -99,6 +99,8 @@ pub struct CoordinatorSettings {
     pub outbox_replay_interval_ms: u64,
     /// Entries replayed per batch.
     pub outbox_batch: u32,
+    /// Hints older than this are dropped and left to anti-entropy.
+    pub hint_window_ms: u64,
     /// A read that has not met its level after this long asks one more
     /// local replica (speculative retry).
     pub speculative_read_ms: u64,
@@ -121,6 +123,7 @@ impl Default for CoordinatorSettings {
             probe_interval_ms: 500,
             outbox_replay_interval_ms: 1_000,
             outbox_batch: 256,
+            hint_window_ms: 3 * 60 * 60 * 1000,
             speculative_read_ms: 50,
             probe_timeout_ms: 400,
             circuit_open_ms: 5_000,
@@ -299,6 +302,7 @@ impl GeologConfig {
             ("probe_timeout_ms", c.probe_timeout_ms),
             ("circuit_open_ms", c.circuit_open_ms),
             ("outbox_replay_interval_ms", c.outbox_replay_interval_ms),
+            ("hint_window_ms", c.hint_window_ms),
             ("speculative_read_ms", c.speculative_read_ms),
             ("outbox_batch", u64::from(c.outbox_batch)),
             (

@@ -22,7 +22,7 @@ mod read;
 mod remote;
 
 pub use read::{ReadKind, state_vector_of};
-pub use remote::{apply, outbox_done, replicate};
+pub use remote::{apply, outbox_done, replicate, store_hint};
 use remote::{is_timeout, region_read};
 
 use crate::replicas::{Replica, ReplicaSet};
@@ -298,20 +298,26 @@ impl QuorumEngine {
         let context = state_vector_of(&frontier).to_token();
 
         let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<(), Miss>)>();
-        // Every other local replica, directly.
+        // Every other local replica, directly. One that misses the write
+        // (down, timed out, circuit open) gets a hint, stored durably on
+        // the minting replica, which holds the version.
+        let mint_node = self.local_replica(&placement[mint_idx].node);
         for idx in 0..placement.len() {
             if placement[idx].region != self.region || tracker.answered(idx) {
                 continue;
             }
             let replica = self.local_replica(&placement[idx].node);
-            let (tx, frontier) = (tx.clone(), frontier.clone());
+            let (tx, frontier, mint_node) = (tx.clone(), frontier.clone(), mint_node.clone());
+            let hinted = version.clone();
             tokio::spawn(async move {
                 let result = apply(&replica, frontier).await.map_err(|s| Miss::of(&s));
+                if result.is_err() {
+                    store_hint(&mint_node, &replica.node, hinted).await;
+                }
                 let _ = tx.send((idx, result));
             });
         }
         // Each remote region, through its coordinator.
-        let mint_node = self.local_replica(&placement[mint_idx].node);
         for remote in self.replicas.remote_regions() {
             let idxs: Vec<usize> = (0..placement.len())
                 .filter(|&i| placement[i].region == remote.name)

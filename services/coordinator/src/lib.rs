@@ -63,6 +63,7 @@ pub async fn serve(
         config.coordinator.outbox_batch,
         // Entries younger than one write timeout may still be in their first delivery.
         config.coordinator.write_timeout(),
+        std::time::Duration::from_millis(config.coordinator.hint_window_ms),
         stop_tx.subscribe(),
     ));
     let service = CoordinatorServer::new(server::CoordinatorService::new(

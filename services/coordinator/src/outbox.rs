@@ -1,4 +1,4 @@
-//! The cross-region outbox replay worker. Every version minted in this
+//! The replay worker: the cross-region outbox and hinted handoff. Every version minted in this
 //! region has, for each remote region, an outbox entry stored with it on the
 //! minting node; the write path deletes it once the remote region's replicas
 //! all have the version. Whatever is left — the region was unreachable, a
@@ -9,7 +9,7 @@
 //! `outbox_depth`, `outbox_oldest_age_seconds`, `outbox_replayed_total`) and
 //! in health answers.
 
-use crate::engine::{QuorumEngine, outbox_done, replicate};
+use crate::engine::{QuorumEngine, apply, outbox_done, replicate};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::BTreeMap;
@@ -44,12 +44,22 @@ impl WorkerState {
 #[derive(Default)]
 pub struct OutboxView {
     regions: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// Pending hints per target node, same shape.
+    hints: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
 impl OutboxView {
     pub fn health(&self) -> Vec<cpb::OutboxHealth> {
-        self.regions
-            .lock()
+        Self::entries(&self.regions)
+    }
+
+    /// Hints waiting, per target node (`region` holds the node id).
+    pub fn hints(&self) -> Vec<cpb::OutboxHealth> {
+        Self::entries(&self.hints)
+    }
+
+    fn entries(map: &Mutex<BTreeMap<String, (u64, u64)>>) -> Vec<cpb::OutboxHealth> {
+        map.lock()
             .expect("lock is never poisoned: no panics while held")
             .iter()
             .map(|(region, (depth, oldest_age_ms))| cpb::OutboxHealth {
@@ -73,6 +83,7 @@ pub async fn run(
     interval: Duration,
     batch: u32,
     min_age: Duration,
+    hint_window: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut backoff: BTreeMap<String, Backoff> = BTreeMap::new();
@@ -116,6 +127,13 @@ pub async fn run(
                         },
                     );
                 }
+            }
+        }
+        match replay_hints(&engine, batch, hint_window).await {
+            0 => {}
+            sent => {
+                state = WorkerState::Busy;
+                tracing::info!(versions = sent, "hints replayed");
             }
         }
         metrics::gauge!("outbox_worker_state").set(state.gauge());
@@ -212,4 +230,76 @@ async fn measure(engine: &QuorumEngine, view: &OutboxView) {
         .regions
         .lock()
         .expect("lock is never poisoned: no panics while held") = totals;
+
+    let mut hints: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for replica in engine.replicas().all_local().filter(|r| r.state.is_alive()) {
+        let mut client = replica.client.clone();
+        let Ok(response) = client.hint_stats(pb::HintStatsRequest {}).await else {
+            continue;
+        };
+        for stats in response.into_inner().targets {
+            let entry = hints.entry(stats.target).or_default();
+            entry.0 += stats.pending;
+            entry.1 = entry.1.max(stats.oldest_age_ms);
+        }
+    }
+    for replica in engine.replicas().all_local() {
+        let pending = hints.get(&replica.node).map_or(0, |h| h.0);
+        metrics::gauge!("hints_pending", "target" => replica.node.clone()).set(pending as f64);
+    }
+    *view
+        .hints
+        .lock()
+        .expect("lock is never poisoned: no panics while held") = hints;
+}
+
+/// Hinted handoff: for every local replica that is alive again, applies
+/// the versions it missed (with their keys' frontiers) from every node that
+/// holds hints for it, then deletes those hints. Returns versions delivered.
+async fn replay_hints(engine: &QuorumEngine, batch: u32, window: Duration) -> usize {
+    let mut sent = 0;
+    let replicas: Vec<_> = engine.replicas().all_local().cloned().collect();
+    for target in replicas.iter().filter(|r| r.state.is_alive()) {
+        for holder in replicas
+            .iter()
+            .filter(|r| r.node != target.node && r.state.is_alive())
+        {
+            for _ in 0..MAX_BATCHES_PER_PASS {
+                let mut client = holder.client.clone();
+                let request = pb::HintPendingRequest {
+                    target: target.node.clone(),
+                    limit: batch,
+                    window_ms: window.as_millis() as u64,
+                };
+                let Ok(response) = client.hint_pending(request).await else {
+                    break;
+                };
+                let entries = response.into_inner().entries;
+                if entries.is_empty() {
+                    break;
+                }
+                let full = entries.len() as u32 == batch;
+                let ids: Vec<u64> = entries.iter().map(|e| e.id).collect();
+                let versions: Vec<pb::Version> = entries
+                    .into_iter()
+                    .flat_map(|e| e.frontier.into_iter().chain(e.version))
+                    .collect();
+                if let Err(status) = apply(target, versions).await {
+                    tracing::warn!(target = %target.node, error = %status.message(), "hint replay failed");
+                    break;
+                }
+                let count = ids.len();
+                if let Err(status) = client.hint_done(pb::OutboxDoneRequest { ids }).await {
+                    tracing::debug!(holder = %holder.node, error = %status.message(), "hint cleanup failed; will resend");
+                }
+                sent += count;
+                metrics::counter!("hints_replayed_total", "target" => target.node.clone())
+                    .increment(count as u64);
+                if !full {
+                    break;
+                }
+            }
+        }
+    }
+    sent
 }

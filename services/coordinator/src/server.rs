@@ -205,6 +205,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             region: self.engine.region().to_string(),
             replicas,
             outbox: self.outbox.health(),
+            hints: self.outbox.hints(),
         }))
     }
 }

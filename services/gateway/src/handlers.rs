@@ -407,6 +407,34 @@ struct OutboxView {
     oldest_age_ms: u64,
 }
 
+impl OutboxView {
+    fn of(o: &cpb::OutboxHealth) -> Self {
+        OutboxView {
+            region: o.region.clone(),
+            depth: o.depth,
+            oldest_age_ms: o.oldest_age_ms,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct HintView {
+    /// The replica the hints wait for.
+    target: String,
+    pending: u64,
+    oldest_age_ms: u64,
+}
+
+impl HintView {
+    fn of(o: &cpb::OutboxHealth) -> Self {
+        HintView {
+            target: o.region.clone(),
+            pending: o.depth,
+            oldest_age_ms: o.oldest_age_ms,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct HealthAnswer {
     /// `ok` (everything alive), `degraded` (some replica dead) or
@@ -418,6 +446,8 @@ struct HealthAnswer {
     replicas: Vec<ReplicaView>,
     /// Cross-region outbox of this region (writes not yet delivered).
     outbox: Vec<OutboxView>,
+    /// Hints waiting for replicas of this region that missed writes.
+    hints: Vec<HintView>,
 }
 
 /// `GET /api/logs/health`: this gateway, its coordinators, and every replica
@@ -426,6 +456,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
     let mut coordinators = Vec::new();
     let mut replicas: Option<Vec<ReplicaView>> = None;
     let mut outbox: Vec<OutboxView> = Vec::new();
+    let mut hints: Vec<HintView> = Vec::new();
     for (id, addr, client) in &state.coordinator_probes {
         let mut client = client.clone();
         let mut request = tonic::Request::new(cpb::HealthRequest {});
@@ -440,15 +471,8 @@ pub async fn health(State(state): State<AppState>) -> Response {
                 });
                 let answer = answer.into_inner();
                 if replicas.is_none() {
-                    outbox = answer
-                        .outbox
-                        .iter()
-                        .map(|o| OutboxView {
-                            region: o.region.clone(),
-                            depth: o.depth,
-                            oldest_age_ms: o.oldest_age_ms,
-                        })
-                        .collect();
+                    outbox = answer.outbox.iter().map(OutboxView::of).collect();
+                    hints = answer.hints.iter().map(HintView::of).collect();
                 }
                 replicas.get_or_insert_with(|| {
                     answer
@@ -496,6 +520,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         coordinators,
         replicas,
         outbox,
+        hints,
     };
     (code, Json(answer)).into_response()
 }

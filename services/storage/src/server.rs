@@ -77,6 +77,25 @@ pub fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
     })
 }
 
+/// Pending outbox entries or hints on the wire; `target` is the remote
+/// region (outbox) or the target node (hints).
+fn pending_entries(
+    target: &str,
+    entries: Vec<(u64, StoredVersion, Vec<StoredVersion>)>,
+) -> pb::OutboxPendingResponse {
+    pb::OutboxPendingResponse {
+        entries: entries
+            .into_iter()
+            .map(|(id, v, frontier)| pb::OutboxEntry {
+                id,
+                region: target.to_string(),
+                version: Some(to_proto(v)),
+                frontier: frontier.into_iter().map(to_proto).collect(),
+            })
+            .collect(),
+    }
+}
+
 fn cursor(c: Option<pb::HistoryCursor>) -> Option<HistoryCursor> {
     c.map(|c| HistoryCursor {
         hlc: c.hlc,
@@ -223,14 +242,73 @@ impl pb::storage_server::Storage for StorageService {
             .outbox_pending(&req.region, limit, Duration::from_millis(req.min_age_ms))
             .await
             .map_err(|e| fail("outbox_pending", e))?;
-        Ok(Response::new(pb::OutboxPendingResponse {
-            entries: entries
+        Ok(Response::new(pending_entries(&req.region, entries)))
+    }
+
+    async fn store_hints(
+        &self,
+        request: Request<pb::StoreHintsRequest>,
+    ) -> Result<Response<pb::StoreHintsResponse>, Status> {
+        let req = request.into_inner();
+        let versions = req
+            .versions
+            .into_iter()
+            .map(from_proto)
+            .collect::<Result<Vec<_>, _>>()?;
+        let stored = self
+            .store
+            .store_hints(&req.target, &versions)
+            .await
+            .map_err(|e| fail("store_hints", e))?;
+        Ok(Response::new(pb::StoreHintsResponse {
+            stored: stored as u32,
+        }))
+    }
+
+    async fn hint_pending(
+        &self,
+        request: Request<pb::HintPendingRequest>,
+    ) -> Result<Response<pb::OutboxPendingResponse>, Status> {
+        let req = request.into_inner();
+        let window = Duration::from_millis(req.window_ms.max(1));
+        let entries = self
+            .store
+            .hint_pending(&req.target, req.limit.clamp(1, 10_000), window)
+            .await
+            .map_err(|e| fail("hint_pending", e))?;
+        Ok(Response::new(pending_entries(&req.target, entries)))
+    }
+
+    async fn hint_done(
+        &self,
+        request: Request<pb::OutboxDoneRequest>,
+    ) -> Result<Response<pb::OutboxDoneResponse>, Status> {
+        let deleted = self
+            .store
+            .hint_done(&request.into_inner().ids)
+            .await
+            .map_err(|e| fail("hint_done", e))?;
+        Ok(Response::new(pb::OutboxDoneResponse {
+            deleted: deleted as u32,
+        }))
+    }
+
+    async fn hint_stats(
+        &self,
+        _: Request<pb::HintStatsRequest>,
+    ) -> Result<Response<pb::HintStatsResponse>, Status> {
+        let stats = self
+            .store
+            .hint_stats()
+            .await
+            .map_err(|e| fail("hint_stats", e))?;
+        Ok(Response::new(pb::HintStatsResponse {
+            targets: stats
                 .into_iter()
-                .map(|(id, v, frontier)| pb::OutboxEntry {
-                    id,
-                    region: req.region.clone(),
-                    version: Some(to_proto(v)),
-                    frontier: frontier.into_iter().map(to_proto).collect(),
+                .map(|(target, pending, oldest_age_ms)| pb::HintTargetStats {
+                    target,
+                    pending,
+                    oldest_age_ms,
                 })
                 .collect(),
         }))

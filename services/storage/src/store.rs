@@ -373,6 +373,15 @@ impl VersionStore {
         .bind(min_age.as_secs_f64())
         .fetch_all(&self.pool)
         .await?;
+        self.with_frontiers(&rows).await
+    }
+
+    /// Pending entries (rows with an `id` and a version) with each key's
+    /// current frontier here, so receivers merge whole states.
+    async fn with_frontiers(
+        &self,
+        rows: &[sqlx::postgres::PgRow],
+    ) -> Result<Vec<(u64, StoredVersion, Vec<StoredVersion>)>, StoreError> {
         let entries: Vec<(u64, StoredVersion)> = rows
             .iter()
             .map(|row| Ok((row.try_get::<i64, _>("id")? as u64, version_from_row(row)?)))
@@ -401,6 +410,89 @@ impl VersionStore {
                 let frontier = frontiers.get(&v.key).cloned().unwrap_or_default();
                 (id, v, frontier)
             })
+            .collect())
+    }
+
+    /// Records that `target` missed these versions (held on this node).
+    pub async fn store_hints(
+        &self,
+        target: &str,
+        versions: &[StoredVersion],
+    ) -> Result<u64, StoreError> {
+        let keys: Vec<&str> = versions.iter().map(|v| v.key.as_str()).collect();
+        let nodes: Vec<&str> = versions.iter().map(|v| v.dot.node.as_str()).collect();
+        let seqs: Vec<i64> = versions.iter().map(|v| v.dot.seq as i64).collect();
+        // Only versions this node holds can be hinted (the foreign key).
+        let result = sqlx::query(
+            "INSERT INTO hints (target, key, node, seq) \
+             SELECT $1, t.k, t.n, t.s FROM UNNEST($2::text[], $3::text[], $4::bigint[]) AS t(k, n, s) \
+             WHERE EXISTS (SELECT 1 FROM versions v WHERE (v.key, v.node, v.seq) = (t.k, t.n, t.s))",
+        )
+        .bind(target)
+        .bind(keys)
+        .bind(nodes)
+        .bind(seqs)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// The oldest `limit` hints for `target`, after deleting those older
+    /// than `window`; each with its version and its key's frontier here.
+    pub async fn hint_pending(
+        &self,
+        target: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<Vec<(u64, StoredVersion, Vec<StoredVersion>)>, StoreError> {
+        let expired =
+            sqlx::query("DELETE FROM hints WHERE created_at < now() - make_interval(secs => $1)")
+                .bind(window.as_secs_f64())
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        if expired > 0 {
+            tracing::warn!(
+                expired,
+                "dropped hints older than the hint window; anti-entropy must repair them"
+            );
+            metrics::counter!("hints_expired_total").increment(expired);
+        }
+        let rows = sqlx::query(
+            "SELECT h.id, v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, \
+                    v.idempotency_key, v.body_hash \
+             FROM hints h JOIN versions v ON (v.key, v.node, v.seq) = (h.key, h.node, h.seq) \
+             WHERE h.target = $1 ORDER BY h.id LIMIT $2",
+        )
+        .bind(target)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        self.with_frontiers(&rows).await
+    }
+
+    /// Deletes delivered hints; returns how many existed.
+    pub async fn hint_done(&self, ids: &[u64]) -> Result<u64, StoreError> {
+        let ids: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
+        let result = sqlx::query("DELETE FROM hints WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Per target: pending hints and the age of the oldest, in ms.
+    pub async fn hint_stats(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let rows: Vec<(String, i64, f64)> = sqlx::query_as(
+            "SELECT target, count(*), \
+                    COALESCE(EXTRACT(EPOCH FROM (now() - min(created_at))) * 1000, 0)::float8 \
+             FROM hints GROUP BY target ORDER BY target",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(t, n, age)| (t, n as u64, age.max(0.0) as u64))
             .collect())
     }
 

@@ -235,3 +235,46 @@ async fn idempotency_key_replays_the_first_version_or_refuses_another_body() {
             .replayed
     );
 }
+
+#[tokio::test]
+async fn hints_wait_for_their_target_and_expire_after_the_window() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let store = open(&pg, "n1").await;
+    let v1 = store.mint("k1", "1").await.unwrap();
+    let v2 = store.mint("k2", "2").await.unwrap();
+    let elsewhere = version("k3", "zz", 1, Hlc::new(1, 0), "3", &[]);
+    // Only versions this node holds can be hinted.
+    assert_eq!(
+        store
+            .store_hints("n2", &[v1.clone(), v2.clone(), elsewhere])
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(store.hint_stats().await.unwrap()[0].0, "n2");
+    let pending = store
+        .hint_pending("n2", 10, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 2);
+    assert_eq!(pending[0].1, v1, "oldest first");
+    assert_eq!(pending[0].2, vec![v1.clone()], "with the key's frontier");
+    assert!(
+        store
+            .hint_pending("n3", 10, Duration::from_secs(3600))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.hint_done(&[pending[0].0]).await.unwrap(), 1);
+    // Past the window, hints are dropped (anti-entropy's job then).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        store
+            .hint_pending("n2", 10, Duration::from_millis(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.hint_stats().await.unwrap().is_empty());
+}

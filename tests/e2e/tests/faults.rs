@@ -173,3 +173,64 @@ async fn a_hung_replica_times_out_then_is_routed_around() {
         assert_eq!((status, &body["value"]), (200, &json!(value)), "{key}");
     }
 }
+
+/// Hints the region's coordinator reports for `target`.
+async fn hints_pending(api: &Api, target: &str) -> u64 {
+    let (_, health) = api
+        .raw(reqwest::Method::GET, "/api/logs/health", Vec::new())
+        .await;
+    health["hints"]
+        .as_array()
+        .and_then(|h| h.iter().find(|h| h["target"] == target))
+        .map_or(0, |h| h["pending"].as_u64().unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hint_replay_alone_brings_back_a_node_that_was_down() {
+    let mut cluster = TestCluster::start(TUTORIAL).await.expect("cluster starts");
+    let api = Api::new(cluster.gateway("a"));
+    cluster.cluster.stop_node("a5", false).unwrap();
+    api.wait_replica_state("a5", "dead").await;
+
+    let keys: Vec<String> = (0..20).map(|i| format!("hinted-{i}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let (status, body) = api.write(key, json!(i), Some("QUORUM")).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // The missed writes wait as durable hints (measured once a second).
+    common::wait_until(Duration::from_secs(10), || async {
+        hints_pending(&api, "a5").await == 20
+    })
+    .await;
+
+    cluster.cluster.start_node("a5").await.unwrap();
+    common::wait_until(Duration::from_secs(30), || async {
+        hints_pending(&api, "a5").await == 0
+    })
+    .await;
+    // Nothing read these keys (no read repair) and there is no anti-entropy:
+    // the node has every write from hint replay alone.
+    for (i, key) in keys.iter().enumerate() {
+        let (_, view) = api
+            .raw(
+                reqwest::Method::GET,
+                &format!("/api/logs/{key}/replicas"),
+                Vec::new(),
+            )
+            .await;
+        let a5 = view["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["node"] == "a5")
+            .unwrap()
+            .clone();
+        let values: Vec<serde_json::Value> = a5["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["value"].clone())
+            .collect();
+        assert_eq!(values, vec![json!(i)], "{key} on a5: {view}");
+    }
+}

@@ -136,6 +136,22 @@ pub async fn outbox_done(replica: &Replica, ids: Vec<u64>) {
     }
 }
 
+/// Records on `holder` (the node that minted `version`) that `target`
+/// missed it. A failure is logged: anti-entropy is then the safety net.
+pub async fn store_hint(holder: &Replica, target: &str, version: pb::Version) {
+    let mut client = holder.client.clone();
+    let request = pb::StoreHintsRequest {
+        target: target.to_string(),
+        versions: vec![version],
+    };
+    match client.store_hints(request).await {
+        Ok(_) => metrics::counter!("hints_stored_total").increment(1),
+        Err(status) => {
+            tracing::warn!(holder = %holder.node, target, error = %status.message(), "cannot store hint");
+        }
+    }
+}
+
 /// Every message of a response stream, or the error that cut it.
 async fn collect<T>(mut stream: tonic::Streaming<T>) -> Result<Vec<T>, tonic::Status> {
     let mut items = Vec::new();
