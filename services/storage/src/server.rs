@@ -1,7 +1,7 @@
 //! The storage node's gRPC service: translates between protobuf messages and
 //! [`VersionStore`] calls. No SQL and no replication logic here.
 
-use crate::store::{HistoryCursor, Idempotency, StoredVersion, VersionStore};
+use crate::store::{HistoryCursor, Idempotency, Queue, StoredVersion, VersionStore};
 use geolog_core::causal::{Dot, VersionVector};
 use geolog_core::{ErrorCode, GeologError, Hlc};
 use geolog_proto::storage as pb;
@@ -285,7 +285,7 @@ impl pb::storage_server::Storage for StorageService {
     ) -> Result<Response<pb::OutboxDoneResponse>, Status> {
         let deleted = self
             .store
-            .hint_done(&request.into_inner().ids)
+            .queue_done(Queue::Hints, &request.into_inner().ids)
             .await
             .map_err(|e| fail("hint_done", e))?;
         Ok(Response::new(pb::OutboxDoneResponse {
@@ -299,7 +299,7 @@ impl pb::storage_server::Storage for StorageService {
     ) -> Result<Response<pb::HintStatsResponse>, Status> {
         let stats = self
             .store
-            .hint_stats()
+            .queue_stats(Queue::Hints)
             .await
             .map_err(|e| fail("hint_stats", e))?;
         Ok(Response::new(pb::HintStatsResponse {
@@ -320,7 +320,7 @@ impl pb::storage_server::Storage for StorageService {
     ) -> Result<Response<pb::OutboxDoneResponse>, Status> {
         let deleted = self
             .store
-            .outbox_done(&request.into_inner().ids)
+            .queue_done(Queue::Outbox, &request.into_inner().ids)
             .await
             .map_err(|e| fail("outbox_done", e))?;
         Ok(Response::new(pb::OutboxDoneResponse {
@@ -334,7 +334,7 @@ impl pb::storage_server::Storage for StorageService {
     ) -> Result<Response<pb::OutboxStatsResponse>, Status> {
         let stats = self
             .store
-            .outbox_stats()
+            .queue_stats(Queue::Outbox)
             .await
             .map_err(|e| fail("outbox_stats", e))?;
         Ok(Response::new(pb::OutboxStatsResponse {

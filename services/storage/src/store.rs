@@ -50,6 +50,14 @@ pub struct HistoryCursor {
     pub seq: u64,
 }
 
+/// The two delivery queues a node keeps: the cross-region outbox and the
+/// hints for replicas of its own region that missed writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    Outbox,
+    Hints,
+}
+
 /// A freshly minted version with what the write path needs next.
 #[derive(Debug)]
 pub struct Minted {
@@ -471,53 +479,39 @@ impl VersionStore {
         self.with_frontiers(&rows).await
     }
 
-    /// Deletes delivered hints; returns how many existed.
-    pub async fn hint_done(&self, ids: &[u64]) -> Result<u64, StoreError> {
+    /// Deletes delivered entries of `queue`; returns how many existed.
+    pub async fn queue_done(&self, queue: Queue, ids: &[u64]) -> Result<u64, StoreError> {
         let ids: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
-        let result = sqlx::query("DELETE FROM hints WHERE id = ANY($1)")
+        let sql = match queue {
+            Queue::Outbox => "DELETE FROM outbox WHERE id = ANY($1)",
+            Queue::Hints => "DELETE FROM hints WHERE id = ANY($1)",
+        };
+        Ok(sqlx::query(sql)
             .bind(ids)
             .execute(&self.pool)
-            .await?;
-        Ok(result.rows_affected())
+            .await?
+            .rows_affected())
     }
 
-    /// Per target: pending hints and the age of the oldest, in ms.
-    pub async fn hint_stats(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
-        let rows: Vec<(String, i64, f64)> = sqlx::query_as(
-            "SELECT target, count(*), \
-                    COALESCE(EXTRACT(EPOCH FROM (now() - min(created_at))) * 1000, 0)::float8 \
-             FROM hints GROUP BY target ORDER BY target",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+    /// Per destination (remote region, or target node for hints): pending
+    /// entries of `queue` and the age of the oldest, in ms.
+    pub async fn queue_stats(&self, queue: Queue) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let sql = match queue {
+            Queue::Outbox => {
+                "SELECT region, count(*), \
+                        COALESCE(EXTRACT(EPOCH FROM (now() - min(created_at))) * 1000, 0)::float8 \
+                 FROM outbox GROUP BY region ORDER BY region"
+            }
+            Queue::Hints => {
+                "SELECT target, count(*), \
+                        COALESCE(EXTRACT(EPOCH FROM (now() - min(created_at))) * 1000, 0)::float8 \
+                 FROM hints GROUP BY target ORDER BY target"
+            }
+        };
+        let rows: Vec<(String, i64, f64)> = sqlx::query_as(sql).fetch_all(&self.pool).await?;
         Ok(rows
             .into_iter()
-            .map(|(t, n, age)| (t, n as u64, age.max(0.0) as u64))
-            .collect())
-    }
-
-    /// Deletes delivered outbox entries; returns how many existed.
-    pub async fn outbox_done(&self, ids: &[u64]) -> Result<u64, StoreError> {
-        let ids: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
-        let result = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-            .bind(ids)
-            .execute(&self.pool)
-            .await?;
-        Ok(result.rows_affected())
-    }
-
-    /// Per region: pending entries and the age of the oldest, in ms.
-    pub async fn outbox_stats(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
-        let rows: Vec<(String, i64, f64)> = sqlx::query_as(
-            "SELECT region, count(*), \
-                    COALESCE(EXTRACT(EPOCH FROM (now() - min(created_at))) * 1000, 0)::float8 \
-             FROM outbox GROUP BY region ORDER BY region",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(r, n, age)| (r, n as u64, age.max(0.0) as u64))
+            .map(|(d, n, age)| (d, n as u64, age.max(0.0) as u64))
             .collect())
     }
 

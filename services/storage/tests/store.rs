@@ -2,7 +2,9 @@
 
 use geolog_core::Hlc;
 use geolog_core::causal::{Dot, VersionVector};
-use geolog_storage::store::{HistoryCursor, PoolSettings, StoreError, StoredVersion, VersionStore};
+use geolog_storage::store::{
+    HistoryCursor, PoolSettings, Queue, StoreError, StoredVersion, VersionStore,
+};
 use geolog_testkit::TestPostgres;
 use std::time::Duration;
 
@@ -251,7 +253,7 @@ async fn hints_wait_for_their_target_and_expire_after_the_window() {
             .unwrap(),
         2
     );
-    assert_eq!(store.hint_stats().await.unwrap()[0].0, "n2");
+    assert_eq!(store.queue_stats(Queue::Hints).await.unwrap()[0].0, "n2");
     let pending = store
         .hint_pending("n2", 10, Duration::from_secs(3600))
         .await
@@ -266,7 +268,13 @@ async fn hints_wait_for_their_target_and_expire_after_the_window() {
             .unwrap()
             .is_empty()
     );
-    assert_eq!(store.hint_done(&[pending[0].0]).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .queue_done(Queue::Hints, &[pending[0].0])
+            .await
+            .unwrap(),
+        1
+    );
     // Past the window, hints are dropped (anti-entropy's job then).
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(
@@ -276,5 +284,5 @@ async fn hints_wait_for_their_target_and_expire_after_the_window() {
             .unwrap()
             .is_empty()
     );
-    assert!(store.hint_stats().await.unwrap().is_empty());
+    assert!(store.queue_stats(Queue::Hints).await.unwrap().is_empty());
 }
