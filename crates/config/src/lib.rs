@@ -62,6 +62,31 @@ pub struct GeologConfig {
     /// Storage node tuning.
     #[serde(default)]
     pub storage: StorageSettings,
+    /// Anti-entropy worker tuning.
+    #[serde(default)]
+    pub anti_entropy: AntiEntropySettings,
+}
+
+/// Anti-entropy worker settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AntiEntropySettings {
+    /// Pause between two passes over the pairs of replicas of the region.
+    pub interval_ms: u64,
+    /// Every this many passes, also compare with the other regions' replicas.
+    pub cross_region_every: u32,
+    /// Deadline of one RPC to a storage node.
+    pub rpc_timeout_ms: u64,
+}
+
+impl Default for AntiEntropySettings {
+    fn default() -> Self {
+        AntiEntropySettings {
+            interval_ms: 10_000,
+            cross_region_every: 6,
+            rpc_timeout_ms: 30_000,
+        }
+    }
 }
 
 /// Ring settings. Every process must use the same values.

@@ -7,6 +7,7 @@ pub mod consistency;
 pub mod error;
 pub mod hlc;
 pub mod key;
+pub mod merkle;
 pub mod ring;
 
 pub use consistency::{AckTracker, ConsistencyLevel, Requirement};

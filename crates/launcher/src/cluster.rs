@@ -16,6 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// Id suffix of a region's anti-entropy worker in `cluster.json` (`a-ae1`).
+pub const ANTI_ENTROPY_SUFFIX: &str = "-ae1";
+
 /// Name of the generated/effective config inside the data dir.
 pub const CONFIG_FILE: &str = "geolog.toml";
 /// Name of the process list inside the data dir.
@@ -94,7 +97,7 @@ pub struct ClusterFile {
 /// One process in `cluster.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterProcess {
-    /// `gateway`, `coordinator` or `storage`.
+    /// `gateway`, `coordinator`, `storage` or `anti-entropy` (no address).
     pub role: String,
     pub region: String,
     pub id: String,
@@ -166,7 +169,12 @@ impl RunningCluster {
         let data_dir =
             std::fs::canonicalize(&spec.data_dir).map_err(LaunchError::io("resolve data dir"))?;
         let spec = ClusterSpec { data_dir, ..spec };
-        for bin in ["geolog-storage", "geolog-coordinator", "geolog-gateway"] {
+        for bin in [
+            "geolog-storage",
+            "geolog-coordinator",
+            "geolog-gateway",
+            "geolog-anti-entropy",
+        ] {
             if !spec.bin_dir.join(bin).is_file() {
                 return Err(LaunchError::Invalid(format!(
                     "{bin} not found in {}; build it with `cargo build --workspace --bins` \
@@ -350,11 +358,12 @@ impl RunningCluster {
         id: &str,
     ) -> Result<ManagedProcess, LaunchError> {
         let mut command = Command::new(self.spec.bin_dir.join(bin));
-        command
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--id")
-            .arg(id);
+        command.arg("--config").arg(&self.config_path);
+        // The anti-entropy worker is per region, not a process of the topology.
+        match id.strip_suffix(ANTI_ENTROPY_SUFFIX) {
+            Some(region) if role == "anti-entropy" => command.arg("--region").arg(region),
+            _ => command.arg("--id").arg(id),
+        };
         // Errors (not panics) print one line instead of a backtrace.
         command.env("RUST_LIB_BACKTRACE", "0");
         command.envs(self.spec.env.iter().map(|(k, v)| (k, v)));
@@ -417,7 +426,19 @@ impl RunningCluster {
                 });
             }
         }
-        self.wait_role("gateway").await
+        self.wait_role("gateway").await?;
+        for region in &regions {
+            let id = format!("{}{ANTI_ENTROPY_SUFFIX}", region.name);
+            let process = self.spawn_service("anti-entropy", "geolog-anti-entropy", &id)?;
+            self.services.push(Service {
+                role: "anti-entropy",
+                region: region.name.clone(),
+                id,
+                addr: String::new(),
+                process,
+            });
+        }
+        self.wait_role("anti-entropy").await
     }
 
     /// Waits until every process of `role` answers its health check.
@@ -443,6 +464,8 @@ impl RunningCluster {
                 let healthy = match role {
                     "storage" => storage_healthy(&service.addr).await,
                     "coordinator" => coordinator_healthy(&service.addr).await,
+                    // No port: running (checked above) is all it can show.
+                    "anti-entropy" => true,
                     _ => http
                         .get(format!("http://{}/api/logs/health", service.addr))
                         .timeout(Duration::from_secs(2))
@@ -555,6 +578,7 @@ impl RunningCluster {
         let bin = match role {
             "storage" => "geolog-storage",
             "coordinator" => "geolog-coordinator",
+            "anti-entropy" => "geolog-anti-entropy",
             _ => "geolog-gateway",
         };
         self.services[pos]
@@ -663,7 +687,7 @@ impl RunningCluster {
 
     /// Stops everything: gateways, coordinators, storage nodes, PostgreSQL.
     pub fn shutdown(&mut self) {
-        for role in ["gateway", "coordinator", "storage"] {
+        for role in ["anti-entropy", "gateway", "coordinator", "storage"] {
             for service in self.services.iter_mut().filter(|s| s.role == role) {
                 service
                     .process

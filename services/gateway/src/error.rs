@@ -45,6 +45,15 @@ impl IntoResponse for ApiError {
         if status.is_server_error() && self.0.code == ErrorCode::Internal {
             tracing::error!(code = %self.0.code, message = %self.0.message, "request failed");
         }
-        (status, Json(ErrorEnvelope { error: &self.0 })).into_response()
+        let mut response = (status, Json(ErrorEnvelope { error: &self.0 })).into_response();
+        if self.0.code == ErrorCode::PayloadTooLarge {
+            // The rest of the body was not read, so this connection cannot
+            // carry another request; say so, or a client may reuse it.
+            response.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }

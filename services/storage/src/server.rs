@@ -3,6 +3,7 @@
 
 use crate::store::{HistoryCursor, Idempotency, Queue, StoredVersion, VersionStore};
 use geolog_core::causal::{Dot, VersionVector};
+use geolog_core::merkle::{Bucket, LEAF_DEPTH, LEVEL_BITS};
 use geolog_core::{ErrorCode, GeologError, Hlc};
 use geolog_proto::storage as pb;
 use std::sync::Arc;
@@ -94,6 +95,33 @@ fn pending_entries(
             })
             .collect(),
     }
+}
+
+/// Checks buckets received from the network.
+fn buckets(buckets: &[pb::Bucket]) -> Result<Vec<Bucket>, GeologError> {
+    if buckets.is_empty() || buckets.len() > 65_536 {
+        return Err(GeologError::new(
+            ErrorCode::InvalidRequest,
+            "between 1 and 65536 buckets",
+        ));
+    }
+    buckets
+        .iter()
+        .map(|b| {
+            let valid = b.depth <= LEAF_DEPTH && (b.depth == 0 || b.prefix < (1u64 << b.depth));
+            if valid && (b.depth > 0 || b.prefix == 0) {
+                Ok(Bucket {
+                    depth: b.depth,
+                    prefix: b.prefix,
+                })
+            } else {
+                Err(GeologError::new(
+                    ErrorCode::InvalidRequest,
+                    "invalid bucket",
+                ))
+            }
+        })
+        .collect()
 }
 
 fn cursor(c: Option<pb::HistoryCursor>) -> Option<HistoryCursor> {
@@ -228,6 +256,60 @@ impl pb::storage_server::Storage for StorageService {
             .map_err(|e| fail("find_idempotent", e))?;
         Ok(Response::new(pb::FindIdempotentResponse {
             versions: found.into_iter().map(to_proto).collect(),
+        }))
+    }
+
+    async fn digests(
+        &self,
+        request: Request<pb::DigestsRequest>,
+    ) -> Result<Response<pb::DigestsResponse>, Status> {
+        let req = request.into_inner();
+        let buckets = buckets(&req.buckets)?;
+        let depth = buckets.first().map_or(0, |b| b.depth) + if req.split { LEVEL_BITS } else { 0 };
+        if depth > LEAF_DEPTH
+            || buckets
+                .iter()
+                .any(|b| b.depth + if req.split { LEVEL_BITS } else { 0 } != depth)
+        {
+            return Err(GeologError::new(
+                ErrorCode::InvalidRequest,
+                "buckets must share one depth, at most the leaf depth",
+            )
+            .into());
+        }
+        let ranges: Vec<(i64, i64)> = buckets.iter().map(|b| b.hash_range()).collect();
+        let digests = self
+            .store
+            .digests(&ranges, depth)
+            .await
+            .map_err(|e| fail("digests", e))?;
+        Ok(Response::new(pb::DigestsResponse {
+            digests: digests
+                .into_iter()
+                .map(|(prefix, digest, versions)| pb::BucketDigest {
+                    bucket: Some(pb::Bucket { depth, prefix }),
+                    digest,
+                    versions,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn bucket_versions(
+        &self,
+        request: Request<pb::BucketVersionsRequest>,
+    ) -> Result<Response<pb::BucketVersionsResponse>, Status> {
+        let ranges: Vec<(i64, i64)> = buckets(&request.into_inner().buckets)?
+            .iter()
+            .map(|b| b.hash_range())
+            .collect();
+        let versions = self
+            .store
+            .range_versions(&ranges)
+            .await
+            .map_err(|e| fail("bucket_versions", e))?;
+        Ok(Response::new(pb::BucketVersionsResponse {
+            versions: versions.into_iter().map(to_proto).collect(),
         }))
     }
 

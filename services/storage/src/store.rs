@@ -515,6 +515,56 @@ impl VersionStore {
             .collect())
     }
 
+    /// Digests of the buckets of depth `depth` inside `ranges` (inclusive
+    /// signed hash ranges of `hashtextextended(key, 0)`), computed here by
+    /// aggregation: (prefix, XOR of version hashes, versions). Empty
+    /// buckets are left out.
+    pub async fn digests(
+        &self,
+        ranges: &[(i64, i64)],
+        depth: u32,
+    ) -> Result<Vec<(u64, u64, u64)>, StoreError> {
+        let (lows, highs): (Vec<i64>, Vec<i64>) = ranges.iter().copied().unzip();
+        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT CASE WHEN $3 = 0 THEN 0 ELSE (h >> (64 - $3)) & ((1::bigint << $3) - 1) END AS bucket, \
+                    bit_xor(vh), count(*) \
+             FROM (SELECT hashtextextended(v.key, 0) AS h, \
+                          hashtextextended(v.key || chr(31) || v.node || chr(31) || v.seq::text, 0) AS vh \
+                   FROM versions v \
+                   JOIN UNNEST($1::bigint[], $2::bigint[]) AS r(lo, hi) \
+                     ON hashtextextended(v.key, 0) BETWEEN r.lo AND r.hi) t \
+             GROUP BY bucket",
+        )
+        .bind(lows)
+        .bind(highs)
+        .bind(depth as i32)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(b, d, n)| (b as u64, d as u64, n as u64))
+            .collect())
+    }
+
+    /// Every version of every key whose hash falls in `ranges`.
+    pub async fn range_versions(
+        &self,
+        ranges: &[(i64, i64)],
+    ) -> Result<Vec<StoredVersion>, StoreError> {
+        let (lows, highs): (Vec<i64>, Vec<i64>) = ranges.iter().copied().unzip();
+        let rows = sqlx::query(
+            "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, \
+                    v.idempotency_key, v.body_hash \
+             FROM versions v JOIN UNNEST($1::bigint[], $2::bigint[]) AS r(lo, hi) \
+               ON hashtextextended(v.key, 0) BETWEEN r.lo AND r.hi",
+        )
+        .bind(lows)
+        .bind(highs)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(version_from_row).collect()
+    }
+
     /// How many versions of `key` this node holds (history included).
     pub async fn count_versions(&self, key: &str) -> Result<i64, StoreError> {
         Ok(
