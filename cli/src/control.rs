@@ -75,6 +75,11 @@ async fn node_start(State(cluster): State<SharedCluster>, Json(n): Json<Node>) -
     answer(cluster.lock().await.start_node(&n.id).await)
 }
 
+async fn node_wipe(State(cluster): State<SharedCluster>, Json(n): Json<Node>) -> Answer {
+    let mut cluster = cluster.lock().await;
+    answer(cluster.wipe_node(&n.id).await)
+}
+
 pub fn router(cluster: SharedCluster) -> Router {
     Router::new()
         .route("/fault/partition", post(partition))
@@ -82,6 +87,7 @@ pub fn router(cluster: SharedCluster) -> Router {
         .route("/fault/latency", post(latency))
         .route("/node/stop", post(node_stop))
         .route("/node/start", post(node_start))
+        .route("/node/wipe", post(node_wipe))
         .with_state(cluster)
 }
 

@@ -56,7 +56,14 @@ enum Command {
         #[arg(long, default_value = ".geolog", global = true)]
         data_dir: PathBuf,
     },
-    /// Stop or start one storage node of a running cluster.
+    /// Anti-entropy on demand.
+    Repair {
+        #[command(subcommand)]
+        repair: RepairCommand,
+        #[arg(long, default_value = ".geolog", global = true)]
+        data_dir: PathBuf,
+    },
+    /// Stop, start or wipe one storage node of a running cluster.
     Node {
         #[command(subcommand)]
         node: NodeCommand,
@@ -101,6 +108,20 @@ enum NodeCommand {
     },
     /// Start a stopped storage node (and its PostgreSQL) again.
     Start { id: String },
+    /// Disk loss on demand: stop a storage node, delete its PostgreSQL data,
+    /// re-initialise it empty and start it again.
+    Wipe { id: String },
+}
+
+#[derive(Subcommand)]
+enum RepairCommand {
+    /// Compare every replica pair now (inside each region and across
+    /// regions) with Merkle trees, repair what differs, and print the result.
+    Run {
+        /// Only the replicas of this region (with their remote peers).
+        #[arg(long)]
+        region: Option<String>,
+    },
 }
 
 /// Sends one command to the control API of the cluster in `data_dir`.
@@ -240,9 +261,35 @@ async fn main() -> anyhow::Result<()> {
                     serde_json::json!({"id": id, "with_postgres": with_postgres}),
                 ),
                 NodeCommand::Start { id } => ("/node/start", serde_json::json!({"id": id})),
+                NodeCommand::Wipe { id } => ("/node/wipe", serde_json::json!({"id": id})),
             };
             control_call(&data_dir, path, body).await?;
             println!("ok");
+        }
+        Command::Repair {
+            repair: RepairCommand::Run { region },
+            data_dir,
+        } => {
+            let file = ClusterFile::read(&data_dir)?;
+            let config = geolog_config::GeologConfig::load(&file.config)?;
+            let regions: Vec<String> = match region {
+                Some(r) if config.region(&r).is_none() => bail!("no region {r:?} in this cluster"),
+                Some(r) => vec![r],
+                None => config.regions.iter().map(|r| r.name.clone()).collect(),
+            };
+            for region in regions {
+                let started = Instant::now();
+                let worker = geolog_anti_entropy::AntiEntropy::new(&config, &region)?;
+                let report = worker.pass(true).await;
+                println!(
+                    "region {region}: {} digests exchanged, {} differing leaves, {} versions sent, {} repaired, {:.2}s",
+                    report.digests,
+                    report.leaves,
+                    report.versions_sent,
+                    report.versions_repaired,
+                    started.elapsed().as_secs_f64()
+                );
+            }
         }
         Command::Status { data_dir } => {
             let file = ClusterFile::read(&data_dir)?;

@@ -133,7 +133,8 @@ pub struct RunningCluster {
     config: GeologConfig,
     config_path: PathBuf,
     postgres: BTreeMap<String, PgServer>,
-    pg: Option<(PgBinaries, Option<PgUser>)>,
+    /// Binaries, user and initdb template of the PostgreSQL servers we manage.
+    pg: Option<(PgBinaries, Option<PgUser>, PathBuf)>,
     services: Vec<Service>,
     /// Inter-region links `(from, to)` through fault proxies.
     links: Vec<Link>,
@@ -306,7 +307,6 @@ impl RunningCluster {
         }
         let bins = PgBinaries::locate()?;
         let user = PgUser::for_current_process()?;
-        self.pg = Some((bins.clone(), user));
         let template = match &self.spec.template_dir {
             Some(dir) => dir.join(format!("pg-template-{}", bins.version()?)),
             None => self
@@ -315,6 +315,7 @@ impl RunningCluster {
                 .join(format!("pg-template-{}", bins.version()?)),
         };
         postgres::ensure_template(&bins, &template, user.as_ref())?;
+        self.pg = Some((bins.clone(), user, template.clone()));
         for id in managed {
             let (_, node) = self
                 .config
@@ -657,13 +658,37 @@ impl RunningCluster {
         self.write_cluster_file()
     }
 
+    /// Disk loss on demand: stops a storage node and its PostgreSQL,
+    /// deletes the PostgreSQL data, re-initialises it empty from the
+    /// template and starts both again. The node comes back with nothing;
+    /// hints and anti-entropy bring its data back.
+    pub async fn wipe_node(&mut self, id: &str) -> Result<(), LaunchError> {
+        let (_, user, template) = self.pg.clone().ok_or_else(|| {
+            LaunchError::Invalid("this cluster does not manage PostgreSQL".into())
+        })?;
+        self.stop_node(id, true)?;
+        let data = self
+            .postgres
+            .get(id)
+            .map(|server| server.data_dir.clone())
+            .ok_or_else(|| LaunchError::Invalid(format!("no managed PostgreSQL for {id:?}")))?;
+        std::fs::remove_dir_all(&data)
+            .map_err(LaunchError::io(format!("delete {}", data.display())))?;
+        postgres::ensure_data_dir(&template, &data)?;
+        if let Some(user) = &user {
+            user.own(&data)?;
+        }
+        tracing::warn!(node = id, "storage node wiped");
+        self.start_node(id).await
+    }
+
     /// Starts a stopped storage node again (its PostgreSQL first, if that
     /// was stopped too) and waits until it is healthy.
     pub async fn start_node(&mut self, id: &str) -> Result<(), LaunchError> {
         if let Some(server) = self.postgres.get_mut(id)
             && (server.process.exited().is_some() || server.pid() == 0)
         {
-            let (bins, user) = self
+            let (bins, user, _) = self
                 .pg
                 .clone()
                 .expect("managed PostgreSQL implies known binaries");

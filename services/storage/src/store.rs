@@ -179,14 +179,21 @@ impl VersionStore {
         .fetch_optional(&pool)
         .await?;
         let (own_seq, own_hlc) = newest.unwrap_or((0, 0));
-        // Never mint a dot this node already minted, even if the sequence
-        // itself was reset (restored database).
-        if own_seq > 0 {
-            sqlx::query("SELECT setval('dot_seq', GREATEST($1, (SELECT last_value FROM dot_seq)))")
-                .bind(own_seq)
-                .execute(&pool)
-                .await?;
-        }
+        // Never mint a dot this node already minted — even if its database
+        // was wiped or restored from an old backup, when other replicas
+        // still hold dots this one forgot (a reused dot would be dropped as
+        // "already stored" there: silent loss). So the sequence starts past
+        // both its own newest dot and the wall clock in microseconds, which
+        // no earlier incarnation of the node can have reached.
+        let wall_micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        sqlx::query("SELECT setval('dot_seq', GREATEST($1, $2, (SELECT last_value FROM dot_seq)))")
+            .bind(own_seq)
+            .bind(wall_micros)
+            .execute(&pool)
+            .await?;
         let newest_any: Option<i64> = sqlx::query_scalar("SELECT max(hlc) FROM versions")
             .fetch_one(&pool)
             .await?;
