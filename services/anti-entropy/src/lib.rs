@@ -205,6 +205,16 @@ impl AntiEntropy {
     }
 }
 
+fn to_wire(buckets: &[Bucket]) -> Vec<pb::Bucket> {
+    buckets
+        .iter()
+        .map(|b| pb::Bucket {
+            depth: b.depth,
+            prefix: b.prefix,
+        })
+        .collect()
+}
+
 async fn digests(
     node: &Node,
     buckets: &[Bucket],
@@ -212,13 +222,7 @@ async fn digests(
 ) -> Result<BTreeMap<Bucket, (u64, u64)>, tonic::Status> {
     let mut client = node.client.clone();
     let request = pb::DigestsRequest {
-        buckets: buckets
-            .iter()
-            .map(|b| pb::Bucket {
-                depth: b.depth,
-                prefix: b.prefix,
-            })
-            .collect(),
+        buckets: to_wire(buckets),
         split,
     };
     let answer = client.digests(request).await?.into_inner();
@@ -245,13 +249,7 @@ async fn bucket_versions(
 ) -> Result<Vec<pb::Version>, tonic::Status> {
     let mut client = node.client.clone();
     let request = pb::BucketVersionsRequest {
-        buckets: buckets
-            .iter()
-            .map(|b| pb::Bucket {
-                depth: b.depth,
-                prefix: b.prefix,
-            })
-            .collect(),
+        buckets: to_wire(buckets),
     };
     Ok(client.bucket_versions(request).await?.into_inner().versions)
 }

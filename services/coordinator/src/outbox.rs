@@ -216,9 +216,7 @@ async fn measure(engine: &QuorumEngine, view: &OutboxView) {
             continue;
         };
         for stats in response.into_inner().regions {
-            let entry = totals.entry(stats.region).or_default();
-            entry.0 += stats.depth;
-            entry.1 = entry.1.max(stats.oldest_age_ms);
+            add_queue_stats(&mut totals, stats.region, stats.depth, stats.oldest_age_ms);
         }
     }
     for (region, (depth, age)) in &totals {
@@ -238,9 +236,7 @@ async fn measure(engine: &QuorumEngine, view: &OutboxView) {
             continue;
         };
         for stats in response.into_inner().targets {
-            let entry = hints.entry(stats.target).or_default();
-            entry.0 += stats.pending;
-            entry.1 = entry.1.max(stats.oldest_age_ms);
+            add_queue_stats(&mut hints, stats.target, stats.pending, stats.oldest_age_ms);
         }
     }
     for replica in engine.replicas().all_local() {
@@ -251,6 +247,19 @@ async fn measure(engine: &QuorumEngine, view: &OutboxView) {
         .hints
         .lock()
         .expect("lock is never poisoned: no panics while held") = hints;
+}
+
+/// Adds one node's pending count and oldest age for `destination` (a remote
+/// region or a target node) to the region-wide totals.
+fn add_queue_stats(
+    totals: &mut BTreeMap<String, (u64, u64)>,
+    destination: String,
+    pending: u64,
+    oldest_age_ms: u64,
+) {
+    let entry = totals.entry(destination).or_default();
+    entry.0 += pending;
+    entry.1 = entry.1.max(oldest_age_ms);
 }
 
 /// Hinted handoff: for every local replica that is alive again, applies
