@@ -121,7 +121,36 @@ enum RepairCommand {
         /// Only the replicas of this region (with their remote peers).
         #[arg(long)]
         region: Option<String>,
+        /// Only keys whose ring token is in LOW..=HIGH (u64, decimal or
+        /// 0x-hex; `geolog repair token KEY` prints a key's token).
+        #[arg(long, value_parser = parse_token_range)]
+        key_range: Option<(u64, u64)>,
     },
+    /// What each region's anti-entropy worker did: passes, the last pass
+    /// (ranges compared, digests, versions and bytes repaired, duration,
+    /// failures) and totals since it started.
+    Status,
+    /// Print the ring token of KEY (for `repair run --key-range`).
+    Token { key: String },
+}
+
+fn parse_token_range(text: &str) -> Result<(u64, u64), String> {
+    let parse = |t: &str| {
+        let t = t.trim();
+        match t.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => t.parse(),
+        }
+        .map_err(|e| format!("{t:?} is not a u64 token: {e}"))
+    };
+    let (low, high) = text
+        .split_once("..")
+        .ok_or_else(|| "expected LOW..HIGH".to_string())?;
+    let (low, high) = (parse(low)?, parse(high.trim_start_matches('='))?);
+    if low > high {
+        return Err(format!("empty range: {low} > {high}"));
+    }
+    Ok((low, high))
 }
 
 /// Sends one command to the control API of the cluster in `data_dir`.
@@ -267,7 +296,7 @@ async fn main() -> anyhow::Result<()> {
             println!("ok");
         }
         Command::Repair {
-            repair: RepairCommand::Run { region },
+            repair: RepairCommand::Run { region, key_range },
             data_dir,
         } => {
             let file = ClusterFile::read(&data_dir)?;
@@ -277,20 +306,28 @@ async fn main() -> anyhow::Result<()> {
                 Some(r) => vec![r],
                 None => config.regions.iter().map(|r| r.name.clone()).collect(),
             };
+            let mut failed = 0;
             for region in regions {
-                let started = Instant::now();
-                let worker = geolog_anti_entropy::AntiEntropy::new(&config, &region)?;
-                let report = worker.pass(true).await;
-                println!(
-                    "region {region}: {} digests exchanged, {} differing leaves, {} versions sent, {} repaired, {:.2}s",
-                    report.digests,
-                    report.leaves,
-                    report.versions_sent,
-                    report.versions_repaired,
-                    started.elapsed().as_secs_f64()
-                );
+                let mut worker = geolog_anti_entropy::AntiEntropy::new(&config, &region)?;
+                if let Some((low, high)) = key_range {
+                    worker.restrict_to(&[(low, high)]);
+                }
+                let pass = worker.pass(true).await;
+                println!("region {region}: {}", describe_pass(&pass));
+                failed += pass.failed_pairs;
+            }
+            if failed > 0 {
+                bail!("{failed} comparisons failed; run again once the replicas answer");
             }
         }
+        Command::Repair {
+            repair: RepairCommand::Token { key },
+            ..
+        } => println!("{}", geolog_core::ring::key_token(&key)),
+        Command::Repair {
+            repair: RepairCommand::Status,
+            data_dir,
+        } => repair_status(&data_dir).await?,
         Command::Status { data_dir } => {
             let file = ClusterFile::read(&data_dir)?;
             println!(
@@ -314,6 +351,77 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// One line about a pass of anti-entropy.
+fn describe_pass(pass: &geolog_anti_entropy::PassSummary) -> String {
+    let r = &pass.report;
+    let mut line = format!(
+        "{} pairs, {} ranges compared, {} digests exchanged, {} differing leaves, {} versions sent, {} repaired, {} bytes, {:.2}s",
+        pass.pairs,
+        r.ranges,
+        r.digests,
+        r.leaves,
+        r.versions_sent,
+        r.versions_repaired,
+        r.bytes,
+        pass.duration_ms as f64 / 1000.0
+    );
+    if pass.failed_pairs > 0 {
+        line += &format!(
+            "; {} pairs failed: {}",
+            pass.failed_pairs,
+            pass.errors.join("; ")
+        );
+    }
+    line
+}
+
+/// `geolog repair status`: asks each region's anti-entropy worker.
+async fn repair_status(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let file = ClusterFile::read(data_dir)?;
+    let http = reqwest::Client::new();
+    for p in file.processes.iter().filter(|p| p.role == "anti-entropy") {
+        if p.addr.is_empty() {
+            println!("region {}: worker {} serves no status (no address in the config)", p.region, p.id);
+            continue;
+        }
+        let answer = http
+            .get(format!("http://{}/status", p.addr))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status());
+        let status: geolog_anti_entropy::WorkerStatus = match answer {
+            Ok(r) => r.json().await.context("unreadable status")?,
+            Err(err) => {
+                println!("region {}: worker {} unreachable ({err})", p.region, p.id);
+                continue;
+            }
+        };
+        println!("region {}: {} passes since start", p.region, status.passes);
+        match &status.last_pass {
+            Some(pass) => {
+                let ago = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64)
+                    .saturating_sub(pass.finished_at_unix_ms);
+                println!(
+                    "  last pass {:.1}s ago{}: {}",
+                    ago as f64 / 1000.0,
+                    if pass.cross_region { " (with other regions)" } else { "" },
+                    describe_pass(pass)
+                );
+            }
+            None => println!("  no pass finished yet"),
+        }
+        let t = &status.totals;
+        println!(
+            "  totals: {} ranges compared, {} digests exchanged, {} versions repaired, {} bytes",
+            t.ranges, t.digests, t.versions_repaired, t.bytes
+        );
     }
     Ok(())
 }

@@ -296,6 +296,7 @@ impl GeologConfig {
                 .gateways
                 .iter()
                 .chain(&region.coordinators)
+                .chain(&region.anti_entropy)
                 .map(|p| (&p.id, &p.addr))
                 .chain(region.nodes.iter().map(|n| (&n.id, &n.addr)));
             for (id, addr) in processes {

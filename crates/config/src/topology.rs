@@ -24,9 +24,13 @@ pub struct RegionConfig {
     /// Storage nodes of this region.
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
+    /// The region's anti-entropy worker; its address serves `/status` and
+    /// `/metrics` over HTTP. Optional: without it the worker runs unseen.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anti_entropy: Vec<ProcessConfig>,
 }
 
-/// A gateway or coordinator process.
+/// A gateway, coordinator or anti-entropy process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessConfig {

@@ -5,6 +5,58 @@
 //! hashes), so two replicas compare a bucket with one number each and
 //! descend only where the numbers differ.
 
+use xxhash_rust::xxh3::xxh3_64;
+
+/// A key's place in the tree: its ring token (see [`crate::ring::key_token`])
+/// with the top bit flipped, as PostgreSQL's signed `bigint`. The flip keeps
+/// the order, so a token range of the ring is a range of this number and
+/// a pair of replicas compares exactly the keys both hold.
+pub fn tree_token(key: &str) -> i64 {
+    signed_token(crate::ring::key_token(key))
+}
+
+/// The order-preserving map from the ring's `u64` tokens to `i64`.
+pub fn signed_token(token: u64) -> i64 {
+    (token ^ (1 << 63)) as i64
+}
+
+/// The hash of one version (key and dot) that digests XOR together.
+/// Versions are immutable, so the dot names the whole version, causal
+/// context included.
+pub fn version_hash(key: &str, node: &str, seq: u64) -> i64 {
+    let mut bytes = Vec::with_capacity(key.len() + node.len() + 10);
+    bytes.extend_from_slice(key.as_bytes());
+    bytes.push(0x1f);
+    bytes.extend_from_slice(node.as_bytes());
+    bytes.push(0x1f);
+    bytes.extend_from_slice(&seq.to_le_bytes());
+    xxh3_64(&bytes) as i64
+}
+
+/// The parts of sorted, disjoint inclusive ranges `a` that are also in `b`.
+pub fn intersect(a: &[(i64, i64)], b: &[(i64, i64)]) -> Vec<(i64, i64)> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        let (low, high) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        if low <= high {
+            out.push((low, high));
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+/// The parts of `buckets` inside the sorted, disjoint `ranges`.
+pub fn clip(buckets: &[Bucket], ranges: &[(i64, i64)]) -> Vec<(i64, i64)> {
+    let mut spans: Vec<(i64, i64)> = buckets.iter().map(|b| b.hash_range()).collect();
+    spans.sort_unstable();
+    intersect(&spans, ranges)
+}
+
 /// Bits added per level (fanout 16).
 pub const LEVEL_BITS: u32 = 4;
 /// Depth of the leaves: 65,536 buckets.
@@ -23,8 +75,8 @@ impl Bucket {
         prefix: 0,
     };
 
-    /// The inclusive range of signed 64-bit hashes (PostgreSQL `bigint`)
-    /// whose top `depth` bits are `prefix`.
+    /// The inclusive range of tree tokens (PostgreSQL `bigint`) whose top
+    /// `depth` bits are `prefix`.
     pub fn hash_range(self) -> (i64, i64) {
         if self.depth == 0 {
             return (i64::MIN, i64::MAX);
@@ -78,7 +130,29 @@ mod tests {
         }
     }
 
+    fn ranges() -> impl Strategy<Value = Vec<(i64, i64)>> {
+        proptest::collection::btree_set(any::<i64>(), 0..20).prop_map(|points| {
+            let points: Vec<i64> = points.into_iter().collect();
+            points.chunks_exact(2).map(|c| (c[0], c[1])).collect()
+        })
+    }
+
+    #[test]
+    fn the_tree_token_keeps_the_ring_order() {
+        assert_eq!(signed_token(0), i64::MIN);
+        assert_eq!(signed_token(u64::MAX), i64::MAX);
+        assert!(signed_token(1 << 63) > signed_token((1 << 63) - 1));
+    }
+
     proptest! {
+        #[test]
+        fn intersect_keeps_exactly_the_common_points(a in ranges(), b in ranges(), x in any::<i64>()) {
+            let inside = |r: &[(i64, i64)]| r.iter().any(|&(l, h)| l <= x && x <= h);
+            let both = intersect(&a, &b);
+            prop_assert_eq!(inside(&both), inside(&a) && inside(&b));
+            prop_assert!(both.windows(2).all(|w| w[0].1 < w[1].0));
+        }
+
         #[test]
         fn a_hash_is_in_its_bucket_at_every_depth(hash in any::<i64>(), level in 0u32..=4) {
             let depth = level * LEVEL_BITS;

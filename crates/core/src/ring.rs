@@ -3,6 +3,7 @@
 //! walking clockwise from the key's token. Adding a node to a region of `n`
 //! moves about `1/(n+1)` of that region's keys and none elsewhere.
 
+use crate::merkle::{intersect, signed_token};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Virtual nodes per storage node: enough that a 3–10 node region is
@@ -60,6 +61,38 @@ impl RegionRing {
         }
         picked
     }
+
+    /// The token ranges (as tree tokens, sorted, merged) whose keys `node`
+    /// replicates. A key with token `t` starts its walk at the first vnode
+    /// token `>= t`, so the ring splits into the arcs `(t[i-1], t[i]]`,
+    /// with the arc of `t[0]` wrapping around zero.
+    fn owned_ranges(&self, node: usize) -> Vec<(i64, i64)> {
+        let mut arcs: Vec<(u64, u64)> = Vec::new();
+        for (i, &(token, _)) in self.tokens.iter().enumerate() {
+            if !self.replicas(token).contains(&node) {
+                continue;
+            }
+            if i == 0 {
+                arcs.push((0, token));
+                let last = self.tokens[self.tokens.len() - 1].0;
+                if last < u64::MAX {
+                    arcs.push((last + 1, u64::MAX));
+                }
+            } else if self.tokens[i - 1].0 < token {
+                arcs.push((self.tokens[i - 1].0 + 1, token));
+            }
+        }
+        arcs.sort_unstable();
+        let mut merged: Vec<(i64, i64)> = Vec::with_capacity(arcs.len());
+        for (low, high) in arcs {
+            let (low, high) = (signed_token(low), signed_token(high));
+            match merged.last_mut() {
+                Some(last) if last.1.checked_add(1) == Some(low) => last.1 = high,
+                _ => merged.push((low, high)),
+            }
+        }
+        merged
+    }
 }
 
 /// A replica chosen for a key: the node id and its region.
@@ -105,6 +138,28 @@ impl Ring {
     }
 }
 
+impl Ring {
+    /// The tree-token ranges of the keys that both `a` (a node of region
+    /// `region_a`) and `b` (of `region_b`) replicate: what the two must
+    /// agree on. Empty when either is unknown.
+    pub fn shared_ranges(
+        &self,
+        (region_a, a): (&str, &str),
+        (region_b, b): (&str, &str),
+    ) -> Vec<(i64, i64)> {
+        match (self.owned(region_a, a), self.owned(region_b, b)) {
+            (Some(a), Some(b)) => intersect(&a, &b),
+            _ => Vec::new(),
+        }
+    }
+
+    fn owned(&self, region: &str, node: &str) -> Option<Vec<(i64, i64)>> {
+        let ring = self.regions.iter().find(|r| r.name == region)?;
+        let idx = ring.nodes.iter().position(|n| n == node)?;
+        Some(ring.owned_ranges(idx))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +192,27 @@ mod tests {
             prop_assert_eq!(replicas.iter().filter(|p| p.region == "a").count(), 3);
             prop_assert_eq!(replicas.iter().filter(|p| p.region == "b").count(), 2);
         }
+    }
+
+    /// A key is in the shared ranges of two nodes exactly when both
+    /// replicate it — inside a region and across regions.
+    #[test]
+    fn shared_ranges_hold_exactly_the_common_keys() {
+        let (a, b) = (node_ids("a", 5), node_ids("b", 3));
+        let ring = Ring::new([("a", 3, a.as_slice()), ("b", 2, b.as_slice())], 16);
+        let pairs = [(("a", "a1"), ("a", "a2")), (("a", "a3"), ("b", "b2"))];
+        for (x, y) in pairs {
+            let shared = ring.shared_ranges(x, y);
+            for i in 0..5_000 {
+                let key = format!("k{i}");
+                let token = crate::merkle::tree_token(&key);
+                let in_ranges = shared.iter().any(|&(l, h)| l <= token && token <= h);
+                let replicas = ring.replicas(&key);
+                let holds = |(r, n): (&str, &str)| replicas.iter().any(|p| p.region == r && p.node == n);
+                assert_eq!(in_ranges, holds(x) && holds(y), "{key} for {x:?} {y:?}");
+            }
+        }
+        assert!(ring.shared_ranges(("a", "a1"), ("a", "nope")).is_empty());
     }
 
     /// Adding a fifth node to a four-node region moves about 1/5 of the

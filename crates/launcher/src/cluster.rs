@@ -97,7 +97,7 @@ pub struct ClusterFile {
 /// One process in `cluster.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterProcess {
-    /// `gateway`, `coordinator`, `storage` or `anti-entropy` (no address).
+    /// `gateway`, `coordinator`, `storage` or `anti-entropy`.
     pub role: String,
     pub region: String,
     pub id: String,
@@ -360,9 +360,11 @@ impl RunningCluster {
     ) -> Result<ManagedProcess, LaunchError> {
         let mut command = Command::new(self.spec.bin_dir.join(bin));
         command.arg("--config").arg(&self.config_path);
-        // The anti-entropy worker is per region, not a process of the topology.
-        match id.strip_suffix(ANTI_ENTROPY_SUFFIX) {
-            Some(region) if role == "anti-entropy" => command.arg("--region").arg(region),
+        // The anti-entropy worker is per region.
+        match self.config.regions.iter().find(|r| {
+            r.anti_entropy.iter().any(|p| p.id == id) || format!("{}{ANTI_ENTROPY_SUFFIX}", r.name) == id
+        }) {
+            Some(region) if role == "anti-entropy" => command.arg("--region").arg(&region.name),
             _ => command.arg("--id").arg(id),
         };
         // Errors (not panics) print one line instead of a backtrace.
@@ -429,13 +431,16 @@ impl RunningCluster {
         }
         self.wait_role("gateway").await?;
         for region in &regions {
-            let id = format!("{}{ANTI_ENTROPY_SUFFIX}", region.name);
+            let (id, addr) = match region.anti_entropy.first() {
+                Some(p) => (p.id.clone(), p.addr.clone()),
+                None => (format!("{}{ANTI_ENTROPY_SUFFIX}", region.name), String::new()),
+            };
             let process = self.spawn_service("anti-entropy", "geolog-anti-entropy", &id)?;
             self.services.push(Service {
                 role: "anti-entropy",
                 region: region.name.clone(),
                 id,
-                addr: String::new(),
+                addr,
                 process,
             });
         }
@@ -465,14 +470,16 @@ impl RunningCluster {
                 let healthy = match role {
                     "storage" => storage_healthy(&service.addr).await,
                     "coordinator" => coordinator_healthy(&service.addr).await,
-                    // No port: running (checked above) is all it can show.
-                    "anti-entropy" => true,
-                    _ => http
-                        .get(format!("http://{}/api/logs/health", service.addr))
-                        .timeout(Duration::from_secs(2))
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().is_success()),
+                    // Without a port, running (checked above) is all it can show.
+                    "anti-entropy" if service.addr.is_empty() => true,
+                    _ => {
+                        let path = if role == "anti-entropy" { "/health" } else { "/api/logs/health" };
+                        http.get(format!("http://{}{path}", service.addr))
+                            .timeout(Duration::from_secs(2))
+                            .send()
+                            .await
+                            .is_ok_and(|r| r.status().is_success())
+                    }
                 };
                 if healthy {
                     break;

@@ -3,6 +3,7 @@
 //! one gateway (`a-gw1`) per region, all on loopback. Internal ports are
 //! picked free once and kept in the generated file, so restarts reuse them.
 
+use crate::cluster::ANTI_ENTROPY_SUFFIX;
 use crate::{LaunchError, free_port, postgres};
 use geolog_config::{GeologConfig, NodeConfig, ProcessConfig, RegionConfig};
 
@@ -66,6 +67,10 @@ pub fn generate(shape: Shape, gateway_port: u16) -> Result<GeologConfig, LaunchE
             }],
             coordinators: vec![ProcessConfig {
                 id: format!("{name}-co1"),
+                addr: loopback(free_port()?),
+            }],
+            anti_entropy: vec![ProcessConfig {
+                id: format!("{name}{ANTI_ENTROPY_SUFFIX}"),
                 addr: loopback(free_port()?),
             }],
             nodes,

@@ -1,72 +1,162 @@
 //! geolog anti-entropy worker (one per region): compares replicas pairwise
 //! with Merkle trees and repairs what differs.
 //!
-//! Each storage node computes the digest of any bucket of the key-hash
-//! space by aggregation inside its PostgreSQL (XOR of version hashes), so a
-//! comparison ships digests, never rows: root first, then only the 16
-//! children of buckets whose digests differ, down to the leaves; only the
-//! versions of differing leaves travel, in both directions, through the
-//! normal merge (so causality stays right). A pass compares every pair of
-//! replicas of the region and, every few passes, each of them with the
-//! other regions' replicas. Keys a node does not replicate are never sent to
-//! it. Progress is counted in metrics (`anti_entropy_*`).
+//! The tree is laid over the ring's token space. Two replicas compare only
+//! the token ranges whose keys both replicate ([`Ring::shared_ranges`]);
+//! each storage node computes the digest of any bucket of those ranges by
+//! aggregation inside its PostgreSQL (XOR of version hashes), so a
+//! comparison ships digests, never rows: the root first, then only the 16
+//! children of buckets whose digests differ, down to the leaves. Of the
+//! differing leaves, each side receives only the versions it lacks, through
+//! the normal merge (so causality stays right).
+//!
+//! A pass compares every pair of replicas of the region and, every few
+//! passes, each of them with the other regions' replicas — those through
+//! the remote region's coordinator, over the same links (and faults) as
+//! replication. Progress is counted in metrics (`anti_entropy_*`) and kept
+//! in a [`WorkerStatus`] the worker serves on `/status`.
 
 use geolog_config::GeologConfig;
-use geolog_core::merkle::{Bucket, LEAF_DEPTH};
+use geolog_core::Ring;
+use geolog_core::merkle::{Bucket, LEAF_DEPTH, LEVEL_BITS, clip, intersect, signed_token};
+use geolog_proto::coordinator as cpb;
+use geolog_proto::coordinator::coordinator_client::CoordinatorClient;
 use geolog_proto::storage as pb;
 use geolog_proto::storage::storage_client::StorageClient;
-use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
+
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Leaves are fetched and repaired in chunks of about this many versions.
+const VERSIONS_PER_CALL: u64 = 5_000;
+
+/// How the worker reaches a storage node.
+#[derive(Clone)]
+enum Access {
+    /// A node of the worker's region.
+    Direct(StorageClient<Channel>),
+    /// A node of another region, through that region's coordinator.
+    Relayed(CoordinatorClient<Channel>),
+}
 
 /// One storage node as the worker sees it.
 #[derive(Clone)]
 pub struct Node {
     pub id: String,
     pub region: String,
-    client: StorageClient<Channel>,
+    access: Access,
 }
 
-/// What one comparison of two replicas did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// What one or more comparisons did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PairReport {
+    /// Token ranges compared (shared by both replicas of a pair).
+    pub ranges: u64,
     /// Digests received from both sides.
     pub digests: u64,
     /// Leaf buckets that differed.
     pub leaves: u64,
-    /// Versions sent to either side.
+    /// Versions sent to a side that lacked them.
     pub versions_sent: u64,
     /// Versions that were new to the receiving side.
     pub versions_repaired: u64,
+    /// Encoded bytes of everything exchanged: digests, leaf versions
+    /// fetched from both sides, versions sent.
+    pub bytes: u64,
+}
+
+impl PairReport {
+    fn add(&mut self, other: &PairReport) {
+        self.ranges += other.ranges;
+        self.digests += other.digests;
+        self.leaves += other.leaves;
+        self.versions_sent += other.versions_sent;
+        self.versions_repaired += other.versions_repaired;
+        self.bytes += other.bytes;
+    }
+}
+
+/// One finished pass.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PassSummary {
+    pub finished_at_unix_ms: u64,
+    pub duration_ms: u64,
+    pub cross_region: bool,
+    /// Pairs of replicas compared, and how many of them failed.
+    pub pairs: u64,
+    pub failed_pairs: u64,
+    /// The last few failures (`a <-> b: message`).
+    pub errors: Vec<String>,
+    #[serde(flatten)]
+    pub report: PairReport,
+}
+
+/// What the worker has done since it started (served on `/status`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub region: String,
+    pub passes: u64,
+    pub last_pass: Option<PassSummary>,
+    pub totals: PairReport,
 }
 
 /// The worker of one region.
 pub struct AntiEntropy {
     region: String,
     nodes: Vec<Node>,
-    ring: geolog_core::Ring,
+    ring: Ring,
     interval: Duration,
     cross_region_every: u32,
+    /// When set, only these tree-token ranges are compared.
+    only: Option<Vec<(i64, i64)>>,
+    status: Arc<Mutex<WorkerStatus>>,
 }
 
 impl AntiEntropy {
-    /// Builds lazy clients to every storage node of the topology.
+    /// Builds lazy clients: to the region's storage nodes directly, to the
+    /// other regions' nodes through their coordinators (or routes).
     pub fn new(config: &GeologConfig, region: &str) -> Result<Self, tonic::transport::Error> {
         let timeout = Duration::from_millis(config.anti_entropy.rpc_timeout_ms);
+        let channel = |addrs: Vec<String>| -> Result<Channel, tonic::transport::Error> {
+            let endpoints = addrs
+                .iter()
+                .map(|a| {
+                    Ok(Endpoint::from_shared(format!("http://{a}"))?
+                        .connect_timeout(Duration::from_secs(2))
+                        .timeout(timeout))
+                })
+                .collect::<Result<Vec<_>, tonic::transport::Error>>()?;
+            Ok(Channel::balance_list(endpoints.into_iter()))
+        };
         let mut nodes = Vec::new();
         for r in &config.regions {
+            let relay = if r.name == region {
+                None
+            } else {
+                Some(
+                    CoordinatorClient::new(channel(config.coordinator_addrs(region, &r.name))?)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                )
+            };
             for n in &r.nodes {
-                let channel = Endpoint::from_shared(format!("http://{}", n.addr))?
-                    .connect_timeout(Duration::from_secs(2))
-                    .timeout(timeout)
-                    .connect_lazy();
-                let client = StorageClient::new(channel)
-                    .max_decoding_message_size(64 * 1024 * 1024)
-                    .max_encoding_message_size(64 * 1024 * 1024);
+                let access = match &relay {
+                    Some(client) => Access::Relayed(client.clone()),
+                    None => Access::Direct(
+                        StorageClient::new(channel(vec![n.addr.clone()])?)
+                            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    ),
+                };
                 nodes.push(Node {
                     id: n.id.clone(),
                     region: r.name.clone(),
-                    client,
+                    access,
                 });
             }
         }
@@ -76,7 +166,28 @@ impl AntiEntropy {
             ring: config.ring(),
             interval: Duration::from_millis(config.anti_entropy.interval_ms),
             cross_region_every: config.anti_entropy.cross_region_every.max(1),
+            only: None,
+            status: Arc::new(Mutex::new(WorkerStatus {
+                region: region.to_string(),
+                ..Default::default()
+            })),
         })
+    }
+
+    /// Compares only keys whose ring token lies in one of `ranges`
+    /// (inclusive `u64` ring tokens).
+    pub fn restrict_to(&mut self, ranges: &[(u64, u64)]) {
+        let mut only: Vec<(i64, i64)> = ranges
+            .iter()
+            .map(|&(low, high)| (signed_token(low), signed_token(high)))
+            .collect();
+        only.sort_unstable();
+        self.only = Some(only);
+    }
+
+        /// The worker's progress, shared with whoever serves it.
+    pub fn status(&self) -> Arc<Mutex<WorkerStatus>> {
+        self.status.clone()
     }
 
     /// The pairs one pass compares: every pair inside the region, and with
@@ -101,35 +212,63 @@ impl AntiEntropy {
         pairs
     }
 
-    /// Compares every pair once; returns the summed report.
-    pub async fn pass(&self, cross_region: bool) -> PairReport {
-        let mut total = PairReport::default();
+    /// Compares every pair once; records and returns the summary.
+    pub async fn pass(&self, cross_region: bool) -> PassSummary {
+        let started = Instant::now();
+        let mut summary = PassSummary {
+            finished_at_unix_ms: 0,
+            duration_ms: 0,
+            cross_region,
+            pairs: 0,
+            failed_pairs: 0,
+            errors: Vec::new(),
+            report: PairReport::default(),
+        };
         for (a, b) in self.pairs(cross_region) {
-            let started = Instant::now();
+            let pair_started = Instant::now();
+            summary.pairs += 1;
             match self.compare(&a, &b).await {
                 Ok(report) => {
-                    metrics::counter!("anti_entropy_ranges_compared_total").increment(1);
+                    metrics::counter!("anti_entropy_ranges_compared_total").increment(report.ranges);
                     metrics::counter!("anti_entropy_digests_exchanged_total")
                         .increment(report.digests);
+                    metrics::counter!("anti_entropy_versions_sent_total")
+                        .increment(report.versions_sent);
                     metrics::counter!("anti_entropy_versions_repaired_total")
                         .increment(report.versions_repaired);
+                    metrics::counter!("anti_entropy_bytes_total").increment(report.bytes);
                     metrics::histogram!("anti_entropy_compare_seconds")
-                        .record(started.elapsed().as_secs_f64());
+                        .record(pair_started.elapsed().as_secs_f64());
                     if report.versions_sent > 0 {
                         tracing::info!(a = %a.id, b = %b.id, leaves = report.leaves, repaired = report.versions_repaired, "replicas repaired");
                     }
-                    total.digests += report.digests;
-                    total.leaves += report.leaves;
-                    total.versions_sent += report.versions_sent;
-                    total.versions_repaired += report.versions_repaired;
+                    summary.report.add(&report);
                 }
                 Err(status) => {
                     metrics::counter!("anti_entropy_errors_total").increment(1);
                     tracing::warn!(a = %a.id, b = %b.id, error = %status.message(), "comparison failed; next pass retries");
+                    summary.failed_pairs += 1;
+                    if summary.errors.len() < 5 {
+                        summary
+                            .errors
+                            .push(format!("{} <-> {}: {}", a.id, b.id, status.message()));
+                    }
                 }
             }
         }
-        total
+        summary.duration_ms = started.elapsed().as_millis() as u64;
+        summary.finished_at_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        metrics::counter!("anti_entropy_passes_total").increment(1);
+        metrics::gauge!("anti_entropy_last_pass_timestamp_seconds")
+            .set(summary.finished_at_unix_ms as f64 / 1000.0);
+        metrics::gauge!("anti_entropy_last_pass_failed_pairs").set(summary.failed_pairs as f64);
+        let mut status = self.status.lock().expect("status lock is never poisoned");
+        status.passes += 1;
+        status.totals.add(&summary.report);
+        status.last_pass = Some(summary.clone());
+        summary
     }
 
     /// Runs passes until `stop` changes.
@@ -137,8 +276,7 @@ impl AntiEntropy {
         let mut passes: u32 = 0;
         loop {
             let cross = passes.is_multiple_of(self.cross_region_every);
-            let report = self.pass(cross).await;
-            metrics::gauge!("anti_entropy_last_pass_repaired").set(report.versions_repaired as f64);
+            self.pass(cross).await;
             passes = passes.wrapping_add(1);
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}
@@ -147,109 +285,208 @@ impl AntiEntropy {
         }
     }
 
-    /// Compares two replicas: root digest, then only differing subtrees,
-    /// then exchanges the versions of differing leaves both ways.
-    pub async fn compare(&self, a: &Node, b: &Node) -> Result<PairReport, tonic::Status> {
-        let mut report = PairReport::default();
-        let (root_a, root_b) = (
-            digests(a, &[Bucket::ROOT], false).await?,
-            digests(b, &[Bucket::ROOT], false).await?,
-        );
-        report.digests += (root_a.len() + root_b.len()) as u64;
-        if root_a == root_b {
+    /// Compares two replicas over the ranges both hold: root digest, then
+    /// only differing subtrees, then gives each side the versions of
+    /// differing leaves it lacks.
+    pub async fn compare(&self, a: &Node, b: &Node) -> Result<PairReport, Status> {
+        let shared = self
+            .ring
+            .shared_ranges((&a.region, &a.id), (&b.region, &b.id));
+        let shared = match &self.only {
+            Some(only) => intersect(&shared, only),
+            None => shared,
+        };
+        let mut report = PairReport {
+            ranges: shared.len() as u64,
+            ..Default::default()
+        };
+        if shared.is_empty() {
             return Ok(report);
         }
-        let mut differing = vec![Bucket::ROOT];
-        while !differing.iter().all(|b| b.is_leaf()) {
-            let (da, db) = (
-                digests(a, &differing, true).await?,
-                digests(b, &differing, true).await?,
-            );
-            report.digests += (da.len() + db.len()) as u64;
-            let children: BTreeSet<&Bucket> = da.keys().chain(db.keys()).collect();
-            differing = children
+        let mut ranges = shared.clone();
+        let mut depth = 0;
+        let mut differing: Vec<(Bucket, u64)>;
+        loop {
+            let (da, db) = tokio::try_join!(
+                a.digests(&ranges, depth),
+                b.digests(&ranges, depth)
+            )?;
+            report.digests += (da.0.len() + db.0.len()) as u64;
+            report.bytes += da.1 + db.1;
+            let (da, db) = (da.0, db.0);
+            let buckets: BTreeSet<&Bucket> = da.keys().chain(db.keys()).collect();
+            differing = buckets
                 .into_iter()
                 .filter(|c| da.get(c) != db.get(c))
-                .copied()
+                .map(|c| {
+                    let size = |d: &BTreeMap<Bucket, (u64, u64)>| d.get(c).map_or(0, |x| x.1);
+                    (*c, size(&da) + size(&db))
+                })
                 .collect();
-            if differing.is_empty() {
-                return Ok(report);
+            if differing.is_empty() || depth == LEAF_DEPTH {
+                break;
             }
+            let parents: Vec<Bucket> = differing.iter().map(|(b, _)| *b).collect();
+            ranges = clip(&parents, &shared);
+            depth += LEVEL_BITS;
         }
         report.leaves = differing.len() as u64;
-        debug_assert!(differing.iter().all(|b| b.depth == LEAF_DEPTH));
-        let (va, vb) = (
-            bucket_versions(a, &differing).await?,
-            bucket_versions(b, &differing).await?,
-        );
-        for (from, to, versions) in [(a, b, va), (b, a, vb)] {
-            // Only keys the receiver replicates, and only what it lacks.
-            let useful: Vec<pb::Version> = versions
-                .into_iter()
-                .filter(|v| self.ring.replicas(&v.key).iter().any(|p| p.node == to.id))
-                .collect();
-            if useful.is_empty() {
-                continue;
+        for chunk in chunks(&differing) {
+            let ranges = clip(&chunk, &shared);
+            let (va, vb) = tokio::try_join!(a.versions(&ranges), b.versions(&ranges))?;
+            report.bytes += va.1 + vb.1;
+            let (va, vb) = (va.0, vb.0);
+            let dots = |vs: &[pb::Version]| -> HashSet<(String, Option<pb::Dot>)> {
+                vs.iter().map(identity).collect()
+            };
+            let (has_a, has_b) = (dots(&va), dots(&vb));
+            for (to, versions, has) in [(b, va, &has_b), (a, vb, &has_a)] {
+                let missing: Vec<pb::Version> = versions
+                    .into_iter()
+                    .filter(|v| !has.contains(&identity(v)))
+                    .collect();
+                if missing.is_empty() {
+                    continue;
+                }
+                report.versions_sent += missing.len() as u64;
+                report.bytes += missing.iter().map(|v| v.encoded_len() as u64).sum::<u64>();
+                report.versions_repaired += u64::from(to.apply(missing).await?);
             }
-            report.versions_sent += useful.len() as u64;
-            let mut client = to.client.clone();
-            let inserted = client
-                .apply(pb::ApplyRequest { versions: useful })
-                .await?
-                .into_inner()
-                .inserted;
-            report.versions_repaired += u64::from(inserted);
-            tracing::debug!(from = %from.id, to = %to.id, inserted, "leaf versions exchanged");
         }
+        debug_assert!(differing.iter().all(|(b, _)| b.depth == LEAF_DEPTH));
         Ok(report)
     }
 }
 
-fn to_wire(buckets: &[Bucket]) -> Vec<pb::Bucket> {
-    buckets
+/// Splits differing leaves into chunks of about [`VERSIONS_PER_CALL`]
+/// versions (both sides counted), so no message grows with the data set.
+fn chunks(leaves: &[(Bucket, u64)]) -> Vec<Vec<Bucket>> {
+    let mut out: Vec<Vec<Bucket>> = Vec::new();
+    let mut size = 0;
+    for &(leaf, versions) in leaves {
+        if out.is_empty() || size + versions > VERSIONS_PER_CALL {
+            out.push(Vec::new());
+            size = 0;
+        }
+        out.last_mut().expect("pushed above").push(leaf);
+        size += versions;
+    }
+    out
+}
+
+/// A version's identity: its key and dot.
+fn identity(v: &pb::Version) -> (String, Option<pb::Dot>) {
+    (v.key.clone(), v.dot.clone())
+}
+
+fn to_wire(ranges: &[(i64, i64)]) -> Vec<pb::TokenRange> {
+    ranges
         .iter()
-        .map(|b| pb::Bucket {
-            depth: b.depth,
-            prefix: b.prefix,
-        })
+        .map(|&(low, high)| pb::TokenRange { low, high })
         .collect()
 }
 
-async fn digests(
-    node: &Node,
-    buckets: &[Bucket],
-    split: bool,
-) -> Result<BTreeMap<Bucket, (u64, u64)>, tonic::Status> {
-    let mut client = node.client.clone();
-    let request = pb::DigestsRequest {
-        buckets: to_wire(buckets),
-        split,
-    };
-    let answer = client.digests(request).await?.into_inner();
-    Ok(answer
-        .digests
-        .into_iter()
-        .filter_map(|d| {
-            d.bucket.map(|b| {
-                (
-                    Bucket {
+impl Node {
+    /// The digests of the buckets of `depth` inside `ranges`, and the bytes
+    /// the answer took.
+    async fn digests(
+        &self,
+        ranges: &[(i64, i64)],
+        depth: u32,
+    ) -> Result<(BTreeMap<Bucket, (u64, u64)>, u64), Status> {
+        let request = pb::DigestsRequest {
+            ranges: to_wire(ranges),
+            depth,
+        };
+        let answer = match &self.access {
+            Access::Direct(client) => client.clone().digests(request).await?,
+            Access::Relayed(client) => {
+                let request = cpb::NodeDigestsRequest {
+                    node: self.id.clone(),
+                    request: Some(request),
+                };
+                client.clone().node_digests(request).await?
+            }
+        }
+        .into_inner();
+        let bytes = answer.encoded_len() as u64;
+        let digests = answer
+            .digests
+            .into_iter()
+            .filter_map(|d| {
+                d.bucket.map(|b| {
+                    let bucket = Bucket {
                         depth: b.depth,
                         prefix: b.prefix,
-                    },
-                    (d.digest, d.versions),
-                )
+                    };
+                    (bucket, (d.digest, d.versions))
+                })
             })
-        })
-        .collect())
+            .collect();
+        Ok((digests, bytes))
+    }
+
+    /// Every version of the keys inside `ranges`, and the bytes they took.
+    async fn versions(&self, ranges: &[(i64, i64)]) -> Result<(Vec<pb::Version>, u64), Status> {
+        let request = pb::BucketVersionsRequest {
+            ranges: to_wire(ranges),
+        };
+        let answer = match &self.access {
+            Access::Direct(client) => client.clone().bucket_versions(request).await?,
+            Access::Relayed(client) => {
+                let request = cpb::NodeBucketVersionsRequest {
+                    node: self.id.clone(),
+                    request: Some(request),
+                };
+                client.clone().node_bucket_versions(request).await?
+            }
+        }
+        .into_inner();
+        let bytes = answer.encoded_len() as u64;
+        Ok((answer.versions, bytes))
+    }
+
+    /// Merges `versions` into the node; returns how many were new.
+    async fn apply(&self, versions: Vec<pb::Version>) -> Result<u32, Status> {
+        let request = pb::ApplyRequest { versions };
+        let answer = match &self.access {
+            Access::Direct(client) => client.clone().apply(request).await?,
+            Access::Relayed(client) => {
+                let request = cpb::NodeApplyRequest {
+                    node: self.id.clone(),
+                    request: Some(request),
+                };
+                client.clone().node_apply(request).await?
+            }
+        };
+        Ok(answer.into_inner().inserted)
+    }
 }
 
-async fn bucket_versions(
-    node: &Node,
-    buckets: &[Bucket],
-) -> Result<Vec<pb::Version>, tonic::Status> {
-    let mut client = node.client.clone();
-    let request = pb::BucketVersionsRequest {
-        buckets: to_wire(buckets),
-    };
-    Ok(client.bucket_versions(request).await?.into_inner().versions)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_stay_near_the_bound_and_keep_every_leaf() {
+        let leaves: Vec<(Bucket, u64)> = (0..100)
+            .map(|i| {
+                let bucket = Bucket {
+                    depth: LEAF_DEPTH,
+                    prefix: i,
+                };
+                (bucket, 30 + i % 7 * 100)
+            })
+            .collect();
+        let split = chunks(&leaves);
+        assert_eq!(split.iter().map(Vec::len).sum::<usize>(), 100);
+        for chunk in &split {
+            let size: u64 = chunk
+                .iter()
+                .map(|b| leaves[b.prefix as usize].1)
+                .sum();
+            assert!(chunk.len() == 1 || size <= VERSIONS_PER_CALL);
+        }
+        assert!(chunks(&[]).is_empty());
+    }
 }

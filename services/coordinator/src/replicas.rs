@@ -138,7 +138,9 @@ impl ReplicaSet {
                         region: region.name.clone(),
                         addr: node.addr.clone(),
                         client,
-                        probe_client: StorageClient::new(channel),
+                        probe_client: StorageClient::new(channel)
+                            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                            .max_encoding_message_size(MAX_MESSAGE_BYTES),
                         state,
                     };
                     local.insert(node.id.clone(), Arc::new(replica));

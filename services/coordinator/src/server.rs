@@ -208,4 +208,55 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             hints: self.outbox.hints(),
         }))
     }
+
+    async fn node_digests(
+        &self,
+        request: Request<pb::NodeDigestsRequest>,
+    ) -> Result<Response<geolog_proto::storage::DigestsResponse>, Status> {
+        let req = request.into_inner();
+        let mut client = self.relay(&req.node)?;
+        client.digests(req.request.unwrap_or_default()).await
+    }
+
+    async fn node_bucket_versions(
+        &self,
+        request: Request<pb::NodeBucketVersionsRequest>,
+    ) -> Result<Response<geolog_proto::storage::BucketVersionsResponse>, Status> {
+        let req = request.into_inner();
+        let mut client = self.relay(&req.node)?;
+        client
+            .bucket_versions(req.request.unwrap_or_default())
+            .await
+    }
+
+    async fn node_apply(
+        &self,
+        request: Request<pb::NodeApplyRequest>,
+    ) -> Result<Response<geolog_proto::storage::ApplyResponse>, Status> {
+        let req = request.into_inner();
+        let mut client = self.relay(&req.node)?;
+        client.apply(req.request.unwrap_or_default()).await
+    }
+}
+
+impl CoordinatorService {
+    /// The client of local storage node `node` for relayed anti-entropy
+    /// calls: without the breaker, which is the write path's business.
+    fn relay(
+        &self,
+        node: &str,
+    ) -> Result<geolog_proto::storage::storage_client::StorageClient<tonic::transport::Channel>, Status>
+    {
+        self.engine
+            .replicas()
+            .local(node)
+            .map(|r| r.probe_client())
+            .ok_or_else(|| {
+                GeologError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("no storage node {node:?} in region {}", self.engine.region()),
+                )
+                .to_status()
+            })
+    }
 }

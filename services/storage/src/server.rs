@@ -3,7 +3,7 @@
 
 use crate::store::{HistoryCursor, Idempotency, Queue, StoredVersion, VersionStore};
 use geolog_core::causal::{Dot, VersionVector};
-use geolog_core::merkle::{Bucket, LEAF_DEPTH, LEVEL_BITS};
+use geolog_core::merkle::{LEAF_DEPTH, LEVEL_BITS};
 use geolog_core::{ErrorCode, GeologError, Hlc};
 use geolog_proto::storage as pb;
 use std::sync::Arc;
@@ -97,31 +97,19 @@ fn pending_entries(
     }
 }
 
-/// Checks buckets received from the network.
-fn buckets(buckets: &[pb::Bucket]) -> Result<Vec<Bucket>, GeologError> {
-    if buckets.is_empty() || buckets.len() > 65_536 {
-        return Err(GeologError::new(
+/// Checks token ranges received from the network.
+fn token_ranges(ranges: &[pb::TokenRange]) -> Result<Vec<(i64, i64)>, GeologError> {
+    let valid = ranges.len() <= 1_000_000
+        && ranges.iter().all(|r| r.low <= r.high)
+        && ranges.windows(2).all(|w| w[0].high < w[1].low);
+    if valid {
+        Ok(ranges.iter().map(|r| (r.low, r.high)).collect())
+    } else {
+        Err(GeologError::new(
             ErrorCode::InvalidRequest,
-            "between 1 and 65536 buckets",
-        ));
+            "token ranges must be sorted, disjoint, low <= high, at most 1,000,000",
+        ))
     }
-    buckets
-        .iter()
-        .map(|b| {
-            let valid = b.depth <= LEAF_DEPTH && (b.depth == 0 || b.prefix < (1u64 << b.depth));
-            if valid && (b.depth > 0 || b.prefix == 0) {
-                Ok(Bucket {
-                    depth: b.depth,
-                    prefix: b.prefix,
-                })
-            } else {
-                Err(GeologError::new(
-                    ErrorCode::InvalidRequest,
-                    "invalid bucket",
-                ))
-            }
-        })
-        .collect()
 }
 
 fn cursor(c: Option<pb::HistoryCursor>) -> Option<HistoryCursor> {
@@ -264,30 +252,27 @@ impl pb::storage_server::Storage for StorageService {
         request: Request<pb::DigestsRequest>,
     ) -> Result<Response<pb::DigestsResponse>, Status> {
         let req = request.into_inner();
-        let buckets = buckets(&req.buckets)?;
-        let depth = buckets.first().map_or(0, |b| b.depth) + if req.split { LEVEL_BITS } else { 0 };
-        if depth > LEAF_DEPTH
-            || buckets
-                .iter()
-                .any(|b| b.depth + if req.split { LEVEL_BITS } else { 0 } != depth)
-        {
+        if req.depth > LEAF_DEPTH || !req.depth.is_multiple_of(LEVEL_BITS) {
             return Err(GeologError::new(
                 ErrorCode::InvalidRequest,
-                "buckets must share one depth, at most the leaf depth",
+                format!("depth must be a multiple of {LEVEL_BITS}, at most {LEAF_DEPTH}"),
             )
             .into());
         }
-        let ranges: Vec<(i64, i64)> = buckets.iter().map(|b| b.hash_range()).collect();
+        let ranges = token_ranges(&req.ranges)?;
         let digests = self
             .store
-            .digests(&ranges, depth)
+            .digests(&ranges, req.depth)
             .await
             .map_err(|e| fail("digests", e))?;
         Ok(Response::new(pb::DigestsResponse {
             digests: digests
                 .into_iter()
                 .map(|(prefix, digest, versions)| pb::BucketDigest {
-                    bucket: Some(pb::Bucket { depth, prefix }),
+                    bucket: Some(pb::Bucket {
+                        depth: req.depth,
+                        prefix,
+                    }),
                     digest,
                     versions,
                 })
@@ -299,10 +284,7 @@ impl pb::storage_server::Storage for StorageService {
         &self,
         request: Request<pb::BucketVersionsRequest>,
     ) -> Result<Response<pb::BucketVersionsResponse>, Status> {
-        let ranges: Vec<(i64, i64)> = buckets(&request.into_inner().buckets)?
-            .iter()
-            .map(|b| b.hash_range())
-            .collect();
+        let ranges = token_ranges(&request.into_inner().ranges)?;
         let versions = self
             .store
             .range_versions(&ranges)

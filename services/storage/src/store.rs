@@ -7,6 +7,7 @@
 //! decides anything about quorums.
 
 use geolog_core::causal::{self, Causal, Dot, VersionVector};
+use geolog_core::merkle::{tree_token, version_hash};
 use geolog_core::{ErrorCode, GeologError, Hlc, HlcClock};
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -171,6 +172,8 @@ impl VersionStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
+
+        fill_tree_columns(&pool).await?;
 
         let newest: Option<(i64, i64)> = sqlx::query_as(
             "SELECT seq, hlc FROM versions WHERE node = $1 ORDER BY seq DESC LIMIT 1",
@@ -522,24 +525,22 @@ impl VersionStore {
             .collect())
     }
 
-    /// Digests of the buckets of depth `depth` inside `ranges` (inclusive
-    /// signed hash ranges of `hashtextextended(key, 0)`), computed here by
-    /// aggregation: (prefix, XOR of version hashes, versions). Empty
-    /// buckets are left out.
+    /// Digests of the buckets of depth `depth` of the versions inside
+    /// `ranges` (inclusive tree-token ranges, see
+    /// [`geolog_core::merkle::tree_token`]), computed here by aggregation:
+    /// (prefix, XOR of version hashes, versions). Empty buckets are left
+    /// out.
     pub async fn digests(
         &self,
         ranges: &[(i64, i64)],
         depth: u32,
     ) -> Result<Vec<(u64, u64, u64)>, StoreError> {
         let (lows, highs): (Vec<i64>, Vec<i64>) = ranges.iter().copied().unzip();
-        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-            "SELECT CASE WHEN $3 = 0 THEN 0 ELSE (h >> (64 - $3)) & ((1::bigint << $3) - 1) END AS bucket, \
-                    bit_xor(vh), count(*) \
-             FROM (SELECT hashtextextended(v.key, 0) AS h, \
-                          hashtextextended(v.key || chr(31) || v.node || chr(31) || v.seq::text, 0) AS vh \
-                   FROM versions v \
-                   JOIN UNNEST($1::bigint[], $2::bigint[]) AS r(lo, hi) \
-                     ON hashtextextended(v.key, 0) BETWEEN r.lo AND r.hi) t \
+            let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT CASE WHEN $3 = 0 THEN 0 ELSE (v.token >> (64 - $3)) & ((1::bigint << $3) - 1) END AS bucket, \
+                    bit_xor(v.vhash), count(*) \
+             FROM versions v \
+             JOIN UNNEST($1::bigint[], $2::bigint[]) AS r(lo, hi) ON v.token BETWEEN r.lo AND r.hi \
              GROUP BY bucket",
         )
         .bind(lows)
@@ -553,7 +554,7 @@ impl VersionStore {
             .collect())
     }
 
-    /// Every version of every key whose hash falls in `ranges`.
+    /// Every version of every key whose tree token falls in `ranges`.
     pub async fn range_versions(
         &self,
         ranges: &[(i64, i64)],
@@ -563,7 +564,7 @@ impl VersionStore {
             "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, \
                     v.idempotency_key, v.body_hash \
              FROM versions v JOIN UNNEST($1::bigint[], $2::bigint[]) AS r(lo, hi) \
-               ON hashtextextended(v.key, 0) BETWEEN r.lo AND r.hi",
+               ON v.token BETWEEN r.lo AND r.hi",
         )
         .bind(lows)
         .bind(highs)
@@ -664,12 +665,18 @@ async fn insert_versions(
         .iter()
         .map(|v| v.idempotency.as_ref().map(|i| i.body_hash.as_str()))
         .collect();
+    let tokens: Vec<i64> = versions.iter().map(|v| tree_token(&v.key)).collect();
+    let vhashes: Vec<i64> = versions
+        .iter()
+        .map(|v| version_hash(&v.key, &v.dot.node, v.dot.seq))
+        .collect();
     let result = sqlx::query(
-        "INSERT INTO versions (key, node, seq, hlc, value, context, superseded, idempotency_key, body_hash) \
-         SELECT k, n, s, h, v::json, c::jsonb, x, i, b \
+        "INSERT INTO versions (key, node, seq, hlc, value, context, superseded, idempotency_key, body_hash, \
+                               token, vhash) \
+         SELECT k, n, s, h, v::json, c::jsonb, x, i, b, tk, vh \
          FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bool[], \
-                     $8::text[], $9::text[]) \
-              AS t(k, n, s, h, v, c, x, i, b) \
+                     $8::text[], $9::text[], $10::bigint[], $11::bigint[]) \
+              AS t(k, n, s, h, v, c, x, i, b, tk, vh) \
          ON CONFLICT (key, node, seq) DO NOTHING",
     )
     .bind(keys)
@@ -681,6 +688,8 @@ async fn insert_versions(
     .bind(superseded)
     .bind(idem_keys)
     .bind(hashes)
+    .bind(tokens)
+    .bind(vhashes)
     .execute(&mut **tx)
     .await?;
     Ok(result.rows_affected())
@@ -730,4 +739,42 @@ fn version_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredVersion, StoreE
             _ => None,
         },
     })
+}
+
+/// Fills the tree columns of rows written before they existed (migration
+/// 0007), a batch at a time.
+async fn fill_tree_columns(pool: &PgPool) -> Result<(), StoreError> {
+    loop {
+        let rows: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT key, node, seq FROM versions WHERE token IS NULL LIMIT 5000")
+                .fetch_all(pool)
+                .await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let tokens: Vec<i64> = rows.iter().map(|(k, _, _)| tree_token(k)).collect();
+        let vhashes: Vec<i64> = rows
+            .iter()
+            .map(|(k, n, q)| version_hash(k, n, *q as u64))
+            .collect();
+        let (keys, nodes, seqs): (Vec<String>, Vec<String>, Vec<i64>) =
+            rows.into_iter().fold(Default::default(), |mut acc, (k, n, q)| {
+                acc.0.push(k);
+                acc.1.push(n);
+                acc.2.push(q);
+                acc
+            });
+        sqlx::query(
+            "UPDATE versions v SET token = t.tk, vhash = t.vh \
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) AS t(k, n, s, tk, vh) \
+             WHERE v.key = t.k AND v.node = t.n AND v.seq = t.s",
+        )
+        .bind(keys)
+        .bind(nodes)
+        .bind(seqs)
+        .bind(tokens)
+        .bind(vhashes)
+        .execute(pool)
+        .await?;
+    }
 }
