@@ -385,7 +385,10 @@ async fn repair_status(data_dir: &std::path::Path) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     for p in file.processes.iter().filter(|p| p.role == "anti-entropy") {
         if p.addr.is_empty() {
-            println!("region {}: worker {} serves no status (no address in the config)", p.region, p.id);
+            println!(
+                "region {}: worker {} serves no status (no address in the config)",
+                p.region, p.id
+            );
             continue;
         }
         let answer = http
@@ -411,7 +414,11 @@ async fn repair_status(data_dir: &std::path::Path) -> anyhow::Result<()> {
                 println!(
                     "  last pass {:.1}s ago{}: {}",
                     ago as f64 / 1000.0,
-                    if pass.cross_region { " (with other regions)" } else { "" },
+                    if pass.cross_region {
+                        " (with other regions)"
+                    } else {
+                        ""
+                    },
                     describe_pass(pass)
                 );
             }

@@ -126,6 +126,9 @@ pub struct CoordinatorSettings {
     pub outbox_batch: u32,
     /// Hints older than this are dropped and left to anti-entropy.
     pub hint_window_ms: u64,
+    /// Cross-region outbox entries older than this (a region unreachable
+    /// for longer) are dropped and left to anti-entropy; 0 keeps them.
+    pub outbox_window_ms: u64,
     /// A read that has not met its level after this long asks one more
     /// local replica (speculative retry).
     pub speculative_read_ms: u64,
@@ -149,6 +152,7 @@ impl Default for CoordinatorSettings {
             outbox_replay_interval_ms: 1_000,
             outbox_batch: 256,
             hint_window_ms: 3 * 60 * 60 * 1000,
+            outbox_window_ms: 3 * 60 * 60 * 1000,
             speculative_read_ms: 50,
             probe_timeout_ms: 400,
             circuit_open_ms: 5_000,

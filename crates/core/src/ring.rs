@@ -208,7 +208,8 @@ mod tests {
                 let token = crate::merkle::tree_token(&key);
                 let in_ranges = shared.iter().any(|&(l, h)| l <= token && token <= h);
                 let replicas = ring.replicas(&key);
-                let holds = |(r, n): (&str, &str)| replicas.iter().any(|p| p.region == r && p.node == n);
+                let holds =
+                    |(r, n): (&str, &str)| replicas.iter().any(|p| p.region == r && p.node == n);
                 assert_eq!(in_ranges, holds(x) && holds(y), "{key} for {x:?} {y:?}");
             }
         }

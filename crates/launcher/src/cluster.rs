@@ -362,7 +362,8 @@ impl RunningCluster {
         command.arg("--config").arg(&self.config_path);
         // The anti-entropy worker is per region.
         match self.config.regions.iter().find(|r| {
-            r.anti_entropy.iter().any(|p| p.id == id) || format!("{}{ANTI_ENTROPY_SUFFIX}", r.name) == id
+            r.anti_entropy.iter().any(|p| p.id == id)
+                || format!("{}{ANTI_ENTROPY_SUFFIX}", r.name) == id
         }) {
             Some(region) if role == "anti-entropy" => command.arg("--region").arg(&region.name),
             _ => command.arg("--id").arg(id),
@@ -433,7 +434,10 @@ impl RunningCluster {
         for region in &regions {
             let (id, addr) = match region.anti_entropy.first() {
                 Some(p) => (p.id.clone(), p.addr.clone()),
-                None => (format!("{}{ANTI_ENTROPY_SUFFIX}", region.name), String::new()),
+                None => (
+                    format!("{}{ANTI_ENTROPY_SUFFIX}", region.name),
+                    String::new(),
+                ),
             };
             let process = self.spawn_service("anti-entropy", "geolog-anti-entropy", &id)?;
             self.services.push(Service {
@@ -473,7 +477,11 @@ impl RunningCluster {
                     // Without a port, running (checked above) is all it can show.
                     "anti-entropy" if service.addr.is_empty() => true,
                     _ => {
-                        let path = if role == "anti-entropy" { "/health" } else { "/api/logs/health" };
+                        let path = if role == "anti-entropy" {
+                            "/health"
+                        } else {
+                            "/api/logs/health"
+                        };
                         http.get(format!("http://{}{path}", service.addr))
                             .timeout(Duration::from_secs(2))
                             .send()

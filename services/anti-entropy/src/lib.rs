@@ -185,7 +185,7 @@ impl AntiEntropy {
         self.only = Some(only);
     }
 
-        /// The worker's progress, shared with whoever serves it.
+    /// The worker's progress, shared with whoever serves it.
     pub fn status(&self) -> Arc<Mutex<WorkerStatus>> {
         self.status.clone()
     }
@@ -224,12 +224,37 @@ impl AntiEntropy {
             errors: Vec::new(),
             report: PairReport::default(),
         };
+        let mut unreachable: BTreeMap<String, bool> = BTreeMap::new();
         for (a, b) in self.pairs(cross_region) {
             let pair_started = Instant::now();
             summary.pairs += 1;
-            match self.compare(&a, &b).await {
+            let result = match &b.access {
+                Access::Relayed(relay) => {
+                    // One quick probe per region and pass: a cut-off region
+                    // costs seconds, not one RPC timeout per pair.
+                    let down = match unreachable.get(&b.region) {
+                        Some(&down) => down,
+                        None => {
+                            let down = !answers(relay).await;
+                            unreachable.insert(b.region.clone(), down);
+                            down
+                        }
+                    };
+                    if down {
+                        Err(Status::unavailable(format!(
+                            "region {} unreachable",
+                            b.region
+                        )))
+                    } else {
+                        self.compare(&a, &b).await
+                    }
+                }
+                _ => self.compare(&a, &b).await,
+            };
+            match result {
                 Ok(report) => {
-                    metrics::counter!("anti_entropy_ranges_compared_total").increment(report.ranges);
+                    metrics::counter!("anti_entropy_ranges_compared_total")
+                        .increment(report.ranges);
                     metrics::counter!("anti_entropy_digests_exchanged_total")
                         .increment(report.digests);
                     metrics::counter!("anti_entropy_versions_sent_total")
@@ -307,10 +332,7 @@ impl AntiEntropy {
         let mut depth = 0;
         let mut differing: Vec<(Bucket, u64)>;
         loop {
-            let (da, db) = tokio::try_join!(
-                a.digests(&ranges, depth),
-                b.digests(&ranges, depth)
-            )?;
+            let (da, db) = tokio::try_join!(a.digests(&ranges, depth), b.digests(&ranges, depth))?;
             report.digests += (da.0.len() + db.0.len()) as u64;
             report.bytes += da.1 + db.1;
             let (da, db) = (da.0, db.0);
@@ -356,6 +378,15 @@ impl AntiEntropy {
         debug_assert!(differing.iter().all(|(b, _)| b.depth == LEAF_DEPTH));
         Ok(report)
     }
+}
+
+/// True when a remote region's coordinator answers a health check soon.
+async fn answers(relay: &CoordinatorClient<Channel>) -> bool {
+    let mut client = relay.clone();
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), client.health(cpb::HealthRequest {})).await,
+        Ok(Ok(_))
+    )
 }
 
 /// Splits differing leaves into chunks of about [`VERSIONS_PER_CALL`]
@@ -481,10 +512,7 @@ mod tests {
         let split = chunks(&leaves);
         assert_eq!(split.iter().map(Vec::len).sum::<usize>(), 100);
         for chunk in &split {
-            let size: u64 = chunk
-                .iter()
-                .map(|b| leaves[b.prefix as usize].1)
-                .sum();
+            let size: u64 = chunk.iter().map(|b| leaves[b.prefix as usize].1).sum();
             assert!(chunk.len() == 1 || size <= VERSIONS_PER_CALL);
         }
         assert!(chunks(&[]).is_empty());

@@ -59,11 +59,7 @@ pub async fn serve(
     let replay = tokio::spawn(outbox::run(
         engine.clone(),
         outbox_view.clone(),
-        config.coordinator.outbox_replay_interval(),
-        config.coordinator.outbox_batch,
-        // Entries younger than one write timeout may still be in their first delivery.
-        config.coordinator.write_timeout(),
-        std::time::Duration::from_millis(config.coordinator.hint_window_ms),
+        outbox::ReplaySettings::from(&config.coordinator),
         stop_tx.subscribe(),
     ));
     let service = CoordinatorServer::new(server::CoordinatorService::new(

@@ -76,16 +76,41 @@ struct Backoff {
     delay: Duration,
 }
 
+/// How the replay worker paces itself and what it lets expire.
+#[derive(Debug, Clone)]
+pub struct ReplaySettings {
+    pub interval: Duration,
+    pub batch: u32,
+    /// Entries younger than this may still be in their first delivery.
+    pub min_age: Duration,
+    pub hint_window: Duration,
+    /// `None`: outbox entries never expire.
+    pub outbox_window: Option<Duration>,
+}
+
+impl From<&geolog_config::CoordinatorSettings> for ReplaySettings {
+    fn from(c: &geolog_config::CoordinatorSettings) -> Self {
+        ReplaySettings {
+            interval: c.outbox_replay_interval(),
+            batch: c.outbox_batch,
+            min_age: c.write_timeout(),
+            hint_window: Duration::from_millis(c.hint_window_ms),
+            outbox_window: (c.outbox_window_ms > 0)
+                .then(|| Duration::from_millis(c.outbox_window_ms)),
+        }
+    }
+}
+
 /// Runs until `stop` changes.
 pub async fn run(
     engine: Arc<QuorumEngine>,
     view: Arc<OutboxView>,
-    interval: Duration,
-    batch: u32,
-    min_age: Duration,
-    hint_window: Duration,
+    settings: ReplaySettings,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let ReplaySettings {
+        interval, batch, ..
+    } = settings;
     let mut backoff: BTreeMap<String, Backoff> = BTreeMap::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -104,7 +129,7 @@ pub async fn run(
                 state = WorkerState::Throttled;
                 continue;
             }
-            match replay_region(&engine, &remote.name, batch, min_age).await {
+            match replay_region(&engine, &remote.name, &settings).await {
                 Ok(0) => {
                     backoff.remove(&remote.name);
                 }
@@ -129,7 +154,7 @@ pub async fn run(
                 }
             }
         }
-        match replay_hints(&engine, batch, hint_window).await {
+        match replay_hints(&engine, batch, settings.hint_window).await {
             0 => {}
             sent => {
                 state = WorkerState::Busy;
@@ -145,9 +170,9 @@ pub async fn run(
 async fn replay_region(
     engine: &QuorumEngine,
     region: &str,
-    batch: u32,
-    min_age: Duration,
+    settings: &ReplaySettings,
 ) -> Result<usize, String> {
+    let batch = settings.batch;
     let remote = engine
         .replicas()
         .remote(region)
@@ -160,7 +185,8 @@ async fn replay_region(
             let request = pb::OutboxPendingRequest {
                 region: region.to_string(),
                 limit: batch,
-                min_age_ms: min_age.as_millis() as u64,
+                min_age_ms: settings.min_age.as_millis() as u64,
+                window_ms: settings.outbox_window.map_or(0, |w| w.as_millis() as u64),
             };
             let entries = match client.outbox_pending(request).await {
                 Ok(response) => response.into_inner().entries,

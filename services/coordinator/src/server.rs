@@ -245,8 +245,10 @@ impl CoordinatorService {
     fn relay(
         &self,
         node: &str,
-    ) -> Result<geolog_proto::storage::storage_client::StorageClient<tonic::transport::Channel>, Status>
-    {
+    ) -> Result<
+        geolog_proto::storage::storage_client::StorageClient<tonic::transport::Channel>,
+        Status,
+    > {
         self.engine
             .replicas()
             .local(node)
@@ -254,7 +256,10 @@ impl CoordinatorService {
             .ok_or_else(|| {
                 GeologError::new(
                     ErrorCode::InvalidRequest,
-                    format!("no storage node {node:?} in region {}", self.engine.region()),
+                    format!(
+                        "no storage node {node:?} in region {}",
+                        self.engine.region()
+                    ),
                 )
                 .to_status()
             })

@@ -303,7 +303,12 @@ impl pb::storage_server::Storage for StorageService {
         let limit = req.limit.clamp(1, 10_000);
         let entries = self
             .store
-            .outbox_pending(&req.region, limit, Duration::from_millis(req.min_age_ms))
+            .outbox_pending(
+                &req.region,
+                limit,
+                Duration::from_millis(req.min_age_ms),
+                (req.window_ms > 0).then(|| Duration::from_millis(req.window_ms)),
+            )
             .await
             .map_err(|e| fail("outbox_pending", e))?;
         Ok(Response::new(pending_entries(&req.region, entries)))

@@ -379,7 +379,27 @@ impl VersionStore {
         region: &str,
         limit: u32,
         min_age: Duration,
+        window: Option<Duration>,
     ) -> Result<Vec<(u64, StoredVersion, Vec<StoredVersion>)>, StoreError> {
+        if let Some(window) = window {
+            let expired = sqlx::query(
+                "DELETE FROM outbox WHERE region = $1 AND created_at < now() - make_interval(secs => $2)",
+            )
+            .bind(region)
+            .bind(window.as_secs_f64())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            if expired > 0 {
+                tracing::warn!(
+                    region,
+                    expired,
+                    "dropped outbox entries older than the outbox window; anti-entropy must repair them"
+                );
+                metrics::counter!("outbox_expired_total", "region" => region.to_string())
+                    .increment(expired);
+            }
+        }
         let rows = sqlx::query(
             "SELECT o.id, v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
              FROM outbox o JOIN versions v ON (v.key, v.node, v.seq) = (o.key, o.node, o.seq) \
@@ -536,7 +556,7 @@ impl VersionStore {
         depth: u32,
     ) -> Result<Vec<(u64, u64, u64)>, StoreError> {
         let (lows, highs): (Vec<i64>, Vec<i64>) = ranges.iter().copied().unzip();
-            let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
             "SELECT CASE WHEN $3 = 0 THEN 0 ELSE (v.token >> (64 - $3)) & ((1::bigint << $3) - 1) END AS bucket, \
                     bit_xor(v.vhash), count(*) \
              FROM versions v \
@@ -758,12 +778,13 @@ async fn fill_tree_columns(pool: &PgPool) -> Result<(), StoreError> {
             .map(|(k, n, q)| version_hash(k, n, *q as u64))
             .collect();
         let (keys, nodes, seqs): (Vec<String>, Vec<String>, Vec<i64>) =
-            rows.into_iter().fold(Default::default(), |mut acc, (k, n, q)| {
-                acc.0.push(k);
-                acc.1.push(n);
-                acc.2.push(q);
-                acc
-            });
+            rows.into_iter()
+                .fold(Default::default(), |mut acc, (k, n, q)| {
+                    acc.0.push(k);
+                    acc.1.push(n);
+                    acc.2.push(q);
+                    acc
+                });
         sqlx::query(
             "UPDATE versions v SET token = t.tk, vhash = t.vh \
              FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) AS t(k, n, s, tk, vh) \

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Api, wait_until};
+use common::{Api, geolog, wait_until};
 use geolog_launcher::ClusterFile;
 use geolog_launcher::process::pid_alive;
 use serde_json::json;
@@ -79,16 +79,6 @@ async fn up_serves_and_down_leaves_nothing_running() {
         ClusterFile::read(&data_dir).is_err(),
         "cluster.json is removed"
     );
-}
-
-fn geolog(data_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
-    let geolog = geolog_launcher::cluster::default_bin_dir().join("geolog");
-    Command::new(geolog)
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -294,20 +294,10 @@ async fn a_wiped_node_is_rebuilt_by_geolog_repair_run() {
     let (status, body) = api.write("after-wipe", json!("new"), Some("ALL")).await;
     assert_eq!(status, 201, "{body}");
 
-    let repair_run = || {
-        std::process::Command::new(geolog_launcher::cluster::default_bin_dir().join("geolog"))
-            .args(["repair", "run", "--data-dir"])
-            .arg(cluster.cluster.data_dir())
-            .output()
-            .unwrap()
-    };
+    let repair_run = || common::geolog(cluster.cluster.data_dir(), &["repair", "run"]);
     let out = repair_run();
-    let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{printed}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let printed = common::printed(&out);
+    assert!(out.status.success(), "{printed}");
     assert!(printed.contains("region a:"), "{printed}");
     for (i, key) in keys.iter().enumerate() {
         assert_eq!(
@@ -322,10 +312,6 @@ async fn a_wiped_node_is_rebuilt_by_geolog_repair_run() {
         (json!("new"), Some(false))
     );
     // A second run finds nothing left to repair.
-    let out = repair_run();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("0 repaired"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let printed = common::printed(&repair_run());
+    assert!(printed.contains(" 0 repaired"), "{printed}");
 }

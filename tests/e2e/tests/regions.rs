@@ -304,3 +304,73 @@ async fn coordinator_killed_mid_stream_loses_nothing_acknowledged() {
         }
     }
 }
+
+/// A region cut off for longer than the outbox window: the outbox entries
+/// for it expire, and anti-entropy alone brings it back after the heal.
+/// Anti-entropy crosses regions over the same links as replication, so
+/// during the partition it cannot reach the other side either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_region_cut_off_longer_than_the_outbox_window_is_repaired_by_anti_entropy() {
+    let mut env = geolog_testkit::fast_failure_detection();
+    env.push((
+        "GEOLOG__COORDINATOR__OUTBOX_WINDOW_MS".into(),
+        "1000".into(),
+    ));
+    // The background worker makes its first pass at start and then waits:
+    // only the explicit `geolog repair run` below can repair.
+    env.push(("GEOLOG__ANTI_ENTROPY__INTERVAL_MS".into(), "600000".into()));
+    let shape = geolog_launcher::topology::Shape {
+        regions: 2,
+        nodes_per_region: 2,
+        replication_factor: 2,
+    };
+    let cluster = TestCluster::start_with_env(shape, env)
+        .await
+        .expect("cluster starts");
+    let (a, b) = (
+        Api::new(cluster.gateway("a")),
+        Api::new(cluster.gateway("b")),
+    );
+    let data_dir = cluster.cluster.data_dir();
+
+    cluster.cluster.partition("a", "b").unwrap();
+    let keys: Vec<String> = (0..20).map(|i| format!("cut-{i}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let (status, body) = a.write(key, json!(i), Some("LOCAL_QUORUM")).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let out = common::geolog(data_dir, &["repair", "run", "--region", "a"]);
+    let printed = common::printed(&out);
+    assert!(!out.status.success(), "crossed the partition: {printed}");
+    assert!(printed.contains("pairs failed"), "{printed}");
+
+    // The replay worker drops entries older than the window on its next
+    // (failing) attempt.
+    a.wait_outbox_empty(Duration::from_secs(40)).await;
+    cluster.cluster.heal();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for key in &keys {
+        let (status, body) = b.read(key, Some("LOCAL_ONE")).await;
+        assert_eq!(status, 404, "{key} reached b without anti-entropy: {body}");
+    }
+
+    let out = common::geolog(data_dir, &["repair", "run"]);
+    let printed = common::printed(&out);
+    assert!(out.status.success(), "{printed}");
+    // 20 keys × 2 replicas in b, each received once.
+    assert!(printed.contains(" 40 repaired"), "{printed}");
+    for (i, key) in keys.iter().enumerate() {
+        let (status, body) = b.read(key, Some("LOCAL_QUORUM")).await;
+        assert_eq!((status, &body["value"]), (200, &json!(i)), "{key}");
+    }
+
+    let printed = common::printed(&common::geolog(data_dir, &["repair", "status"]));
+    for region in ["a", "b"] {
+        assert!(
+            printed.contains(&format!("region {region}: "))
+                && printed.contains("passes since start"),
+            "{printed}"
+        );
+    }
+    assert!(printed.contains("last pass"), "{printed}");
+}

@@ -178,3 +178,22 @@ impl Api {
         }
     }
 }
+
+/// Runs the `geolog` CLI with `args` against the cluster in `data_dir`.
+pub fn geolog(data_dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(geolog_launcher::cluster::default_bin_dir().join("geolog"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("the geolog binary runs")
+}
+
+/// Its standard output and error, for assertions and their messages.
+pub fn printed(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
