@@ -697,9 +697,21 @@ impl RunningCluster {
         self.start_node(id).await
     }
 
-    /// Starts a stopped storage node again (its PostgreSQL first, if that
-    /// was stopped too) and waits until it is healthy.
-    pub async fn start_node(&mut self, id: &str) -> Result<(), LaunchError> {
+    /// Stops only the PostgreSQL under storage node `id` (fast shutdown);
+    /// the node keeps running and must cope.
+    pub fn stop_postgres(&mut self, id: &str) -> Result<(), LaunchError> {
+        let server = self
+            .postgres
+            .get_mut(id)
+            .ok_or_else(|| LaunchError::Invalid(format!("no managed PostgreSQL for {id:?}")))?;
+        server.stop();
+        tracing::warn!(node = id, "PostgreSQL stopped under a running node");
+        self.write_cluster_file()
+    }
+
+    /// Starts the PostgreSQL of storage node `id` again if it is down and
+    /// waits until it accepts connections.
+    pub async fn restart_postgres(&mut self, id: &str) -> Result<(), LaunchError> {
         if let Some(server) = self.postgres.get_mut(id)
             && (server.process.exited().is_some() || server.pid() == 0)
         {
@@ -721,7 +733,15 @@ impl RunningCluster {
             )?;
             fresh.wait_ready(self.spec.ready_timeout).await?;
             *server = fresh;
+            self.write_cluster_file()?;
         }
+        Ok(())
+    }
+
+    /// Starts a stopped storage node again (its PostgreSQL first, if that
+    /// was stopped too) and waits until it is healthy.
+    pub async fn start_node(&mut self, id: &str) -> Result<(), LaunchError> {
+        self.restart_postgres(id).await?;
         self.restart(id).await
     }
 

@@ -34,6 +34,9 @@ struct VersionView {
     seq: u64,
     /// The version's version vector: what its writer had seen plus itself.
     vector: std::collections::BTreeMap<String, u64>,
+    /// What its writer had seen (its causal context): it supersedes exactly
+    /// the versions `(node, seq)` with `seq <= seen[node]`.
+    seen: std::collections::BTreeMap<String, u64>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -67,8 +70,9 @@ fn version_view(v: &spb::Version) -> VersionView {
             })
             .unwrap_or_default();
     let dot = v.dot.clone().unwrap_or_default();
-    let mut vector: std::collections::BTreeMap<String, u64> =
+    let seen: std::collections::BTreeMap<String, u64> =
         v.context.iter().map(|(n, s)| (n.clone(), *s)).collect();
+    let mut vector = seen.clone();
     let own = vector.entry(dot.node.clone()).or_insert(0);
     *own = (*own).max(dot.seq);
     VersionView {
@@ -81,6 +85,7 @@ fn version_view(v: &spb::Version) -> VersionView {
         node: dot.node,
         seq: dot.seq,
         vector,
+        seen,
     }
 }
 

@@ -19,24 +19,6 @@ fn values(body: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-async fn write_with_context(
-    api: &Api,
-    key: &str,
-    value: Value,
-    context: &str,
-    level: &str,
-) -> (u16, Value) {
-    let body = json!({"key": key, "value": value, "context": context});
-    let response = api
-        .http
-        .post(format!("{}/api/logs?consistency={level}", api.base))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    Api::decode(response).await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn partition_conflict_is_kept_and_resolved_with_a_context() {
     let cluster = TestCluster::start(THREE_BY_THREE)
@@ -82,8 +64,9 @@ async fn partition_conflict_is_kept_and_resolved_with_a_context() {
 
     // Writing with the context resolves the conflict everywhere.
     let context = read["context"].as_str().unwrap().to_string();
-    let (status, body) =
-        write_with_context(&c, "doc", json!("merged"), &context, "LOCAL_QUORUM").await;
+    let (status, body) = c
+        .write_with_context("doc", json!("merged"), &context, "LOCAL_QUORUM")
+        .await;
     assert_eq!(status, 201, "{body}");
     for api in [&a, &b, &c] {
         api.wait_outbox_empty(Duration::from_secs(60)).await;
@@ -173,7 +156,9 @@ async fn sequential_writes_never_conflict_and_history_pages() {
     assert_eq!((status, code(&body)), (400, "invalid_request"));
 
     // Context errors are 400 invalid_context, and write nothing.
-    let (status, body) = write_with_context(&api, "seq", json!("x"), "not-a-token!", "ONE").await;
+    let (status, body) = api
+        .write_with_context("seq", json!("x"), "not-a-token!", "ONE")
+        .await;
     assert_eq!((status, code(&body)), (400, "invalid_context"));
     let response = api
         .http

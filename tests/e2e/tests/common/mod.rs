@@ -48,6 +48,25 @@ impl Api {
         Self::decode(response).await
     }
 
+    /// A write carrying the context token of what the writer has seen.
+    pub async fn write_with_context(
+        &self,
+        key: &str,
+        value: Value,
+        context: &str,
+        level: &str,
+    ) -> (u16, Value) {
+        let body = serde_json::json!({"key": key, "value": value, "context": context});
+        let response = self
+            .http
+            .post(format!("{}/api/logs?consistency={level}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        Self::decode(response).await
+    }
+
     /// `GET /api/logs/{key}?consistency=level`; `key` must be URL-safe or pre-encoded.
     pub async fn read(&self, key: &str, level: Option<&str>) -> (u16, Value) {
         let mut url = format!("{}/api/logs/{key}", self.base);
