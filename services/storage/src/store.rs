@@ -135,6 +135,10 @@ pub struct PoolSettings {
     pub acquire_timeout: Duration,
 }
 
+/// Keys merged per transaction: bounds the key locks one transaction holds
+/// (they count against PostgreSQL's shared lock table).
+const MERGE_KEYS_PER_TX: usize = 256;
+
 /// One node's versions in PostgreSQL.
 pub struct VersionStore {
     pool: PgPool,
@@ -276,7 +280,7 @@ impl VersionStore {
             .filter(|v| !frontier.iter().any(|f| f.dot == v.dot))
             .collect();
         insert_versions(&mut tx, std::slice::from_ref(&version), &BTreeSet::new()).await?;
-        mark_superseded(&mut tx, key, &superseded).await?;
+        mark_superseded(&mut tx, &superseded).await?;
         let outbox: Vec<(i64, String)> = sqlx::query_as(
             "INSERT INTO outbox (region, key, node, seq) SELECT r, $1, $2, $3 FROM UNNEST($4::text[]) AS r \
              RETURNING id, region",
@@ -305,30 +309,40 @@ impl VersionStore {
             self.clock.observe(v.hlc);
             by_key.entry(v.key.as_str()).or_default().push(v);
         }
+        let keys: Vec<&str> = by_key.keys().copied().collect();
         let mut inserted = 0;
-        for (key, incoming) in by_key {
+        // Many keys per transaction (anti-entropy and replay merge
+        // thousands), but a bounded number of key locks in each.
+        for group in keys.chunks(MERGE_KEYS_PER_TX) {
             let mut tx = self.pool.begin().await?;
-            lock_key(&mut tx, key).await?;
-            let current = frontier_of(&mut tx, key).await?;
-            let merged = causal::frontier(
-                current
-                    .iter()
-                    .cloned()
-                    .chain(incoming.iter().map(|v| (*v).clone())),
-            );
-            let in_frontier: BTreeSet<&Dot> = merged.iter().map(|v| &v.dot).collect();
-            let superseded: Vec<&StoredVersion> = current
-                .iter()
-                .filter(|v| !in_frontier.contains(&v.dot))
-                .collect();
-            let incoming: Vec<StoredVersion> = incoming.into_iter().cloned().collect();
-            let stale: BTreeSet<Dot> = incoming
-                .iter()
-                .filter(|v| !in_frontier.contains(&v.dot))
-                .map(|v| v.dot.clone())
-                .collect();
-            inserted += insert_versions(&mut tx, &incoming, &stale).await?;
-            mark_superseded(&mut tx, key, &superseded).await?;
+            lock_keys(&mut tx, group).await?;
+            let mut current = frontiers_of(&mut tx, group).await?;
+            let (mut new, mut stale, mut superseded) = (Vec::new(), BTreeSet::new(), Vec::new());
+            for key in group {
+                let current = current.remove(*key).unwrap_or_default();
+                let incoming = &by_key[key];
+                let merged = causal::frontier(
+                    current
+                        .iter()
+                        .cloned()
+                        .chain(incoming.iter().map(|v| (*v).clone())),
+                );
+                let in_frontier: BTreeSet<&Dot> = merged.iter().map(|v| &v.dot).collect();
+                stale.extend(
+                    incoming
+                        .iter()
+                        .filter(|v| !in_frontier.contains(&v.dot))
+                        .map(|v| v.dot.clone()),
+                );
+                new.extend(incoming.iter().map(|v| (*v).clone()));
+                superseded.extend(
+                    current
+                        .into_iter()
+                        .filter(|v| !in_frontier.contains(&v.dot)),
+                );
+            }
+            inserted += insert_versions(&mut tx, &new, &stale).await?;
+            mark_superseded(&mut tx, &superseded.iter().collect::<Vec<_>>()).await?;
             tx.commit().await?;
         }
         Ok(inserted)
@@ -430,18 +444,8 @@ impl VersionStore {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let rows = sqlx::query(
-            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash FROM versions \
-             WHERE key = ANY($1) AND NOT superseded",
-        )
-        .bind(&keys)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut frontiers: BTreeMap<String, Vec<StoredVersion>> = BTreeMap::new();
-        for row in &rows {
-            let v = version_from_row(row)?;
-            frontiers.entry(v.key.clone()).or_default().push(v);
-        }
+        let mut conn = self.pool.acquire().await?;
+        let frontiers = frontiers_of(&mut conn, &keys).await?;
         Ok(entries
             .into_iter()
             .map(|(id, v)| {
@@ -627,6 +631,39 @@ async fn lock_key(tx: &mut Tx, key: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Locks several keys for the transaction, in one order everywhere (by
+/// lock id), so two multi-key merges cannot deadlock.
+async fn lock_keys(tx: &mut Tx, keys: &[&str]) -> Result<(), StoreError> {
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(l) \
+         FROM (SELECT DISTINCT hashtextextended(k, 0) AS l FROM UNNEST($1::text[]) AS k ORDER BY 1) t",
+    )
+    .bind(keys)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The frontiers of several keys (keys without versions are absent).
+async fn frontiers_of(
+    conn: &mut sqlx::PgConnection,
+    keys: &[&str],
+) -> Result<BTreeMap<String, Vec<StoredVersion>>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash FROM versions \
+         WHERE key = ANY($1) AND NOT superseded ORDER BY key, node, seq",
+    )
+    .bind(keys)
+    .fetch_all(conn)
+    .await?;
+    let mut frontiers: BTreeMap<String, Vec<StoredVersion>> = BTreeMap::new();
+    for row in &rows {
+        let v = version_from_row(row)?;
+        frontiers.entry(v.key.clone()).or_default().push(v);
+    }
+    Ok(frontiers)
+}
+
 async fn idempotent_version(
     conn: &mut sqlx::PgConnection,
     key: &str,
@@ -715,21 +752,18 @@ async fn insert_versions(
     Ok(result.rows_affected())
 }
 
-async fn mark_superseded(
-    tx: &mut Tx,
-    key: &str,
-    versions: &[&StoredVersion],
-) -> Result<(), StoreError> {
+async fn mark_superseded(tx: &mut Tx, versions: &[&StoredVersion]) -> Result<(), StoreError> {
     if versions.is_empty() {
         return Ok(());
     }
+    let keys: Vec<&str> = versions.iter().map(|v| v.key.as_str()).collect();
     let nodes: Vec<&str> = versions.iter().map(|v| v.dot.node.as_str()).collect();
     let seqs: Vec<i64> = versions.iter().map(|v| v.dot.seq as i64).collect();
     sqlx::query(
         "UPDATE versions SET superseded = true \
-         WHERE key = $1 AND (node, seq) IN (SELECT * FROM UNNEST($2::text[], $3::bigint[]))",
+         WHERE (key, node, seq) IN (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]))",
     )
-    .bind(key)
+    .bind(keys)
     .bind(nodes)
     .bind(seqs)
     .execute(&mut **tx)
