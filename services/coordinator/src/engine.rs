@@ -53,6 +53,8 @@ pub struct Outcome {
     pub repaired: u32,
     /// True when a write was a retry answered with the first write's version.
     pub replayed: bool,
+    /// `ANY` writes no replica could take: hints stored instead.
+    pub hints: u32,
 }
 
 /// The hash that tells a retry (same request) from a reuse (another one).
@@ -202,7 +204,13 @@ impl QuorumEngine {
         {
             return self.replay(key, id, hash, earlier, level);
         }
-        let (placement, alive) = self.plan(key, &requirement)?;
+        let (placement, alive) = match self.plan(key, &requirement) {
+            // `ANY` is met by a stored hint even when no replica is alive.
+            Err(err) if level == ConsistencyLevel::Any && err.code == ErrorCode::Unavailable => {
+                (self.replicas.placement(key), Vec::new())
+            }
+            plan => plan?,
+        };
         let deadline = tokio::time::Instant::now() + self.write_timeout;
         let mut tracker = Self::tracker(requirement, &placement);
         let remote_regions: Vec<String> = self
@@ -213,24 +221,25 @@ impl QuorumEngine {
             .collect();
 
         // Mint on the first alive local replica that accepts.
+        let request = pb::MintRequest {
+            key: key.to_string(),
+            value_json: value_json.to_string(),
+            outbox_regions: remote_regions.clone(),
+            has_context: context.is_some(),
+            context: context
+                .clone()
+                .map(|c| c.0.into_iter().collect())
+                .unwrap_or_default(),
+            idempotency_key: idempotency_key.clone().unwrap_or_default(),
+            body_hash: hash.clone().unwrap_or_default(),
+        };
         let mut minted = None;
         for &idx in alive
             .iter()
             .filter(|&&i| placement[i].region == self.region)
         {
             let replica = self.local_replica(&placement[idx].node);
-            let request = pb::MintRequest {
-                key: key.to_string(),
-                value_json: value_json.to_string(),
-                outbox_regions: remote_regions.clone(),
-                has_context: context.is_some(),
-                context: context
-                    .clone()
-                    .map(|c| c.0.into_iter().collect())
-                    .unwrap_or_default(),
-                idempotency_key: idempotency_key.clone().unwrap_or_default(),
-                body_hash: hash.clone().unwrap_or_default(),
-            };
+            let request = request.clone();
             // Spawned so that, past our deadline, the call still runs to its
             // own end and a hung replica gets marked dead by its breaker.
             let call = tokio::spawn(async move {
@@ -261,6 +270,9 @@ impl QuorumEngine {
             }
         }
         let Some((mint_idx, minted)) = minted else {
+            if level == ConsistencyLevel::Any {
+                return self.write_hinted(request, &placement).await;
+            }
             if tracker.received() == 0 && !alive.iter().any(|&i| placement[i].region == self.region)
             {
                 return Err(GeologError::new(
@@ -385,7 +397,83 @@ impl QuorumEngine {
             context,
             repaired: 0,
             replayed: false,
+            hints: 0,
         })
+    }
+
+    /// `ANY` when no replica of the key could take the write: another alive
+    /// node of the region mints the version (with the outbox entries for
+    /// the other regions) and keeps it with a durable hint for every local
+    /// replica of the key; the stored hints are the acknowledgement. Hint
+    /// replay delivers it when the replicas answer again (the holder keeps
+    /// its copy, which anti-entropy never compares: it replicates no such
+    /// key).
+    async fn write_hinted(
+        &self,
+        request: pb::MintRequest,
+        placement: &[Placement],
+    ) -> Result<Outcome, GeologError> {
+        let targets: Vec<&str> = placement
+            .iter()
+            .filter(|p| p.region == self.region)
+            .map(|p| p.node.as_str())
+            .collect();
+        let holders: Vec<Arc<Replica>> = self
+            .replicas
+            .all_local()
+            .filter(|r| r.state.is_alive() && !targets.contains(&r.node.as_str()))
+            .cloned()
+            .collect();
+        for holder in holders {
+            let mut client = holder.client.clone();
+            let minted = match client.mint(request.clone()).await {
+                Ok(minted) => minted.into_inner(),
+                Err(status) => {
+                    tracing::warn!(holder = %holder.node, error = %status.message(), "cannot hold an ANY write");
+                    continue;
+                }
+            };
+            let version = minted
+                .version
+                .ok_or_else(|| GeologError::internal("storage node minted no version"))?;
+            let mut hints = 0;
+            for target in &targets {
+                if store_hint(&holder, target, version.clone()).await {
+                    hints += 1;
+                }
+            }
+            if hints == 0 {
+                return Err(GeologError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "no replica of the key is alive and node {} could not store hints; the write may have landed there and will be repaired",
+                        holder.node
+                    ),
+                ));
+            }
+            metrics::counter!("any_writes_hinted_total").increment(1);
+            return Ok(Outcome {
+                context: state_vector_of(&minted.frontier).to_token(),
+                version: Some(version),
+                level: ConsistencyLevel::Any,
+                acks: geolog_core::error::QuorumDetails {
+                    required: 1,
+                    received: Some(0),
+                    ..Default::default()
+                },
+                siblings: Vec::new(),
+                repaired: 0,
+                replayed: false,
+                hints,
+            });
+        }
+        Err(GeologError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "no replica of the key and no other storage node of region {} is alive to hold a hint",
+                self.region
+            ),
+        ))
     }
 
     /// Looks for the version created with idempotency key `id`: in the cache,
@@ -475,6 +563,7 @@ impl QuorumEngine {
             siblings: Vec::new(),
             repaired: 0,
             replayed: true,
+            hints: 0,
         })
     }
 }

@@ -132,6 +132,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             version: outcome.version,
             context: outcome.context,
             replayed: outcome.replayed,
+            hints: outcome.hints,
         }))
     }
 

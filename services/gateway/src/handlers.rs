@@ -168,6 +168,10 @@ struct WriteAnswer<'a> {
     /// version is the first write's and nothing new was created (`acks`
     /// then describe nothing).
     replayed: bool,
+    /// `ANY` only, when no replica of the key could take the write: the
+    /// durable hints stored for its replicas (the acknowledgement).
+    #[serde(skip_serializing_if = "is_zero")]
+    hints: u32,
     consistency: String,
     acks: AcksView,
 }
@@ -220,6 +224,7 @@ pub async fn write(
         version: version_view(version),
         context: answer.context,
         replayed: answer.replayed,
+        hints: answer.hints,
         consistency: answer.consistency,
         acks: acks_view(answer.acks),
     };

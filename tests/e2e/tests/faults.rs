@@ -315,3 +315,55 @@ async fn a_wiped_node_is_rebuilt_by_geolog_repair_run() {
     let printed = common::printed(&repair_run());
     assert!(printed.contains(" 0 repaired"), "{printed}");
 }
+
+/// `ANY` counts a stored hint as the acknowledgement: with every replica of
+/// a key down, another node of the region holds the write with a hint per
+/// replica, and hint replay delivers it when they return.
+#[tokio::test(flavor = "multi_thread")]
+async fn any_is_acknowledged_by_stored_hints_when_every_replica_is_down() {
+    let shape = geolog_launcher::topology::Shape {
+        regions: 1,
+        nodes_per_region: 4,
+        replication_factor: 2,
+    };
+    let mut cluster = TestCluster::start(shape).await.expect("cluster starts");
+    let api = Api::new(cluster.gateway("a"));
+    let (_, view) = api
+        .raw(
+            reqwest::Method::GET,
+            "/api/logs/hinted/replicas",
+            Vec::new(),
+        )
+        .await;
+    let replicas: Vec<String> = view["replicas"]
+        .as_array()
+        .expect("replica view")
+        .iter()
+        .map(|r| r["node"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(replicas.len(), 2, "{view}");
+    for node in &replicas {
+        cluster.cluster.stop_node(node, false).unwrap();
+    }
+    for node in &replicas {
+        api.wait_replica_state(node, "dead").await;
+    }
+    let (status, body) = api.write("hinted", json!("held"), Some("ONE")).await;
+    assert_eq!((status, code(&body)), (503, "unavailable"), "{body}");
+    let (status, body) = api.write("hinted", json!("held"), Some("ANY")).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["hints"], json!(2), "{body}");
+    assert_eq!(body["acks"]["received"], json!(0), "{body}");
+
+    for node in &replicas {
+        cluster.cluster.start_node(node).await.unwrap();
+    }
+    for node in &replicas {
+        common::wait_until(Duration::from_secs(30), || async {
+            held(&api, "hinted", node).await == vec![json!("held")]
+        })
+        .await;
+    }
+    let (status, read) = api.read("hinted", Some("ALL")).await;
+    assert_eq!((status, &read["value"]), (200, &json!("held")), "{read}");
+}

@@ -355,6 +355,7 @@ impl QuorumEngine {
             context,
             repaired: repaired as u32,
             replayed: false,
+            hints: 0,
         })
     }
 
@@ -466,6 +467,7 @@ impl QuorumEngine {
             context: String::new(),
             repaired: 0,
             replayed: false,
+            hints: 0,
         };
         Ok((versions, more, outcome))
     }

@@ -137,17 +137,26 @@ pub async fn outbox_done(replica: &Replica, ids: Vec<u64>) {
 }
 
 /// Records on `holder` (the node that minted `version`) that `target`
-/// missed it. A failure is logged: anti-entropy is then the safety net.
-pub async fn store_hint(holder: &Replica, target: &str, version: pb::Version) {
+/// missed it; returns whether it is stored. A failure is logged:
+/// anti-entropy is then the safety net.
+pub async fn store_hint(holder: &Replica, target: &str, version: pb::Version) -> bool {
     let mut client = holder.client.clone();
     let request = pb::StoreHintsRequest {
         target: target.to_string(),
         versions: vec![version],
     };
     match client.store_hints(request).await {
-        Ok(_) => metrics::counter!("hints_stored_total").increment(1),
+        Ok(answer) if answer.get_ref().stored > 0 => {
+            metrics::counter!("hints_stored_total").increment(1);
+            true
+        }
+        Ok(_) => {
+            tracing::warn!(holder = %holder.node, target, "hint not stored: the holder lacks the version");
+            false
+        }
         Err(status) => {
             tracing::warn!(holder = %holder.node, target, error = %status.message(), "cannot store hint");
+            false
         }
     }
 }
