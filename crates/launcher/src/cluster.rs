@@ -19,6 +19,18 @@ use std::time::{Duration, Instant};
 /// Id suffix of a region's anti-entropy worker in `cluster.json` (`a-ae1`).
 pub const ANTI_ENTROPY_SUFFIX: &str = "-ae1";
 
+/// The id and status address of a region's anti-entropy worker: from the
+/// config, or `REGION-ae1` without an address when the config names none.
+fn anti_entropy_process(region: &geolog_config::RegionConfig) -> (String, String) {
+    match region.anti_entropy.first() {
+        Some(p) => (p.id.clone(), p.addr.clone()),
+        None => (
+            format!("{}{ANTI_ENTROPY_SUFFIX}", region.name),
+            String::new(),
+        ),
+    }
+}
+
 /// Name of the generated/effective config inside the data dir.
 pub const CONFIG_FILE: &str = "geolog.toml";
 /// Name of the process list inside the data dir.
@@ -361,10 +373,12 @@ impl RunningCluster {
         let mut command = Command::new(self.spec.bin_dir.join(bin));
         command.arg("--config").arg(&self.config_path);
         // The anti-entropy worker is per region.
-        match self.config.regions.iter().find(|r| {
-            r.anti_entropy.iter().any(|p| p.id == id)
-                || format!("{}{ANTI_ENTROPY_SUFFIX}", r.name) == id
-        }) {
+        match self
+            .config
+            .regions
+            .iter()
+            .find(|r| anti_entropy_process(r).0 == id)
+        {
             Some(region) if role == "anti-entropy" => command.arg("--region").arg(&region.name),
             _ => command.arg("--id").arg(id),
         };
@@ -432,13 +446,7 @@ impl RunningCluster {
         }
         self.wait_role("gateway").await?;
         for region in &regions {
-            let (id, addr) = match region.anti_entropy.first() {
-                Some(p) => (p.id.clone(), p.addr.clone()),
-                None => (
-                    format!("{}{ANTI_ENTROPY_SUFFIX}", region.name),
-                    String::new(),
-                ),
-            };
+            let (id, addr) = anti_entropy_process(region);
             let process = self.spawn_service("anti-entropy", "geolog-anti-entropy", &id)?;
             self.services.push(Service {
                 role: "anti-entropy",

@@ -108,9 +108,7 @@ pub async fn run(
     settings: ReplaySettings,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let ReplaySettings {
-        interval, batch, ..
-    } = settings;
+    let interval = settings.interval;
     let mut backoff: BTreeMap<String, Backoff> = BTreeMap::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -154,7 +152,7 @@ pub async fn run(
                 }
             }
         }
-        match replay_hints(&engine, batch, settings.hint_window).await {
+        match replay_hints(&engine, &settings).await {
             0 => {}
             sent => {
                 state = WorkerState::Busy;
@@ -291,7 +289,8 @@ fn add_queue_stats(
 /// Hinted handoff: for every local replica that is alive again, applies
 /// the versions it missed (with their keys' frontiers) from every node that
 /// holds hints for it, then deletes those hints. Returns versions delivered.
-async fn replay_hints(engine: &QuorumEngine, batch: u32, window: Duration) -> usize {
+async fn replay_hints(engine: &QuorumEngine, settings: &ReplaySettings) -> usize {
+    let batch = settings.batch;
     let mut sent = 0;
     let replicas: Vec<_> = engine.replicas().all_local().cloned().collect();
     for target in replicas.iter().filter(|r| r.state.is_alive()) {
@@ -304,7 +303,7 @@ async fn replay_hints(engine: &QuorumEngine, batch: u32, window: Duration) -> us
                 let request = pb::HintPendingRequest {
                     target: target.node.clone(),
                     limit: batch,
-                    window_ms: window.as_millis() as u64,
+                    window_ms: settings.hint_window.as_millis() as u64,
                 };
                 let Ok(response) = client.hint_pending(request).await else {
                     break;

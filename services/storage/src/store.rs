@@ -396,23 +396,7 @@ impl VersionStore {
         window: Option<Duration>,
     ) -> Result<Vec<(u64, StoredVersion, Vec<StoredVersion>)>, StoreError> {
         if let Some(window) = window {
-            let expired = sqlx::query(
-                "DELETE FROM outbox WHERE region = $1 AND created_at < now() - make_interval(secs => $2)",
-            )
-            .bind(region)
-            .bind(window.as_secs_f64())
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            if expired > 0 {
-                tracing::warn!(
-                    region,
-                    expired,
-                    "dropped outbox entries older than the outbox window; anti-entropy must repair them"
-                );
-                metrics::counter!("outbox_expired_total", "region" => region.to_string())
-                    .increment(expired);
-            }
+            self.expire(Queue::Outbox, region, window).await?;
         }
         let rows = sqlx::query(
             "SELECT o.id, v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
@@ -487,19 +471,7 @@ impl VersionStore {
         limit: u32,
         window: Duration,
     ) -> Result<Vec<(u64, StoredVersion, Vec<StoredVersion>)>, StoreError> {
-        let expired =
-            sqlx::query("DELETE FROM hints WHERE created_at < now() - make_interval(secs => $1)")
-                .bind(window.as_secs_f64())
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
-        if expired > 0 {
-            tracing::warn!(
-                expired,
-                "dropped hints older than the hint window; anti-entropy must repair them"
-            );
-            metrics::counter!("hints_expired_total").increment(expired);
-        }
+        self.expire(Queue::Hints, target, window).await?;
         let rows = sqlx::query(
             "SELECT h.id, v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, \
                     v.idempotency_key, v.body_hash \
@@ -525,6 +497,44 @@ impl VersionStore {
             .execute(&self.pool)
             .await?
             .rows_affected())
+    }
+
+    /// Deletes entries of `queue` older than `window` — the outbox's for
+    /// the region `destination`; hints for every target — and counts them:
+    /// anti-entropy must repair what they held.
+    async fn expire(
+        &self,
+        queue: Queue,
+        destination: &str,
+        window: Duration,
+    ) -> Result<(), StoreError> {
+        let query = match queue {
+            Queue::Outbox => sqlx::query(
+                "DELETE FROM outbox WHERE created_at < now() - make_interval(secs => $1) AND region = $2",
+            )
+            .bind(window.as_secs_f64())
+            .bind(destination),
+            Queue::Hints => {
+                sqlx::query("DELETE FROM hints WHERE created_at < now() - make_interval(secs => $1)")
+                    .bind(window.as_secs_f64())
+            }
+        };
+        let expired = query.execute(&self.pool).await?.rows_affected();
+        if expired > 0 {
+            tracing::warn!(
+                ?queue,
+                expired,
+                "dropped entries older than their window; anti-entropy must repair them"
+            );
+            match queue {
+                Queue::Outbox => {
+                    metrics::counter!("outbox_expired_total", "region" => destination.to_string())
+                        .increment(expired)
+                }
+                Queue::Hints => metrics::counter!("hints_expired_total").increment(expired),
+            }
+        }
+        Ok(())
     }
 
     /// Per destination (remote region, or target node for hints): pending

@@ -226,15 +226,7 @@ async fn a_quorum_read_repairs_the_stale_replica_it_reads() {
         .raw(Method::GET, "/api/logs/repair-me/replicas", Vec::new())
         .await;
     assert_eq!(holding(&view, &first), vec![json!("new")], "{view}");
-    let metrics = api
-        .http
-        .get(format!("{}/metrics", api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     assert!(metrics.contains("http_server_requests_seconds"));
 }
 

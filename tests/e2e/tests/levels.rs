@@ -96,15 +96,7 @@ async fn every_level_writes_and_reads_back() {
         .await;
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
     assert_eq!(health["replicas"].as_array().unwrap().len(), 5);
-    let metrics = api
-        .http
-        .get(format!("{}/metrics", api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     assert!(
         metrics.contains("http_server_requests_seconds"),
         "{metrics}"

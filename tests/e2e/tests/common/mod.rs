@@ -95,6 +95,12 @@ impl Api {
         (status, body)
     }
 
+    /// The gateway's Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let response = self.http.get(format!("{}/metrics", self.base)).send();
+        response.await.unwrap().text().await.unwrap()
+    }
+
     /// Replicas the coordinator reports in `state` ("alive"/"dead").
     pub async fn replicas_in_state(&self, state: &str) -> usize {
         let (_, health) = self
