@@ -139,6 +139,13 @@ pub struct CoordinatorSettings {
     pub circuit_open_ms: u64,
     /// Keys whose replica list is cached.
     pub placement_cache_capacity: u64,
+    /// Group commit: records bound for one replica (or one remote region)
+    /// that are waiting while earlier calls are in flight travel together
+    /// in one call and one PostgreSQL transaction, at most this many.
+    pub write_batch_max: u32,
+    /// Calls in flight per replica (and per remote region) on the write
+    /// path; further records wait and join the next batch.
+    pub write_batch_in_flight: u32,
 }
 
 impl Default for CoordinatorSettings {
@@ -157,6 +164,8 @@ impl Default for CoordinatorSettings {
             probe_timeout_ms: 400,
             circuit_open_ms: 5_000,
             placement_cache_capacity: 100_000,
+            write_batch_max: 512,
+            write_batch_in_flight: 2,
         }
     }
 }
@@ -204,6 +213,11 @@ pub struct GatewaySettings {
     pub request_timeout_ms: u64,
     /// Requests handled at once; beyond it requests are shed with 503.
     pub concurrency_limit: usize,
+    /// Largest batch body (`POST /api/logs/batch`), in bytes, both as sent
+    /// and once decompressed (larger → 413).
+    pub max_batch_bytes: usize,
+    /// Most records in one batch (more → 413).
+    pub max_batch_records: usize,
 }
 
 impl Default for GatewaySettings {
@@ -212,6 +226,8 @@ impl Default for GatewaySettings {
             max_body_bytes: 1024 * 1024,
             request_timeout_ms: 10_000,
             concurrency_limit: 1024,
+            max_batch_bytes: 16 * 1024 * 1024,
+            max_batch_records: 10_000,
         }
     }
 }
@@ -335,6 +351,8 @@ impl GeologConfig {
             ("hint_window_ms", c.hint_window_ms),
             ("speculative_read_ms", c.speculative_read_ms),
             ("outbox_batch", u64::from(c.outbox_batch)),
+            ("write_batch_max", u64::from(c.write_batch_max)),
+            ("write_batch_in_flight", u64::from(c.write_batch_in_flight)),
             (
                 "gateway.request_timeout_ms",
                 self.gateway.request_timeout_ms,
@@ -347,8 +365,10 @@ impl GeologConfig {
         if self.ring.vnodes == 0
             || self.gateway.max_body_bytes == 0
             || self.gateway.concurrency_limit == 0
+            || self.gateway.max_batch_bytes == 0
+            || !(1..=10_000).contains(&self.gateway.max_batch_records)
         {
-            return invalid("ring.vnodes, gateway.max_body_bytes and gateway.concurrency_limit must be greater than 0".into());
+            return invalid("ring.vnodes, gateway.max_body_bytes, gateway.concurrency_limit and gateway.max_batch_bytes must be greater than 0, gateway.max_batch_records 1 to 10000".into());
         }
         if self.storage.pool_max_connections == 0 {
             return invalid("storage.pool_max_connections must be greater than 0".into());

@@ -23,6 +23,8 @@ pub enum ErrorCode {
     InvalidRequest,
     /// The body exceeds the configured limit.
     PayloadTooLarge,
+    /// The body's `Content-Encoding` or `Content-Type` is not one accepted.
+    UnsupportedMediaType,
     /// The key has no versions at the requested level.
     NotFound,
     /// The idempotency key was used before with a different request.
@@ -51,6 +53,7 @@ impl ErrorCode {
             ErrorCode::InvalidContext => "invalid_context",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::NotFound => "not_found",
             ErrorCode::IdempotencyConflict => "idempotency_conflict",
             ErrorCode::RouteNotFound => "route_not_found",
@@ -72,6 +75,7 @@ impl ErrorCode {
             | ErrorCode::InvalidContext
             | ErrorCode::InvalidRequest => S::BAD_REQUEST,
             ErrorCode::PayloadTooLarge => S::PAYLOAD_TOO_LARGE,
+            ErrorCode::UnsupportedMediaType => S::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::NotFound | ErrorCode::RouteNotFound => S::NOT_FOUND,
             ErrorCode::IdempotencyConflict => S::CONFLICT,
             ErrorCode::MethodNotAllowed => S::METHOD_NOT_ALLOWED,
@@ -89,7 +93,8 @@ impl ErrorCode {
             | ErrorCode::InvalidKey
             | ErrorCode::InvalidConsistency
             | ErrorCode::InvalidContext
-            | ErrorCode::InvalidRequest => C::InvalidArgument,
+            | ErrorCode::InvalidRequest
+            | ErrorCode::UnsupportedMediaType => C::InvalidArgument,
             ErrorCode::PayloadTooLarge | ErrorCode::Overloaded => C::ResourceExhausted,
             ErrorCode::NotFound | ErrorCode::RouteNotFound => C::NotFound,
             ErrorCode::IdempotencyConflict => C::AlreadyExists,
@@ -179,11 +184,27 @@ impl GeologError {
         Self::new(ErrorCode::Internal, message)
     }
 
+    /// The JSON form that crosses services: in gRPC status details and in
+    /// the per-record errors of batch answers.
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("GeologError always serializes")
+    }
+
+    /// Decodes [`GeologError::to_json_bytes`]; anything else is an internal error.
+    pub fn from_json_bytes(bytes: &[u8]) -> Self {
+        serde_json::from_slice(bytes).unwrap_or_else(|e| {
+            GeologError::internal(format!("undecodable error from another service: {e}"))
+        })
+    }
+
     /// Encodes this error as a gRPC status whose details carry the JSON form,
     /// so the receiving side recovers the exact code and quorum details.
     pub fn to_status(&self) -> tonic::Status {
-        let details = serde_json::to_vec(self).expect("GeologError always serializes");
-        tonic::Status::with_details(self.code.grpc_code(), self.message.clone(), details.into())
+        tonic::Status::with_details(
+            self.code.grpc_code(),
+            self.message.clone(),
+            self.to_json_bytes().into(),
+        )
     }
 
     /// Decodes a gRPC status produced by [`GeologError::to_status`], or maps a
@@ -234,6 +255,7 @@ mod tests {
             ErrorCode::InvalidContext,
             ErrorCode::InvalidRequest,
             ErrorCode::PayloadTooLarge,
+            ErrorCode::UnsupportedMediaType,
         ] {
             assert!(code.http_status().is_client_error(), "{code}");
         }

@@ -22,7 +22,7 @@ mod read;
 mod remote;
 
 pub use read::{ReadKind, state_vector_of};
-pub use remote::{apply, outbox_done, replicate, store_hint};
+pub use remote::{apply, mint, outbox_done, replicate, store_hint};
 use remote::{is_timeout, region_read};
 
 use crate::replicas::{Replica, ReplicaSet};
@@ -68,6 +68,17 @@ pub fn body_hash(key: &str, value_json: &str, context: Option<&VersionVector>) -
         bytes.extend_from_slice(context.to_token().as_bytes());
     }
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
+}
+
+/// Orders the mints of writes to one key inside a batch: a write waits
+/// for `after` (dropped by the previous write of the key once its version
+/// is minted — or once it failed) before minting, and drops `minted` when
+/// its own mint is done. Only minting is chained: the replication and acks
+/// of the writes still overlap.
+#[derive(Debug, Default)]
+pub struct MintOrder {
+    pub after: Option<tokio::sync::oneshot::Receiver<()>>,
+    pub minted: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Why a replica did not acknowledge.
@@ -185,7 +196,8 @@ impl QuorumEngine {
             .clone()
     }
 
-    /// Writes `value_json` as a new version of `key`.
+    /// Writes `value_json` as a new version of `key`; `order` chains the
+    /// mint after another write's (see [`MintOrder`]).
     pub async fn write(
         &self,
         key: &str,
@@ -193,7 +205,12 @@ impl QuorumEngine {
         level: ConsistencyLevel,
         context: Option<VersionVector>,
         idempotency_key: Option<String>,
+        order: MintOrder,
     ) -> Result<Outcome, GeologError> {
+        let MintOrder {
+            after,
+            minted: minted_signal,
+        } = order;
         geolog_core::key::validate_key(key)?;
         let requirement = self.requirement(level, Operation::Write)?;
         let hash = idempotency_key
@@ -220,7 +237,11 @@ impl QuorumEngine {
             .map(|r| r.name.clone())
             .collect();
 
-        // Mint on the first alive local replica that accepts.
+        // Mint on the first alive local replica that accepts, after the
+        // write this one is ordered after has minted (or failed).
+        if let Some(after) = after {
+            let _ = after.await;
+        }
         let request = pb::MintRequest {
             key: key.to_string(),
             value_json: value_json.to_string(),
@@ -242,14 +263,11 @@ impl QuorumEngine {
             let request = request.clone();
             // Spawned so that, past our deadline, the call still runs to its
             // own end and a hung replica gets marked dead by its breaker.
-            let call = tokio::spawn(async move {
-                let mut client = replica.client.clone();
-                client.mint(request).await
-            });
+            let call = tokio::spawn(async move { mint(&replica, request).await });
             match tokio::time::timeout_at(deadline, call).await {
                 Ok(Ok(Ok(response))) => {
                     tracker.record_ok(idx);
-                    minted = Some((idx, response.into_inner()));
+                    minted = Some((idx, response));
                     break;
                 }
                 Ok(Ok(Err(status))) => {
@@ -269,6 +287,7 @@ impl QuorumEngine {
                 Err(_) => return Err(tracker.failure("write")),
             }
         }
+        drop(minted_signal);
         let Some((mint_idx, minted)) = minted else {
             if level == ConsistencyLevel::Any {
                 return self.write_hinted(request, &placement).await;
@@ -337,13 +356,9 @@ impl QuorumEngine {
             let remote = remote.clone();
             let (tx, frontier, placement) = (tx.clone(), frontier.clone(), placement.clone());
             let outbox_id = outbox.get(&remote.name).copied();
-            let (origin, mint_node) = (self.region.clone(), mint_node.clone());
+            let mint_node = mint_node.clone();
             tokio::spawn(async move {
-                let request = cpb::ReplicateRequest {
-                    origin_region: origin,
-                    versions: frontier,
-                };
-                let acks = replicate(&remote, request).await;
+                let acks = replicate(&remote, frontier).await;
                 let mut delivered = 0;
                 let mut pending: Vec<usize> = idxs.clone();
                 if let Ok(acks) = &acks {
@@ -425,9 +440,8 @@ impl QuorumEngine {
             .cloned()
             .collect();
         for holder in holders {
-            let mut client = holder.client.clone();
-            let minted = match client.mint(request.clone()).await {
-                Ok(minted) => minted.into_inner(),
+            let minted = match mint(&holder, request.clone()).await {
+                Ok(minted) => minted,
                 Err(status) => {
                     tracing::warn!(holder = %holder.node, error = %status.message(), "cannot hold an ANY write");
                     continue;

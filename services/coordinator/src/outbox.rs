@@ -201,11 +201,7 @@ async fn replay_region(
             let versions: Vec<pb::Version> =
                 entries.into_iter().filter_map(|e| e.version).collect();
             let count = versions.len();
-            let request = cpb::ReplicateRequest {
-                origin_region: engine.region().to_string(),
-                versions,
-            };
-            let acks = replicate(&remote, request)
+            let acks = replicate(&remote, versions)
                 .await
                 .map_err(|s| format!("region unreachable: {}", s.message()))?;
             if let Some(failed) = acks.iter().find(|a| !a.ok) {

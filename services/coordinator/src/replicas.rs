@@ -5,6 +5,7 @@
 //! which of the remote region's replicas are alive. Also owns key placement
 //! (cached with moka) and the health prober.
 
+use crate::batch::{BatchLimits, Batcher};
 use crate::breaker::{CircuitBreaker, CircuitBreakerLayer, HealthBoard, ReplicaState};
 use geolog_config::GeologConfig;
 use geolog_core::Ring;
@@ -36,6 +37,76 @@ pub struct Replica {
     /// Health probes bypass the breaker (they are what closes it).
     probe_client: StorageClient<Channel>,
     pub state: Arc<ReplicaState>,
+    /// Group commit of the write path's calls to this node.
+    pub batches: ReplicaBatches,
+}
+
+/// The write path's calls to one local node, batched (see [`crate::batch`]).
+pub struct ReplicaBatches {
+    /// One `MintBatch` call (one transaction) for the queued records.
+    pub mint: Batcher<pb::MintRequest, pb::MintResult>,
+    /// One `Apply` call for the queued key states.
+    pub apply: Batcher<Vec<pb::Version>, ()>,
+    /// One `OutboxDone` call for the queued outbox entry ids.
+    pub outbox_done: Batcher<Vec<u64>, ()>,
+}
+
+/// Rough wire size of a version, for batch byte limits.
+pub fn version_bytes(v: &pb::Version) -> usize {
+    v.key.len() + v.value_json.len() + 64 + v.context.len() * 16
+}
+
+impl ReplicaBatches {
+    fn new(client: &ReplicaClient, limits: BatchLimits) -> Self {
+        let c = client.clone();
+        let mint = Batcher::new(
+            "mint",
+            limits,
+            |r: &pb::MintRequest| r.key.len() + r.value_json.len() + 64,
+            move |records| {
+                let mut client = c.clone();
+                async move {
+                    let request = pb::MintBatchRequest { records };
+                    Ok(client.mint_batch(request).await?.into_inner().results)
+                }
+            },
+        );
+        let c = client.clone();
+        let apply = Batcher::new(
+            "apply",
+            limits,
+            |versions: &Vec<pb::Version>| versions.iter().map(version_bytes).sum(),
+            move |states: Vec<Vec<pb::Version>>| {
+                let mut client = c.clone();
+                let count = states.len();
+                let versions = states.into_iter().flatten().collect();
+                async move {
+                    client.apply(pb::ApplyRequest { versions }).await?;
+                    Ok(vec![(); count])
+                }
+            },
+        );
+        let c = client.clone();
+        let outbox_done = Batcher::new(
+            "outbox_done",
+            limits,
+            |ids: &Vec<u64>| ids.len() * 8,
+            move |lists: Vec<Vec<u64>>| {
+                let mut client = c.clone();
+                let count = lists.len();
+                let ids = lists.into_iter().flatten().collect();
+                async move {
+                    client.outbox_done(pb::OutboxDoneRequest { ids }).await?;
+                    Ok(vec![(); count])
+                }
+            },
+        );
+        ReplicaBatches {
+            mint,
+            apply,
+            outbox_done,
+        }
+    }
 }
 
 impl Replica {
@@ -57,9 +128,41 @@ pub struct RemoteRegion {
     pub link: Arc<ReplicaState>,
     /// Replica states as the remote coordinator last reported them.
     replicas: RwLock<HashMap<String, cpb::ReplicaHealth>>,
+    /// One `Replicate` call for the queued key states; every caller gets
+    /// the acks of the whole call.
+    pub replicate: Batcher<Vec<pb::Version>, Vec<cpb::ReplicaAck>>,
 }
 
 impl RemoteRegion {
+    fn replicate_batcher(
+        client: &LinkClient,
+        origin: &str,
+        limits: BatchLimits,
+    ) -> Batcher<Vec<pb::Version>, Vec<cpb::ReplicaAck>> {
+        let (c, origin) = (client.clone(), origin.to_string());
+        Batcher::new(
+            "replicate",
+            limits,
+            |versions: &Vec<pb::Version>| versions.iter().map(version_bytes).sum(),
+            move |states: Vec<Vec<pb::Version>>| {
+                let mut client = c.clone();
+                let count = states.len();
+                let request = cpb::ReplicateRequest {
+                    origin_region: origin.clone(),
+                    versions: states.into_iter().flatten().collect(),
+                };
+                async move {
+                    let mut stream = client.replicate(request).await?.into_inner();
+                    let mut acks = Vec::new();
+                    while let Some(ack) = stream.message().await? {
+                        acks.push(ack);
+                    }
+                    Ok(vec![acks; count])
+                }
+            },
+        )
+    }
+
     /// Alive when the link is up and the remote coordinator did not report
     /// the node dead (unknown nodes count as alive).
     pub fn replica_alive(&self, node: &str) -> bool {
@@ -104,10 +207,12 @@ fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, tonic::tr
 }
 
 impl ReplicaSet {
-    /// Builds lazy channels; nothing is contacted yet.
+    /// Builds lazy channels (nothing is contacted yet) and starts the
+    /// batchers' workers on the current runtime.
     pub fn new(config: &GeologConfig, local_region: &str) -> Result<Self, tonic::transport::Error> {
         let settings = &config.coordinator;
         let board = HealthBoard::new(settings.circuit_open());
+        let limits = BatchLimits::from(settings);
         let breaker_stack = |state: &Arc<ReplicaState>, channel: Channel, timeout: Duration| {
             tower::ServiceBuilder::new()
                 .layer(CircuitBreakerLayer::new(state.clone()))
@@ -137,11 +242,12 @@ impl ReplicaSet {
                         node: node.id.clone(),
                         region: region.name.clone(),
                         addr: node.addr.clone(),
-                        client,
                         probe_client: StorageClient::new(channel)
                             .max_decoding_message_size(MAX_MESSAGE_BYTES)
                             .max_encoding_message_size(MAX_MESSAGE_BYTES),
                         state,
+                        batches: ReplicaBatches::new(&client, limits),
+                        client,
                     };
                     local.insert(node.id.clone(), Arc::new(replica));
                     local_order.push(node.id.clone());
@@ -168,6 +274,7 @@ impl ReplicaSet {
             remote.push(Arc::new(RemoteRegion {
                 name: region.name.clone(),
                 addr: first.clone(),
+                replicate: RemoteRegion::replicate_batcher(&client, local_region, limits),
                 client,
                 probe_client: CoordinatorClient::new(channel),
                 link,

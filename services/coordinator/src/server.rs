@@ -1,13 +1,15 @@
 //! The coordinator's gRPC service: decodes requests, calls the engine,
 //! encodes outcomes and errors. Errors are logged here, where handled.
 
-use crate::engine::{Outcome, QuorumEngine, ReadKind, observed};
+use crate::engine::{MintOrder, Outcome, QuorumEngine, ReadKind, observed};
 use crate::outbox::OutboxView;
 use geolog_core::causal::VersionVector;
 use geolog_core::{ErrorCode, GeologError};
 use geolog_proto::coordinator as pb;
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -53,6 +55,44 @@ fn fail(op: &'static str, key: &str, err: GeologError) -> Status {
         _ => tracing::debug!(op, key, error = %err.message, "request rejected"),
     }
     err.to_status()
+}
+
+/// Records per `WriteBatch` call.
+pub const MAX_WRITE_BATCH: usize = 10_000;
+
+/// One write, at `level` (the record's own level is ignored).
+async fn write_one(
+    engine: &QuorumEngine,
+    req: pb::WriteRequest,
+    level: geolog_core::ConsistencyLevel,
+    order: MintOrder,
+) -> Result<pb::WriteResponse, GeologError> {
+    let context = if req.context.is_empty() {
+        None
+    } else {
+        Some(VersionVector::from_token(&req.context)?)
+    };
+    let outcome = observed(
+        "write",
+        level.as_str(),
+        engine.write(
+            &req.key,
+            &req.value_json,
+            level,
+            context,
+            (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+            order,
+        ),
+    )
+    .await?;
+    Ok(pb::WriteResponse {
+        acks: Some(acks(&outcome)),
+        consistency: outcome.level.to_string(),
+        version: outcome.version,
+        context: outcome.context,
+        replayed: outcome.replayed,
+        hints: outcome.hints,
+    })
 }
 
 #[tonic::async_trait]
@@ -108,32 +148,67 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .engine
             .level(&req.consistency)
             .map_err(|e| fail("write", &req.key, e))?;
-        let context = if req.context.is_empty() {
-            None
-        } else {
-            Some(VersionVector::from_token(&req.context).map_err(|e| fail("write", &req.key, e))?)
-        };
-        let outcome = observed(
-            "write",
-            level.as_str(),
-            self.engine.write(
-                &req.key,
-                &req.value_json,
-                level,
-                context,
-                (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone()),
-            ),
-        )
-        .await
-        .map_err(|e| fail("write", &req.key, e))?;
-        Ok(Response::new(pb::WriteResponse {
-            acks: Some(acks(&outcome)),
-            consistency: outcome.level.to_string(),
-            version: outcome.version,
-            context: outcome.context,
-            replayed: outcome.replayed,
-            hints: outcome.hints,
-        }))
+        let key = req.key.clone();
+        let written = write_one(&self.engine, req, level, MintOrder::default())
+            .await
+            .map_err(|e| fail("write", &key, e))?;
+        Ok(Response::new(written))
+    }
+
+    async fn write_batch(
+        &self,
+        request: Request<pb::WriteBatchRequest>,
+    ) -> Result<Response<pb::WriteBatchResponse>, Status> {
+        let req = request.into_inner();
+        let level = self
+            .engine
+            .level(&req.consistency)
+            .map_err(|e| fail("write_batch", "", e))?;
+        if req.records.len() > MAX_WRITE_BATCH {
+            let err = GeologError::new(
+                ErrorCode::InvalidRequest,
+                format!("at most {MAX_WRITE_BATCH} records per batch"),
+            );
+            return Err(fail("write_batch", "", err));
+        }
+        // Every record is written as if alone, all at once: those bound for
+        // the same replica meet in its batcher (one call, one transaction).
+        // Records of one key mint in batch order (each after the previous).
+        let mut writes = tokio::task::JoinSet::new();
+        let count = req.records.len();
+        let mut last_of_key: HashMap<String, oneshot::Receiver<()>> = HashMap::new();
+        for (index, record) in req.records.into_iter().enumerate() {
+            let engine = self.engine.clone();
+            let (minted, next) = oneshot::channel();
+            let order = MintOrder {
+                after: last_of_key.insert(record.key.clone(), next),
+                minted: Some(minted),
+            };
+            writes.spawn(async move {
+                let key = record.key.clone();
+                let result = write_one(&engine, record, level, order).await;
+                (index, key, result)
+            });
+        }
+        let mut results = vec![pb::WriteResult::default(); count];
+        while let Some(done) = writes.join_next().await {
+            let (index, key, result) =
+                done.map_err(|e| Status::internal(format!("a batch write task failed: {e}")))?;
+            results[index] = match result {
+                Ok(written) => pb::WriteResult {
+                    written: Some(written),
+                    error_json: Vec::new(),
+                },
+                Err(err) => {
+                    let _ = fail("write_batch", &key, err.clone());
+                    pb::WriteResult {
+                        written: None,
+                        error_json: err.to_json_bytes(),
+                    }
+                }
+            };
+        }
+        Ok(Response::new(pb::WriteBatchResponse { results }))
     }
 
     async fn read(

@@ -39,6 +39,128 @@ pub async fn read_body(
     }
 }
 
+/// Undoes the body's `Content-Encoding` (none, `gzip` or `zstd`), refusing
+/// more than `limit` decompressed bytes with 413 and other encodings with
+/// 415. Runs on a blocking thread: decompression is CPU work.
+pub async fn decode_body(
+    headers: &HeaderMap,
+    bytes: bytes::Bytes,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    let encoding = match headers.get(http::header::CONTENT_ENCODING) {
+        None => return Ok(bytes),
+        Some(value) => value
+            .to_str()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase(),
+    };
+    let decode = move || -> Result<bytes::Bytes, ApiError> {
+        match encoding.as_str() {
+            "identity" | "" => Ok(bytes),
+            "gzip" | "x-gzip" => read_limited(flate2::read::GzDecoder::new(&bytes[..]), limit),
+            "zstd" => {
+                let decoder = ruzstd::decoding::StreamingDecoder::new(&bytes[..])
+                    .map_err(|e| undecodable(&format!("{e}")))?;
+                read_limited(decoder, limit)
+            }
+            other => Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                format!("Content-Encoding {other:?} is not supported; use gzip or zstd"),
+            )),
+        }
+    };
+    tokio::task::spawn_blocking(decode)
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("decompression failed: {e}")))?
+}
+
+fn undecodable(reason: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::InvalidRequest,
+        format!("cannot decompress the request body: {reason}"),
+    )
+}
+
+/// Reads all of `reader`, but at most `limit` bytes (a compressed body may
+/// expand a thousandfold).
+fn read_limited(reader: impl std::io::Read, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| undecodable(&e.to_string()))?;
+    if out.len() > limit {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("decompressed request body exceeds the limit of {limit} bytes"),
+        ));
+    }
+    Ok(out.into())
+}
+
+/// True when the body is NDJSON (one record per line) rather than a JSON array.
+pub fn is_ndjson(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .is_some_and(|v| {
+            matches!(
+                v.as_str(),
+                "application/x-ndjson" | "application/ndjson" | "application/jsonl"
+            )
+        })
+}
+
+/// Splits a batch body into its records, each parsed and validated on its
+/// own: a bad record fails alone. The body as a whole must be a JSON array
+/// (or NDJSON) of 1 to `max_records` records.
+pub fn parse_batch(
+    bytes: &[u8],
+    ndjson: bool,
+    max_records: usize,
+) -> Result<Vec<Result<WriteBody, ApiError>>, ApiError> {
+    let records: Vec<Result<WriteBody, ApiError>> = if ndjson {
+        bytes
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+            .map(parse_write)
+            .collect()
+    } else {
+        let items: Vec<&RawValue> = serde_json::from_slice(bytes).map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidJson,
+                format!(
+                    "a batch is a JSON array of records (or NDJSON with Content-Type: application/x-ndjson): {e}"
+                ),
+            )
+        })?;
+        items
+            .into_iter()
+            .map(|item| parse_write(item.get().as_bytes()))
+            .collect()
+    };
+    if records.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidJson,
+            "the batch has no records",
+        ));
+    }
+    if records.len() > max_records {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the batch has {} records; at most {max_records} per batch",
+                records.len()
+            ),
+        ));
+    }
+    Ok(records)
+}
+
 /// The body of `POST /api/logs`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -159,8 +159,8 @@ fn value_views(versions: &[spb::Version]) -> Result<Vec<ValueView>, ApiError> {
 }
 
 #[derive(Serialize)]
-struct WriteAnswer<'a> {
-    key: &'a str,
+struct WriteAnswer {
+    key: String,
     version: VersionView,
     /// Context token of the key's state after this write.
     context: String,
@@ -174,6 +174,44 @@ struct WriteAnswer<'a> {
     hints: u32,
     consistency: String,
     acks: AcksView,
+}
+
+fn write_answer(key: String, answer: cpb::WriteResponse) -> Result<WriteAnswer, ApiError> {
+    let version = answer.version.as_ref().ok_or_else(missing_version)?;
+    Ok(WriteAnswer {
+        key,
+        version: version_view(version),
+        context: answer.context,
+        replayed: answer.replayed,
+        hints: answer.hints,
+        consistency: answer.consistency,
+        acks: acks_view(answer.acks),
+    })
+}
+
+/// The coordinator request for one record, after checking its context
+/// token and idempotency key (here, with a clear 400, rather than after a
+/// round trip).
+fn write_request(
+    body: extract::WriteBody,
+    context: Option<String>,
+    idempotency_key: Option<String>,
+    consistency: String,
+) -> Result<cpb::WriteRequest, ApiError> {
+    let context = context.unwrap_or_default();
+    if !context.is_empty() {
+        geolog_core::causal::VersionVector::from_token(&context)?;
+    }
+    if let Some(id) = &idempotency_key {
+        extract::validate_idempotency_key(id)?;
+    }
+    Ok(cpb::WriteRequest {
+        value_json: body.value.get().to_string(),
+        key: body.key,
+        consistency,
+        context,
+        idempotency_key: idempotency_key.unwrap_or_default(),
+    })
 }
 
 /// `POST /api/logs?consistency=LEVEL` with `{"key": ..., "value": ..., "context"?: ...}`.
@@ -192,12 +230,7 @@ pub async fn write(
         CONTEXT_HEADER,
         "context",
         ErrorCode::InvalidContext,
-    )?
-    .unwrap_or_default();
-    if !context.is_empty() {
-        // Fail here with a clear 400 rather than after a round trip.
-        geolog_core::causal::VersionVector::from_token(&context)?;
-    }
+    )?;
     let idempotency_key = extract::body_or_header(
         body.id.clone(),
         &headers,
@@ -205,30 +238,154 @@ pub async fn write(
         "id",
         ErrorCode::InvalidRequest,
     )?;
-    if let Some(id) = &idempotency_key {
-        extract::validate_idempotency_key(id)?;
-    }
+    let key = body.key.clone();
     let mut client = state.coordinator.clone();
-    let mut request = tonic::Request::new(cpb::WriteRequest {
-        key: body.key.clone(),
-        value_json: body.value.get().to_string(),
-        consistency: level_name(&query),
+    let mut request = tonic::Request::new(write_request(
+        body,
         context,
-        idempotency_key: idempotency_key.unwrap_or_default(),
-    });
+        idempotency_key,
+        level_name(&query),
+    )?);
     request.set_timeout(state.request_timeout);
     let answer = client.write(request).await?.into_inner();
-    let version = answer.version.as_ref().ok_or_else(missing_version)?;
-    let view = WriteAnswer {
-        key: &body.key,
-        version: version_view(version),
-        context: answer.context,
-        replayed: answer.replayed,
-        hints: answer.hints,
-        consistency: answer.consistency,
-        acks: acks_view(answer.acks),
+    Ok((StatusCode::CREATED, Json(write_answer(key, answer)?)).into_response())
+}
+
+/// One record's outcome in a batch answer.
+#[derive(Serialize)]
+struct BatchRecordAnswer {
+    /// The record's position in the batch (0-based; NDJSON: among the
+    /// non-empty lines).
+    index: usize,
+    /// What a single write of this record would have answered.
+    status: u16,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    written: Option<WriteAnswer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<geolog_core::GeologError>,
+}
+
+impl BatchRecordAnswer {
+    fn failed(index: usize, err: geolog_core::GeologError) -> Self {
+        BatchRecordAnswer {
+            index,
+            status: err.code.http_status().as_u16(),
+            written: None,
+            error: Some(err),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct BatchAnswer {
+    consistency: String,
+    records: usize,
+    written: usize,
+    failed: usize,
+    /// One per record, in batch order.
+    results: Vec<BatchRecordAnswer>,
+}
+
+/// `POST /api/logs/batch?consistency=LEVEL`: a JSON array or NDJSON of
+/// write bodies, optionally gzip- or zstd-compressed. Each record is
+/// validated and written on its own and answered in `results`: `201` when
+/// every record was written, `207` when some failed; when none was
+/// written and all failed alike, their common status.
+pub async fn write_batch(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let query = extract::parse_query(raw.as_deref(), extract::LOG_PARAMS)?;
+    for header in [CONTEXT_HEADER, "idempotency-key"] {
+        if headers.contains_key(header) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "header {header} does not apply to a batch; give each record its own field"
+                ),
+            ));
+        }
+    }
+    let bytes = extract::read_body(&headers, body, state.max_batch_bytes).await?;
+    let bytes = extract::decode_body(&headers, bytes, state.max_batch_bytes).await?;
+    let records = extract::parse_batch(
+        &bytes,
+        extract::is_ndjson(&headers),
+        state.max_batch_records,
+    )?;
+    let mut results: Vec<Option<BatchRecordAnswer>> = Vec::with_capacity(records.len());
+    let (mut sent, mut requests) = (Vec::new(), Vec::new());
+    for (index, record) in records.into_iter().enumerate() {
+        let request = record.and_then(|body| {
+            let (context, id) = (body.context.clone(), body.id.clone());
+            write_request(body, context, id, String::new())
+        });
+        match request {
+            Ok(request) => {
+                sent.push((index, request.key.clone()));
+                requests.push(request);
+                results.push(None);
+            }
+            Err(err) => results.push(Some(BatchRecordAnswer::failed(index, err.0))),
+        }
+    }
+    let mut consistency = level_name(&query);
+    if !requests.is_empty() {
+        let mut client = state.coordinator.clone();
+        let mut request = tonic::Request::new(cpb::WriteBatchRequest {
+            records: requests,
+            consistency: consistency.clone(),
+        });
+        request.set_timeout(state.request_timeout);
+        let answer = client.write_batch(request).await?.into_inner();
+        if answer.results.len() != sent.len() {
+            return Err(ApiError::new(
+                ErrorCode::Internal,
+                "coordinator answered a different number of records",
+            ));
+        }
+        for ((index, key), result) in sent.into_iter().zip(answer.results) {
+            results[index] = Some(match result.written {
+                Some(written) if result.error_json.is_empty() => {
+                    let written = write_answer(key, written)?;
+                    consistency.clone_from(&written.consistency);
+                    BatchRecordAnswer {
+                        index,
+                        status: StatusCode::CREATED.as_u16(),
+                        written: Some(written),
+                        error: None,
+                    }
+                }
+                _ => BatchRecordAnswer::failed(
+                    index,
+                    geolog_core::GeologError::from_json_bytes(&result.error_json),
+                ),
+            });
+        }
+    }
+    let results: Vec<BatchRecordAnswer> = results
+        .into_iter()
+        .map(|r| r.expect("every record is answered"))
+        .collect();
+    let failed = results.iter().filter(|r| r.error.is_some()).count();
+    let statuses: std::collections::BTreeSet<u16> = results.iter().map(|r| r.status).collect();
+    let status = match (failed, statuses.len()) {
+        (0, _) => StatusCode::CREATED,
+        (f, 1) if f == results.len() => {
+            StatusCode::from_u16(results[0].status).unwrap_or(StatusCode::MULTI_STATUS)
+        }
+        _ => StatusCode::MULTI_STATUS,
     };
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    let answer = BatchAnswer {
+        consistency,
+        records: results.len(),
+        written: results.len() - failed,
+        failed,
+        results,
+    };
+    Ok((status, Json(answer)).into_response())
 }
 
 #[derive(Serialize)]
@@ -253,7 +410,19 @@ pub async fn read(
     key: Result<Path<String>, PathRejection>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let key = key_from_path(key)?;
+    read_key(state, key_from_path(key)?, raw).await
+}
+
+/// `GET /api/logs/batch`: the key named `batch` (that path's `POST` is
+/// the batch endpoint).
+pub async fn read_batch_key(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    read_key(state, "batch".to_string(), raw).await
+}
+
+async fn read_key(state: AppState, key: String, raw: Option<String>) -> Result<Response, ApiError> {
     let query = extract::parse_query(raw.as_deref(), extract::LOG_PARAMS)?;
     let mut client = state.coordinator.clone();
     let mut request = tonic::Request::new(cpb::ReadRequest {

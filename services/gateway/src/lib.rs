@@ -35,6 +35,8 @@ pub struct AppState {
     /// One client per coordinator, for health.
     pub coordinator_probes: Vec<(String, String, CoordinatorClient<Channel>)>,
     pub max_body_bytes: usize,
+    pub max_batch_bytes: usize,
+    pub max_batch_records: usize,
     pub request_timeout: Duration,
     pub prometheus: Option<PrometheusHandle>,
 }
@@ -80,6 +82,8 @@ impl AppState {
             coordinator,
             coordinator_probes,
             max_body_bytes: config.gateway.max_body_bytes,
+            max_batch_bytes: config.gateway.max_batch_bytes,
+            max_batch_records: config.gateway.max_batch_records,
             request_timeout: Duration::from_millis(config.gateway.request_timeout_ms),
             prometheus,
         })
@@ -143,6 +147,10 @@ pub fn router(state: AppState, concurrency_limit: usize, request_timeout: Durati
         .timeout(request_timeout);
     Router::new()
         .route("/api/logs", post(handlers::write))
+        .route(
+            "/api/logs/batch",
+            post(handlers::write_batch).get(handlers::read_batch_key),
+        )
         .route("/api/logs/health", get(handlers::health))
         .route("/api/logs/{key}", get(handlers::read))
         .route("/api/logs/{key}/history", get(handlers::history))

@@ -1,7 +1,7 @@
 //! The storage node's gRPC service: translates between protobuf messages and
 //! [`VersionStore`] calls. No SQL and no replication logic here.
 
-use crate::store::{HistoryCursor, Idempotency, Queue, StoredVersion, VersionStore};
+use crate::store::{HistoryCursor, Idempotency, MintInput, Queue, StoredVersion, VersionStore};
 use geolog_core::causal::{Dot, VersionVector};
 use geolog_core::merkle::{LEAF_DEPTH, LEVEL_BITS};
 use geolog_core::{ErrorCode, GeologError, Hlc};
@@ -126,6 +126,17 @@ fn observe(op: &'static str, started: Instant, ok: bool) {
         .record(started.elapsed().as_secs_f64());
 }
 
+/// Records per `MintBatch` call.
+const MAX_MINT_BATCH: usize = 10_000;
+
+/// One record's failure inside a batch answer.
+fn record_error(err: &GeologError) -> pb::MintResult {
+    pb::MintResult {
+        minted: None,
+        error_json: err.to_json_bytes(),
+    }
+}
+
 /// Logs a store failure where it is handled (here, turned into a status).
 fn fail(op: &'static str, err: crate::store::StoreError) -> Status {
     let err = GeologError::from(err);
@@ -139,42 +150,67 @@ fn fail(op: &'static str, err: crate::store::StoreError) -> Status {
 
 #[tonic::async_trait]
 impl pb::storage_server::Storage for StorageService {
-    async fn mint(
+    async fn mint_batch(
         &self,
-        request: Request<pb::MintRequest>,
-    ) -> Result<Response<pb::MintResponse>, Status> {
+        request: Request<pb::MintBatchRequest>,
+    ) -> Result<Response<pb::MintBatchResponse>, Status> {
         let started = Instant::now();
-        let req = request.into_inner();
-        geolog_core::key::validate_key(&req.key)?;
-        let context = req
-            .has_context
-            .then(|| VersionVector(req.context.into_iter().collect()));
-        let result = self
-            .store
-            .mint_full(
-                &req.key,
-                &req.value_json,
-                context,
-                &req.outbox_regions,
-                idempotency(req.idempotency_key, req.body_hash),
+        let records = request.into_inner().records;
+        if records.len() > MAX_MINT_BATCH {
+            return Err(GeologError::new(
+                ErrorCode::InvalidRequest,
+                format!("at most {MAX_MINT_BATCH} records per mint batch"),
             )
-            .await;
+            .into());
+        }
+        // Records with an invalid key fail alone; the others are minted.
+        let mut results: Vec<Option<pb::MintResult>> = Vec::with_capacity(records.len());
+        let mut inputs = Vec::with_capacity(records.len());
+        for req in records {
+            if let Err(err) = geolog_core::key::validate_key(&req.key) {
+                results.push(Some(record_error(&err)));
+                continue;
+            }
+            results.push(None);
+            inputs.push(MintInput {
+                context: req
+                    .has_context
+                    .then(|| VersionVector(req.context.into_iter().collect())),
+                key: req.key,
+                value_json: req.value_json,
+                outbox_regions: req.outbox_regions,
+                idempotency: idempotency(req.idempotency_key, req.body_hash),
+            });
+        }
+        let result = self.store.mint_batch(inputs).await;
         observe("mint", started, result.is_ok());
-        let minted = result.map_err(|e| fail("mint", e))?;
-        Ok(Response::new(pb::MintResponse {
-            version: Some(to_proto(minted.version)),
-            outbox: minted
-                .outbox
-                .into_iter()
-                .map(|(id, region)| pb::OutboxEntry {
-                    id,
-                    region,
-                    ..Default::default()
+        let mut minted = result.map_err(|e| fail("mint", e))?.into_iter();
+        let results = results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| match minted.next().expect("one result per input") {
+                    Ok(minted) => pb::MintResult {
+                        minted: Some(pb::MintResponse {
+                            version: Some(to_proto(minted.version)),
+                            outbox: minted
+                                .outbox
+                                .into_iter()
+                                .map(|(id, region)| pb::OutboxEntry {
+                                    id,
+                                    region,
+                                    ..Default::default()
+                                })
+                                .collect(),
+                            frontier: minted.frontier.into_iter().map(to_proto).collect(),
+                            replayed: minted.replayed,
+                        }),
+                        error_json: Vec::new(),
+                    },
+                    Err(err) => record_error(&GeologError::from(err)),
                 })
-                .collect(),
-            frontier: minted.frontier.into_iter().map(to_proto).collect(),
-            replayed: minted.replayed,
-        }))
+            })
+            .collect();
+        Ok(Response::new(pb::MintBatchResponse { results }))
     }
 
     async fn apply(

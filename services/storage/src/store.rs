@@ -59,6 +59,19 @@ pub enum Queue {
     Hints,
 }
 
+/// One record to mint (see [`VersionStore::mint_batch`]).
+#[derive(Debug, Clone)]
+pub struct MintInput {
+    pub key: String,
+    pub value_json: String,
+    /// The client's context: the version supersedes exactly what it covers;
+    /// without one, what this node has seen of the key.
+    pub context: Option<VersionVector>,
+    /// Remote regions that still need the version: one outbox entry each.
+    pub outbox_regions: Vec<String>,
+    pub idempotency: Option<Idempotency>,
+}
+
 /// A freshly minted version with what the write path needs next.
 #[derive(Debug)]
 pub struct Minted {
@@ -246,58 +259,143 @@ impl VersionStore {
         outbox_regions: &[String],
         idempotency: Option<Idempotency>,
     ) -> Result<Minted, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        lock_key(&mut tx, key).await?;
-        let current = frontier_of(&mut tx, key).await?;
-        if let Some(idem) = &idempotency
-            && let Some(version) = idempotent_version(&mut tx, key, &idem.key).await?
-        {
-            if version.idempotency.as_ref().map(|i| &i.body_hash) != Some(&idem.body_hash) {
-                return Err(StoreError::IdempotencyConflict(idem.key.clone()));
-            }
-            return Ok(Minted {
-                version,
-                frontier: current,
-                outbox: Vec::new(),
-                replayed: true,
-            });
-        }
-        let context = context.unwrap_or_else(|| causal::state_vector(&current));
-        let seq: i64 = sqlx::query_scalar("SELECT nextval('dot_seq')")
-            .fetch_one(&mut *tx)
-            .await?;
-        let version = StoredVersion {
+        let input = MintInput {
             key: key.to_string(),
             value_json: value_json.to_string(),
-            hlc: self.clock.now(),
-            dot: Dot::new(self.node.clone(), seq as u64),
             context,
+            outbox_regions: outbox_regions.to_vec(),
             idempotency,
         };
-        let frontier = causal::frontier(current.iter().cloned().chain([version.clone()]));
-        let superseded: Vec<&StoredVersion> = current
+        self.mint_batch(vec![input])
+            .await?
+            .pop()
+            .expect("one result per input")
+    }
+
+    /// Mints many versions in one transaction (group commit): the keys are
+    /// locked together (in lock-id order), read once, and the versions and
+    /// their outbox entries inserted with one statement each. Records apply
+    /// in order, so a key written twice in a batch gets two sequential
+    /// versions. A record that cannot be minted (invalid JSON, idempotency
+    /// conflict) fails alone; a database failure fails the whole batch.
+    pub async fn mint_batch(
+        &self,
+        inputs: Vec<MintInput>,
+    ) -> Result<Vec<Result<Minted, StoreError>>, StoreError> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        let keys: Vec<&str> = inputs
             .iter()
-            .filter(|v| !frontier.iter().any(|f| f.dot == v.dot))
+            .map(|i| i.key.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
             .collect();
-        insert_versions(&mut tx, std::slice::from_ref(&version), &BTreeSet::new()).await?;
-        mark_superseded(&mut tx, &superseded).await?;
-        let outbox: Vec<(i64, String)> = sqlx::query_as(
-            "INSERT INTO outbox (region, key, node, seq) SELECT r, $1, $2, $3 FROM UNNEST($4::text[]) AS r \
-             RETURNING id, region",
-        )
-        .bind(key)
-        .bind(&self.node)
-        .bind(seq)
-        .bind(outbox_regions)
-        .fetch_all(&mut *tx)
-        .await?;
+        lock_keys(&mut tx, &keys).await?;
+        let mut frontiers = frontiers_of(&mut tx, &keys).await?;
+        let mut idempotent = idempotent_versions(&mut tx, &inputs).await?;
+        let seqs: Vec<i64> =
+            sqlx::query_scalar("SELECT nextval('dot_seq') FROM generate_series(1, $1)")
+                .bind(inputs.len() as i64)
+                .fetch_all(&mut *tx)
+                .await?;
+
+        // Decide every record in memory, in order.
+        let mut results: Vec<Result<Minted, StoreError>> = Vec::with_capacity(inputs.len());
+        let mut new: Vec<StoredVersion> = Vec::new();
+        let mut stored_superseded: Vec<StoredVersion> = Vec::new();
+        let mut outbox_rows: Vec<(usize, String)> = Vec::new();
+        let mut minted: BTreeSet<Dot> = BTreeSet::new();
+        for (input, seq) in inputs.into_iter().zip(seqs) {
+            if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(&input.value_json) {
+                results.push(Err(StoreError::Rejected(format!(
+                    "the value is not valid JSON: {err}"
+                ))));
+                continue;
+            }
+            let current = frontiers.entry(input.key.clone()).or_default();
+            if let Some(idem) = &input.idempotency
+                && let Some(version) = idempotent.get(&(input.key.clone(), idem.key.clone()))
+            {
+                results.push(
+                    if version.idempotency.as_ref().map(|i| &i.body_hash) == Some(&idem.body_hash) {
+                        Ok(Minted {
+                            version: version.clone(),
+                            frontier: current.clone(),
+                            outbox: Vec::new(),
+                            replayed: true,
+                        })
+                    } else {
+                        Err(StoreError::IdempotencyConflict(idem.key.clone()))
+                    },
+                );
+                continue;
+            }
+            let version = StoredVersion {
+                context: input
+                    .context
+                    .unwrap_or_else(|| causal::state_vector(current.iter())),
+                key: input.key,
+                value_json: input.value_json,
+                hlc: self.clock.now(),
+                dot: Dot::new(self.node.clone(), seq as u64),
+                idempotency: input.idempotency,
+            };
+            if let Some(idem) = &version.idempotency {
+                idempotent.insert((version.key.clone(), idem.key.clone()), version.clone());
+            }
+            let frontier = causal::frontier(current.iter().cloned().chain([version.clone()]));
+            for gone in current
+                .drain(..)
+                .filter(|v| !frontier.iter().any(|f| f.dot == v.dot))
+            {
+                // One minted earlier in this batch is inserted as superseded below.
+                if !minted.contains(&gone.dot) {
+                    stored_superseded.push(gone);
+                }
+            }
+            minted.insert(version.dot.clone());
+            current.extend(frontier.iter().cloned());
+            outbox_rows.extend(
+                input
+                    .outbox_regions
+                    .into_iter()
+                    .map(|region| (new.len(), region)),
+            );
+            results.push(Ok(Minted {
+                version: version.clone(),
+                frontier,
+                outbox: Vec::new(),
+                replayed: false,
+            }));
+            new.push(version);
+        }
+
+        let stale: BTreeSet<Dot> = new
+            .iter()
+            .filter(|v| !frontiers[&v.key].iter().any(|f| f.dot == v.dot))
+            .map(|v| v.dot.clone())
+            .collect();
+        insert_versions(&mut tx, &new, &stale).await?;
+        mark_superseded(&mut tx, &stored_superseded.iter().collect::<Vec<_>>()).await?;
+        let outbox = insert_outbox(&mut tx, &new, &outbox_rows).await?;
         tx.commit().await?;
-        Ok(Minted {
-            version,
-            frontier,
-            outbox: outbox.into_iter().map(|(id, r)| (id as u64, r)).collect(),
-            replayed: false,
-        })
+
+        // Hand each minted record its outbox entry ids.
+        let mut outbox_of: BTreeMap<Dot, Vec<(u64, String)>> = BTreeMap::new();
+        for ((version, region), id) in outbox_rows.into_iter().zip(outbox) {
+            outbox_of
+                .entry(new[version].dot.clone())
+                .or_default()
+                .push((id, region));
+        }
+        for minted in results.iter_mut().flatten() {
+            if !minted.replayed {
+                minted.outbox = outbox_of.remove(&minted.version.dot).unwrap_or_default();
+            }
+        }
+        Ok(results)
     }
 
     /// Merges key states from other replicas (frontiers, possibly with extra
@@ -632,17 +730,9 @@ impl VersionStore {
 
 type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 
-/// Serializes every change to one key's state on this node.
-async fn lock_key(tx: &mut Tx, key: &str) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(key)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-/// Locks several keys for the transaction, in one order everywhere (by
-/// lock id), so two multi-key merges cannot deadlock.
+/// Serializes every change to a key's state on this node: locks the keys
+/// for the transaction, in one order everywhere (by lock id), so two
+/// multi-key transactions cannot deadlock.
 async fn lock_keys(tx: &mut Tx, keys: &[&str]) -> Result<(), StoreError> {
     sqlx::query(
         "SELECT pg_advisory_xact_lock(l) \
@@ -672,6 +762,83 @@ async fn frontiers_of(
         frontiers.entry(v.key.clone()).or_default().push(v);
     }
     Ok(frontiers)
+}
+
+/// The versions created with the idempotency keys of `inputs` (the first
+/// one per key and idempotency key), keyed by (key, idempotency key).
+async fn idempotent_versions(
+    conn: &mut sqlx::PgConnection,
+    inputs: &[MintInput],
+) -> Result<BTreeMap<(String, String), StoredVersion>, StoreError> {
+    let (keys, ids): (Vec<&str>, Vec<&str>) = inputs
+        .iter()
+        .filter_map(|i| Some((i.key.as_str(), i.idempotency.as_ref()?.key.as_str())))
+        .unzip();
+    if keys.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let rows = sqlx::query(
+        "SELECT DISTINCT ON (v.key, v.idempotency_key) \
+                v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
+         FROM versions v JOIN UNNEST($1::text[], $2::text[]) AS t(k, i) ON v.key = t.k AND v.idempotency_key = t.i \
+         ORDER BY v.key, v.idempotency_key, v.hlc, v.node, v.seq",
+    )
+    .bind(keys)
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let v = version_from_row(row)?;
+            let id = v
+                .idempotency
+                .as_ref()
+                .map(|i| i.key.clone())
+                .unwrap_or_default();
+            Ok(((v.key.clone(), id), v))
+        })
+        .collect()
+}
+
+/// Inserts the outbox entries `(index into versions, region)`; returns
+/// their ids in the same order.
+async fn insert_outbox(
+    tx: &mut Tx,
+    versions: &[StoredVersion],
+    rows: &[(usize, String)],
+) -> Result<Vec<u64>, StoreError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<&str> = rows
+        .iter()
+        .map(|(i, _)| versions[*i].key.as_str())
+        .collect();
+    let nodes: Vec<&str> = rows
+        .iter()
+        .map(|(i, _)| versions[*i].dot.node.as_str())
+        .collect();
+    let seqs: Vec<i64> = rows
+        .iter()
+        .map(|(i, _)| versions[*i].dot.seq as i64)
+        .collect();
+    let regions: Vec<&str> = rows.iter().map(|(_, r)| r.as_str()).collect();
+    let ids: Vec<(i64, i32)> = sqlx::query_as(
+        "WITH input AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[]) \
+                        WITH ORDINALITY AS t(k, n, s, r, o)), \
+              ins AS (INSERT INTO outbox (region, key, node, seq) SELECT r, k, n, s FROM input ORDER BY o \
+                      RETURNING id, region, key, node, seq) \
+         SELECT ins.id, input.o::int FROM ins JOIN input \
+           ON (input.r, input.k, input.n, input.s) = (ins.region, ins.key, ins.node, ins.seq) \
+         ORDER BY input.o",
+    )
+    .bind(keys)
+    .bind(nodes)
+    .bind(seqs)
+    .bind(regions)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(ids.into_iter().map(|(id, _)| id as u64).collect())
 }
 
 async fn idempotent_version(

@@ -3,7 +3,8 @@
 use geolog_core::Hlc;
 use geolog_core::causal::{Dot, VersionVector};
 use geolog_storage::store::{
-    HistoryCursor, PoolSettings, Queue, StoreError, StoredVersion, VersionStore,
+    HistoryCursor, Idempotency, MintInput, PoolSettings, Queue, StoreError, StoredVersion,
+    VersionStore,
 };
 use geolog_testkit::TestPostgres;
 use std::time::Duration;
@@ -190,7 +191,6 @@ async fn stopped_postgres_is_unavailable() {
 
 #[tokio::test]
 async fn idempotency_key_replays_the_first_version_or_refuses_another_body() {
-    use geolog_storage::store::Idempotency;
     let pg = TestPostgres::start().await.expect("start postgres");
     let store = open(&pg, "n1").await;
     let idem = |hash: &str| {
@@ -285,4 +285,120 @@ async fn hints_wait_for_their_target_and_expire_after_the_window() {
             .is_empty()
     );
     assert!(store.queue_stats(Queue::Hints).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_batch_mints_in_one_transaction_in_order_and_bad_records_fail_alone() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let store = open(&pg, "n1").await;
+    let before = store.mint("hot", "0").await.unwrap();
+    let record = |key: &str, value: &str, id: Option<(&str, &str)>| MintInput {
+        key: key.into(),
+        value_json: value.into(),
+        context: None,
+        outbox_regions: vec!["b".into(), "c".into()],
+        idempotency: id.map(|(k, h)| Idempotency {
+            key: k.into(),
+            body_hash: h.into(),
+        }),
+    };
+    let results = store
+        .mint_batch(vec![
+            record("hot", "1", None),
+            record("cold", "1", Some(("req", "h1"))),
+            record("hot", "{not json", None),
+            record("hot", "2", None),
+            record("cold", "1", Some(("req", "h1"))),
+            record("cold", "9", Some(("req", "h9"))),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 6);
+    let ok = |i: usize| results[i].as_ref().unwrap();
+    // Sequential in batch order: the second write of `hot` supersedes the first.
+    assert!(ok(0).version.context.covers(&before.dot));
+    assert!(ok(3).version.context.covers(&ok(0).version.dot));
+    assert_eq!(ok(3).frontier, vec![ok(3).version.clone()]);
+    assert_eq!(
+        store.frontier("hot").await.unwrap(),
+        vec![ok(3).version.clone()]
+    );
+    assert_eq!(store.count_versions("hot").await.unwrap(), 3);
+    // Bad records fail alone.
+    assert!(matches!(results[2], Err(StoreError::Rejected(_))));
+    assert!(matches!(
+        results[5],
+        Err(StoreError::IdempotencyConflict(_))
+    ));
+    // A retry within the batch is answered with the first write.
+    assert!(ok(4).replayed && ok(4).version == ok(1).version && ok(4).outbox.is_empty());
+    assert_eq!(store.count_versions("cold").await.unwrap(), 1);
+    // Each minted record has its own outbox entries, all distinct.
+    let mut ids: Vec<u64> = Vec::new();
+    for i in [0, 1, 3] {
+        let mut regions: Vec<&str> = ok(i).outbox.iter().map(|(_, r)| r.as_str()).collect();
+        regions.sort();
+        assert_eq!(regions, ["b", "c"]);
+        ids.extend(ok(i).outbox.iter().map(|(id, _)| *id));
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 6);
+    let pending = store
+        .outbox_pending("b", 10, Duration::ZERO, None)
+        .await
+        .unwrap();
+    let dots: Vec<Dot> = pending.iter().map(|(_, v, _)| v.dot.clone()).collect();
+    assert_eq!(
+        dots,
+        vec![
+            ok(0).version.dot.clone(),
+            ok(1).version.dot.clone(),
+            ok(3).version.dot.clone()
+        ]
+    );
+}
+
+#[tokio::test]
+async fn concurrent_batches_on_shared_keys_never_deadlock_or_lose_versions() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let store = std::sync::Arc::new(open(&pg, "n1").await);
+    let mut batches = tokio::task::JoinSet::new();
+    for b in 0..8u32 {
+        let store = store.clone();
+        batches.spawn(async move {
+            // Keys in different orders in each batch.
+            let inputs: Vec<MintInput> = (0..50u32)
+                .map(|i| MintInput {
+                    key: format!("k{}", (i * 7 + b * 13) % 20),
+                    value_json: format!("{}", b * 100 + i),
+                    context: None,
+                    outbox_regions: Vec::new(),
+                    idempotency: None,
+                })
+                .collect();
+            store.mint_batch(inputs).await
+        });
+    }
+    let mut minted = 0;
+    while let Some(done) = batches.join_next().await {
+        minted += done
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .filter(Result::is_ok)
+            .count();
+    }
+    assert_eq!(minted, 400);
+    let mut stored = 0;
+    for k in 0..20 {
+        let key = format!("k{k}");
+        stored += store.count_versions(&key).await.unwrap();
+        assert_eq!(
+            store.frontier(&key).await.unwrap().len(),
+            1,
+            "writes without context through one node are sequential"
+        );
+    }
+    assert_eq!(stored, 400);
 }

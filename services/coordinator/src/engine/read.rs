@@ -383,12 +383,9 @@ impl QuorumEngine {
                     .iter()
                     .filter(|&&i| placement[i].region == *region)
                     .count();
-                let request = cpb::ReplicateRequest {
-                    origin_region: self.region.clone(),
-                    versions: merged.to_vec(),
-                };
+                let merged = merged.to_vec();
                 waits.spawn(async move {
-                    match replicate(&remote, request).await {
+                    match replicate(&remote, merged).await {
                         Ok(acks) if acks.iter().all(|a| a.ok) => count,
                         _ => 0,
                     }
@@ -415,11 +412,8 @@ impl QuorumEngine {
                 .any(|i| placement[i].region == remote.name && !read.contains(&i));
             if untouched && unread {
                 let remote = remote.clone();
-                let request = cpb::ReplicateRequest {
-                    origin_region: self.region.clone(),
-                    versions: merged.to_vec(),
-                };
-                tokio::spawn(async move { replicate(&remote, request).await });
+                let merged = merged.to_vec();
+                tokio::spawn(async move { replicate(&remote, merged).await });
             }
         }
         repaired

@@ -5,6 +5,7 @@
 use super::read::ReadKind;
 use super::{Miss, QuorumEngine};
 use crate::replicas::Replica;
+use geolog_core::GeologError;
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::HashMap;
@@ -115,23 +116,36 @@ impl QuorumEngine {
     }
 }
 
-/// Applies versions to one local replica.
-pub async fn apply(replica: &Replica, versions: Vec<pb::Version>) -> Result<(), tonic::Status> {
-    let mut client = replica.client.clone();
-    match client.apply(pb::ApplyRequest { versions }).await {
-        Ok(_) => Ok(()),
-        Err(status) => {
-            tracing::debug!(replica = %replica.node, error = %status.message(), "apply failed");
-            Err(status)
-        }
+/// Mints one record on a local replica (in one transaction with the
+/// concurrent records bound for it). A record refused alone (idempotency
+/// conflict, invalid value) comes back as its error's status.
+pub async fn mint(
+    replica: &Replica,
+    request: pb::MintRequest,
+) -> Result<pb::MintResponse, tonic::Status> {
+    let result = replica.batches.mint.call(request).await?;
+    match result.minted {
+        Some(minted) if result.error_json.is_empty() => Ok(minted),
+        _ => Err(GeologError::from_json_bytes(&result.error_json).to_status()),
     }
+}
+
+/// Applies versions to one local replica (batched with concurrent calls).
+pub async fn apply(replica: &Replica, versions: Vec<pb::Version>) -> Result<(), tonic::Status> {
+    replica
+        .batches
+        .apply
+        .call(versions)
+        .await
+        .inspect_err(|status| {
+            tracing::debug!(replica = %replica.node, error = %status.message(), "apply failed");
+        })
 }
 
 /// Deletes delivered outbox entries on the node that holds them; failures
 /// only mean the replay worker sends them once more.
 pub async fn outbox_done(replica: &Replica, ids: Vec<u64>) {
-    let mut client = replica.client.clone();
-    if let Err(status) = client.outbox_done(pb::OutboxDoneRequest { ids }).await {
+    if let Err(status) = replica.batches.outbox_done.call(ids).await {
         tracing::debug!(replica = %replica.node, error = %status.message(), "outbox cleanup failed; replay will resend");
     }
 }
@@ -170,13 +184,13 @@ async fn collect<T>(mut stream: tonic::Streaming<T>) -> Result<Vec<T>, tonic::St
     Ok(items)
 }
 
-/// Sends versions to a remote region and collects every replica's ack.
+/// Sends key states to a remote region (batched with concurrent calls)
+/// and collects every replica's ack.
 pub async fn replicate(
     remote: &crate::replicas::RemoteRegion,
-    request: cpb::ReplicateRequest,
+    versions: Vec<pb::Version>,
 ) -> Result<Vec<cpb::ReplicaAck>, tonic::Status> {
-    let mut client = remote.client.clone();
-    collect(client.replicate(request).await?.into_inner()).await
+    remote.replicate.call(versions).await
 }
 
 pub(super) async fn region_read(
