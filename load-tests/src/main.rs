@@ -1,10 +1,15 @@
-//! `geolog-load`: drives a geolog gateway with writes, reads or a mix at one
-//! or more consistency levels and prints, per level, requests/s, errors by
-//! status and latency percentiles (HDR histogram). Closed-loop by default
-//! (`--clients` each send back to back); with `--rate` it is open-loop: each
-//! request has a scheduled send time and its latency is measured from that
-//! time, so a stalled server is not hidden (coordinated omission).
+//! `geolog-load`: drives a geolog gateway with writes, reads, a mix or
+//! batches at one or more consistency levels and prints, per level,
+//! requests/s, records/s, errors by status and latency percentiles (HDR
+//! histogram). Closed-loop by default (`--clients` each send back to back);
+//! with `--rate` it is open-loop: each request has a scheduled send time and
+//! its latency is measured from that time, so a stalled server is not
+//! hidden (coordinated omission). With `--raw-postgres` the same rows go
+//! straight into the cluster's PostgreSQL servers instead: the ceiling.
 //! Bounded by `--duration` (and optionally `--requests`): it always stops.
+
+mod plot;
+mod raw;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
@@ -12,12 +17,12 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-#[derive(Clone, Copy, Debug, ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 enum Scenario {
     /// Single-record writes.
@@ -26,6 +31,15 @@ enum Scenario {
     Read,
     /// 80 % reads, 20 % writes.
     Mixed,
+    /// `POST /api/logs/batch` with `--batch-size` records per request.
+    Batch,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Compression {
+    None,
+    Gzip,
+    Zstd,
 }
 
 /// Load generator for geolog.
@@ -41,7 +55,8 @@ struct Args {
     /// Region whose gateway to use (from `--cluster`); default: the first.
     #[arg(long)]
     region: Option<String>,
-    /// Consistency levels, comma-separated; each runs in turn.
+    /// Consistency levels, comma-separated; each runs in turn (or all at
+    /// once with `--concurrent-levels`).
     #[arg(long, default_value = "LOCAL_QUORUM", value_delimiter = ',')]
     consistency: Vec<String>,
     #[arg(long, value_enum, default_value = "write")]
@@ -52,7 +67,7 @@ struct Args {
     /// Stop a level after this many requests.
     #[arg(long)]
     requests: Option<u64>,
-    /// Concurrent clients.
+    /// Concurrent clients (per level with `--concurrent-levels`).
     #[arg(long, default_value_t = 32)]
     clients: usize,
     /// Open-loop: total requests per second, spread over the clients.
@@ -64,39 +79,85 @@ struct Args {
     /// Size of each value's payload string, in bytes.
     #[arg(long, default_value_t = 100)]
     payload_bytes: usize,
+    /// Records per request of the batch scenario.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Compression of batch bodies.
+    #[arg(long, value_enum, default_value = "none")]
+    compress: Compression,
+    /// Run every level at the same time (availability under faults).
+    #[arg(long)]
+    concurrent_levels: bool,
+    /// Insert the same rows straight into the cluster's PostgreSQL servers
+    /// (every replica of each key, one statement per replica and request)
+    /// instead of going through geolog: the raw ceiling.
+    #[arg(long)]
+    raw_postgres: bool,
+    /// Print each service's resident memory (from `--cluster`) at the start
+    /// and the end.
+    #[arg(long)]
+    rss: bool,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also draw latency over time per level as SVG to this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// One second of a level's run.
+#[derive(Serialize, Clone)]
+pub struct Second {
+    pub second: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 /// The figures of one level.
 #[derive(Serialize)]
-struct Report {
+pub struct Report {
     scenario: Scenario,
-    consistency: String,
+    target: &'static str,
+    pub consistency: String,
     mode: &'static str,
     clients: usize,
+    records_per_request: usize,
+    payload_bytes: usize,
+    keys: u64,
     seconds: f64,
     requests: u64,
     requests_per_second: f64,
+    /// Records acknowledged (for batches: those the answer says written).
+    records: u64,
+    records_per_second: f64,
+    /// Requests answered 2xx, over all.
+    availability: f64,
     statuses: BTreeMap<String, u64>,
     p50_ms: f64,
     p90_ms: f64,
     p99_ms: f64,
     p999_ms: f64,
     max_ms: f64,
+    pub timeline: Vec<Second>,
+}
+
+/// Resident memory of one process, in KiB.
+#[derive(Serialize)]
+struct Rss {
+    role: String,
+    id: String,
+    pid: u32,
+    start_kib: Option<u64>,
+    end_kib: Option<u64>,
 }
 
 fn gateway_url(args: &Args) -> anyhow::Result<String> {
     if let Some(url) = &args.url {
         return Ok(url.trim_end_matches('/').to_string());
     }
-    let dir = args
-        .cluster
-        .parent()
-        .context("--cluster has no parent directory")?;
-    let file = geolog_launcher::ClusterFile::read(dir)
-        .context("no running cluster; pass --url or --cluster")?;
+    let file = cluster_file(args)?;
     file.processes
         .iter()
         .filter(|p| p.role == "gateway")
@@ -105,81 +166,223 @@ fn gateway_url(args: &Args) -> anyhow::Result<String> {
         .context("no gateway for that region in cluster.json")
 }
 
+fn cluster_file(args: &Args) -> anyhow::Result<geolog_launcher::ClusterFile> {
+    let dir = args
+        .cluster
+        .parent()
+        .context("--cluster has no parent directory")?;
+    geolog_launcher::ClusterFile::read(dir).context("no running cluster; pass --url or --cluster")
+}
+
+/// Where requests go.
+enum Target {
+    Gateway { http: reqwest::Client, base: String },
+    Raw(Arc<raw::RawTarget>),
+}
+
 struct Worker {
-    http: reqwest::Client,
-    base: String,
+    target: Target,
     level: String,
     scenario: Scenario,
     keys: u64,
+    batch_size: usize,
+    compress: Compression,
     payload: Arc<str>,
 }
 
+/// The answer to one request: its status (0 for a transport error) and
+/// how many records it acknowledged.
+struct Answer {
+    status: String,
+    records: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchCounts {
+    written: u64,
+}
+
 impl Worker {
-    /// One request; returns its HTTP status (0 for a transport error).
-    async fn request(&self, rng: &mut fastrand::Rng) -> u16 {
+    fn record(&self, rng: &mut fastrand::Rng) -> (String, serde_json::Value) {
         let key = format!("load-{}", rng.u64(0..self.keys));
+        let value = serde_json::json!({"payload": &*self.payload, "n": rng.u64(..)});
+        (key, value)
+    }
+
+    async fn request(&self, rng: &mut fastrand::Rng) -> Answer {
+        let records = if self.scenario == Scenario::Batch {
+            self.batch_size
+        } else {
+            1
+        };
+        match &self.target {
+            Target::Raw(raw) => {
+                let rows: Vec<(String, String)> = (0..records)
+                    .map(|_| {
+                        let (k, v) = self.record(rng);
+                        (k, v.to_string())
+                    })
+                    .collect();
+                match raw.insert(&rows).await {
+                    Ok(()) => Answer {
+                        status: "ok".into(),
+                        records: records as u64,
+                    },
+                    Err(err) => {
+                        eprintln!("raw insert failed: {err:#}");
+                        Answer {
+                            status: "error".into(),
+                            records: 0,
+                        }
+                    }
+                }
+            }
+            Target::Gateway { http, base } => self.http_request(http, base, rng).await,
+        }
+    }
+
+    async fn http_request(
+        &self,
+        http: &reqwest::Client,
+        base: &str,
+        rng: &mut fastrand::Rng,
+    ) -> Answer {
         let read = match self.scenario {
-            Scenario::Write => false,
             Scenario::Read => true,
             Scenario::Mixed => rng.u8(0..10) < 8,
+            Scenario::Write | Scenario::Batch => false,
         };
-        let result = if read {
-            self.http
-                .get(format!(
-                    "{}/api/logs/{key}?consistency={}",
-                    self.base, self.level
-                ))
-                .send()
-                .await
-        } else {
-            let body = serde_json::json!({"key": key, "value": {"payload": &*self.payload, "n": rng.u64(..)}});
-            self.http
-                .post(format!("{}/api/logs?consistency={}", self.base, self.level))
-                .json(&body)
-                .send()
-                .await
-        };
-        match result {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                let _ = response.bytes().await;
-                status
+        let level = &self.level;
+        let request = if read {
+            let key = format!("load-{}", rng.u64(0..self.keys));
+            http.get(format!("{base}/api/logs/{key}?consistency={level}"))
+        } else if self.scenario == Scenario::Batch {
+            let records: Vec<serde_json::Value> = (0..self.batch_size)
+                .map(|_| {
+                    let (key, value) = self.record(rng);
+                    serde_json::json!({"key": key, "value": value})
+                })
+                .collect();
+            let body = serde_json::to_vec(&records).expect("JSON serializes");
+            let request = http
+                .post(format!("{base}/api/logs/batch?consistency={level}"))
+                .header("content-type", "application/json");
+            match self.compress {
+                Compression::None => request.body(body),
+                Compression::Gzip => {
+                    use std::io::Write;
+                    let mut gz =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    gz.write_all(&body).expect("writing to memory");
+                    request
+                        .header("content-encoding", "gzip")
+                        .body(gz.finish().expect("writing to memory"))
+                }
+                Compression::Zstd => request.header("content-encoding", "zstd").body(
+                    ruzstd::encoding::compress_to_vec(
+                        &body[..],
+                        ruzstd::encoding::CompressionLevel::Fastest,
+                    ),
+                ),
             }
-            Err(_) => 0,
+        } else {
+            let (key, value) = self.record(rng);
+            http.post(format!("{base}/api/logs?consistency={level}"))
+                .json(&serde_json::json!({"key": key, "value": value}))
+        };
+        match request.send().await {
+            Ok(response) => {
+                let status = response.status();
+                let body = response.bytes().await.unwrap_or_default();
+                let records = if !status.is_success() {
+                    0
+                } else if self.scenario == Scenario::Batch && !read {
+                    serde_json::from_slice::<BatchCounts>(&body).map_or(0, |c| c.written)
+                } else {
+                    1
+                };
+                Answer {
+                    status: status.as_u16().to_string(),
+                    records,
+                }
+            }
+            Err(_) => Answer {
+                status: "0".into(),
+                records: 0,
+            },
         }
     }
 }
 
-async fn run_level(
-    args: &Args,
-    http: &reqwest::Client,
-    base: &str,
-    level: &str,
-) -> anyhow::Result<Report> {
+fn histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
+}
+
+/// Per-second latency of a run, shared by its clients.
+struct Timeline {
+    started: Instant,
+    seconds: Mutex<Vec<(Histogram<u64>, u64)>>,
+}
+
+impl Timeline {
+    fn record(&self, at: Instant, micros: u64, error: bool) {
+        let second = at.saturating_duration_since(self.started).as_secs() as usize;
+        let mut seconds = self.seconds.lock().expect("no panics while held");
+        while seconds.len() <= second {
+            let h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2).expect("valid bounds");
+            seconds.push((h, 0));
+        }
+        seconds[second].0.saturating_record(micros);
+        seconds[second].1 += u64::from(error);
+    }
+
+    fn seconds(&self) -> Vec<Second> {
+        let seconds = self.seconds.lock().expect("no panics while held");
+        seconds
+            .iter()
+            .enumerate()
+            .map(|(i, (h, errors))| Second {
+                second: i as u64,
+                requests: h.len(),
+                errors: *errors,
+                p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
+                p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+            })
+            .collect()
+    }
+}
+
+async fn run_level(args: &Args, target: Target, level: &str) -> anyhow::Result<Report> {
+    let raw = matches!(target, Target::Raw(_));
     let worker = Arc::new(Worker {
-        http: http.clone(),
-        base: base.to_string(),
+        target,
         level: level.to_string(),
         scenario: args.scenario,
         keys: args.keys.max(1),
+        batch_size: args.batch_size,
+        compress: args.compress,
         payload: "x".repeat(args.payload_bytes).into(),
     });
     let duration = Duration::from_secs_f64(args.duration);
     let budget = Arc::new(AtomicU64::new(args.requests.unwrap_or(u64::MAX)));
     let started = Instant::now();
     let deadline = started + duration;
+    let timeline = Arc::new(Timeline {
+        started,
+        seconds: Mutex::new(Vec::new()),
+    });
     let mut tasks = tokio::task::JoinSet::new();
     let clients = args.clients;
     for client in 0..clients {
-        let (worker, budget) = (worker.clone(), budget.clone());
+        let (worker, budget, timeline) = (worker.clone(), budget.clone(), timeline.clone());
         // Open-loop: this client's share of the rate, offset so clients interleave.
         let interval = args
             .rate
             .map(|rate| Duration::from_secs_f64(args.clients as f64 / rate));
         tasks.spawn(async move {
-            let mut histogram =
-                Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+            let mut histogram = histogram();
             let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
+            let mut records = 0;
             let mut rng = fastrand::Rng::with_seed(client as u64 + 1);
             let offset = interval.map_or(Duration::ZERO, |i| {
                 i.mul_f64(client as f64 / clients as f64)
@@ -198,46 +401,68 @@ async fn run_level(
                 {
                     break;
                 }
-                let status = worker.request(&mut rng).await;
+                let answer = worker.request(&mut rng).await;
                 let micros = scheduled.elapsed().as_micros().max(1) as u64;
                 histogram.saturating_record(micros);
-                *statuses.entry(status.to_string()).or_default() += 1;
+                let ok = answer.status == "ok" || answer.status.starts_with('2');
+                timeline.record(scheduled, micros, !ok);
+                records += answer.records;
+                *statuses.entry(answer.status).or_default() += 1;
                 if let Some(interval) = interval {
                     scheduled += interval;
                 }
             }
-            (histogram, statuses)
+            (histogram, statuses, records)
         });
     }
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+    let mut histogram = histogram();
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
+    let mut records = 0;
     while let Some(done) = tasks.join_next().await {
-        let (h, s) = done.context("a client task failed")?;
+        let (h, s, r) = done.context("a client task failed")?;
         histogram.add(&h).context("merge histograms")?;
+        records += r;
         for (status, n) in s {
             *statuses.entry(status).or_default() += n;
         }
     }
     let seconds = started.elapsed().as_secs_f64();
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let ok: u64 = statuses
+        .iter()
+        .filter(|(s, _)| *s == "ok" || s.starts_with('2'))
+        .map(|(_, n)| n)
+        .sum();
     Ok(Report {
         scenario: args.scenario,
-        consistency: level.to_string(),
+        target: if raw { "raw-postgres" } else { "geolog" },
+        consistency: if raw { "RAW".into() } else { level.into() },
         mode: if args.rate.is_some() {
             "open-loop"
         } else {
             "closed-loop"
         },
         clients: args.clients,
+        records_per_request: if args.scenario == Scenario::Batch {
+            args.batch_size
+        } else {
+            1
+        },
+        payload_bytes: args.payload_bytes,
+        keys: args.keys,
         seconds,
         requests: histogram.len(),
         requests_per_second: histogram.len() as f64 / seconds,
+        records,
+        records_per_second: records as f64 / seconds,
+        availability: ok as f64 / histogram.len().max(1) as f64,
         statuses,
         p50_ms: ms(0.5),
         p90_ms: ms(0.9),
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
         max_ms: histogram.max() as f64 / 1000.0,
+        timeline: timeline.seconds(),
     })
 }
 
@@ -245,71 +470,213 @@ async fn run_level(
 async fn populate(args: &Args, http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
     let keys = args.keys.clamp(1, 5_000);
     println!("writing {keys} keys for the read scenario ...");
-    for start in (0..keys).step_by(64) {
-        let mut batch = tokio::task::JoinSet::new();
-        for i in start..(start + 64).min(keys) {
-            let request = http
-                .post(format!("{base}/api/logs?consistency=ALL"))
-                .json(&serde_json::json!({"key": format!("load-{i}"), "value": i}));
-            batch.spawn(async move { request.send().await.map(|r| r.status()) });
-        }
-        while let Some(result) = batch.join_next().await {
-            let status = result?.context("populate request")?;
-            if !status.is_success() {
-                bail!("populating keys failed with {status}");
-            }
+    for start in (0..keys).step_by(500) {
+        let records: Vec<serde_json::Value> = (start..(start + 500).min(keys))
+            .map(|i| serde_json::json!({"key": format!("load-{i}"), "value": i}))
+            .collect();
+        let response = http
+            .post(format!("{base}/api/logs/batch?consistency=ALL"))
+            .json(&records)
+            .send()
+            .await
+            .context("populate request")?;
+        if response.status() != reqwest::StatusCode::CREATED {
+            bail!("populating keys failed with {}", response.status());
         }
     }
     Ok(())
 }
 
+/// Resident memory of every process of the cluster (and its PostgreSQL servers).
+fn rss_snapshot(args: &Args) -> Vec<(String, String, u32, Option<u64>)> {
+    let Ok(file) = cluster_file(args) else {
+        return Vec::new();
+    };
+    let mut rows = Vec::new();
+    for p in &file.processes {
+        rows.push((p.role.clone(), p.id.clone(), p.pid, rss_kib(p.pid)));
+        if let Some(pg) = p.postgres_pid {
+            rows.push(("postgres".into(), p.id.clone(), pg, rss_kib(pg)));
+        }
+    }
+    rows
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn print_report(report: &Report) {
+    let statuses: Vec<String> = report
+        .statuses
+        .iter()
+        .map(|(s, n)| format!("{s}:{n}"))
+        .collect();
+    println!(
+        "{:<14} {:>9} {:>9.1} {:>10.1} {:>6.1}%  {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}  {}",
+        report.consistency,
+        report.requests,
+        report.requests_per_second,
+        report.records_per_second,
+        report.availability * 100.0,
+        report.p50_ms,
+        report.p90_ms,
+        report.p99_ms,
+        report.p999_ms,
+        report.max_ms,
+        statuses.join(" ")
+    );
+}
+
+#[derive(Serialize)]
+struct Output<'a> {
+    reports: &'a [Report],
+    rss: Vec<Rss>,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    if args.clients == 0 || args.duration <= 0.0 || args.rate.is_some_and(|r| r <= 0.0) {
-        bail!("--clients, --duration and --rate must be positive");
+    if args.clients == 0
+        || args.duration <= 0.0
+        || args.rate.is_some_and(|r| r <= 0.0)
+        || args.batch_size == 0
+    {
+        bail!("--clients, --duration, --rate and --batch-size must be positive");
     }
-    let base = gateway_url(&args)?;
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.clients)
+        .pool_max_idle_per_host(args.clients * args.consistency.len().max(1))
         .timeout(Duration::from_secs(30))
         .build()?;
-    if !matches!(args.scenario, Scenario::Write) {
+    let raw = if args.raw_postgres {
+        if !matches!(args.scenario, Scenario::Write | Scenario::Batch) {
+            bail!("--raw-postgres measures writes: use --scenario write or batch");
+        }
+        let file = cluster_file(&args)?;
+        Some(raw::RawTarget::connect(&file.config, args.clients as u32).await?)
+    } else {
+        None
+    };
+    let base = if raw.is_none() {
+        gateway_url(&args)?
+    } else {
+        "PostgreSQL".to_string()
+    };
+    if raw.is_none() && matches!(args.scenario, Scenario::Read | Scenario::Mixed) {
         populate(&args, &http, &base).await?;
         args.keys = args.keys.clamp(1, 5_000);
     }
+    let rss_start = if args.rss {
+        rss_snapshot(&args)
+    } else {
+        Vec::new()
+    };
+    let per_request = if args.scenario == Scenario::Batch {
+        format!(", {} records per request", args.batch_size)
+    } else {
+        String::new()
+    };
     println!(
-        "target {base}, {:?}, {} clients, {} s per level",
-        args.scenario, args.clients, args.duration
+        "target {base}, {:?}{per_request}, {} clients, {} keys, {} B payload, {} s per level",
+        args.scenario, args.clients, args.keys, args.payload_bytes, args.duration
     );
     println!(
-        "{:<14} {:>9} {:>9}  {:>8} {:>8} {:>8} {:>8} {:>8}  statuses",
-        "level", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"
+        "{:<14} {:>9} {:>9} {:>10} {:>7}  {:>8} {:>8} {:>8} {:>8} {:>8}  statuses",
+        "level",
+        "requests",
+        "req/s",
+        "records/s",
+        "ok",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms"
     );
+    let target = |level: &str| match &raw {
+        Some(raw) => (Target::Raw(raw.clone()), "RAW".to_string()),
+        None => (
+            Target::Gateway {
+                http: http.clone(),
+                base: base.clone(),
+            },
+            level.to_string(),
+        ),
+    };
+    let levels: Vec<String> = if raw.is_some() {
+        vec!["RAW".into()]
+    } else {
+        args.consistency.clone()
+    };
+    let args = Arc::new(args);
     let mut reports = Vec::new();
-    for level in &args.consistency {
-        let report = run_level(&args, &http, &base, level).await?;
-        let statuses: Vec<String> = report
-            .statuses
-            .iter()
-            .map(|(s, n)| format!("{s}:{n}"))
-            .collect();
-        println!(
-            "{:<14} {:>9} {:>9.1}  {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}  {}",
-            report.consistency,
-            report.requests,
-            report.requests_per_second,
-            report.p50_ms,
-            report.p90_ms,
-            report.p99_ms,
-            report.p999_ms,
-            report.max_ms,
-            statuses.join(" ")
-        );
-        reports.push(report);
+    if args.concurrent_levels {
+        let mut runs = tokio::task::JoinSet::new();
+        for (i, level) in levels.iter().enumerate() {
+            let (t, level) = target(level);
+            let args = args.clone();
+            runs.spawn(async move { (i, run_level(&args, t, &level).await) });
+        }
+        let mut done = Vec::new();
+        while let Some(run) = runs.join_next().await {
+            let (i, report) = run?;
+            done.push((i, report?));
+        }
+        done.sort_by_key(|(i, _)| *i);
+        reports.extend(done.into_iter().map(|(_, r)| r));
+        reports.iter().for_each(print_report);
+    } else {
+        for level in &levels {
+            let (t, level) = target(level);
+            let report = run_level(&args, t, &level).await?;
+            print_report(&report);
+            reports.push(report);
+        }
+    }
+    finish(&args, &raw, &reports, rss_start).await
+}
+
+/// Memory, JSON and plot after the runs; drops the raw scratch table.
+async fn finish(
+    args: &Args,
+    raw: &Option<Arc<raw::RawTarget>>,
+    reports: &[Report],
+    rss_start: Vec<(String, String, u32, Option<u64>)>,
+) -> anyhow::Result<()> {
+    if let Some(raw) = raw {
+        raw.drop_table().await;
+    }
+    let mut rss = Vec::new();
+    if args.rss {
+        let end = rss_snapshot(args);
+        println!("resident memory (KiB): role id start end");
+        for (role, id, pid, start) in rss_start {
+            let end_kib = end.iter().find(|(_, _, p, _)| *p == pid).and_then(|e| e.3);
+            println!(
+                "  {role:<13} {id:<8} {:>8} {:>8}",
+                start.map_or("-".into(), |k| k.to_string()),
+                end_kib.map_or("-".into(), |k| k.to_string())
+            );
+            rss.push(Rss {
+                role,
+                id,
+                pid,
+                start_kib: start,
+                end_kib,
+            });
+        }
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&reports)?)?;
+        let output = Output { reports, rss };
+        std::fs::write(path, serde_json::to_string_pretty(&output)?)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, plot::svg(reports))?;
         println!("wrote {}", path.display());
     }
     Ok(())

@@ -205,9 +205,11 @@ async fn load(pools: &[PgPool], n: u64, value_bytes: usize) -> anyhow::Result<()
             << 16;
         for pool in pools {
             sqlx::query(
-                "INSERT INTO versions (key, node, seq, hlc, value, context, superseded, token, vhash) \
-                 SELECT k, $2, s, $3, $4::json, '{}'::jsonb, false, t, h \
-                 FROM UNNEST($1::text[], $5::bigint[], $6::bigint[], $7::bigint[]) AS u(k, s, t, h)",
+                "WITH v AS (INSERT INTO versions (key, node, seq, hlc, value, context, token, vhash) \
+                 SELECT k, $2, s, $3, $4::json, '{}'::jsonb, t, h \
+                 FROM UNNEST($1::text[], $5::bigint[], $6::bigint[], $7::bigint[]) AS u(k, s, t, h) \
+                 RETURNING key, node, seq) \
+                 INSERT INTO heads (key, node, seq) SELECT * FROM v",
             )
             .bind(&keys)
             .bind(MINTER)

@@ -165,7 +165,7 @@ impl Default for CoordinatorSettings {
             circuit_open_ms: 5_000,
             placement_cache_capacity: 100_000,
             write_batch_max: 512,
-            write_batch_in_flight: 2,
+            write_batch_in_flight: 1,
         }
     }
 }

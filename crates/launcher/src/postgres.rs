@@ -266,6 +266,10 @@ impl PgServer {
         if !settings.fsync {
             command.args(["-c", "full_page_writes=off"]);
         }
+        // Profiling: per-statement costs (`CREATE EXTENSION pg_stat_statements`).
+        if std::env::var_os("GEOLOG_PG_STAT_STATEMENTS").is_some() {
+            command.args(["-c", "shared_preload_libraries=pg_stat_statements"]);
+        }
         let process = ManagedProcess::spawn(&format!("postgres:{}", settings.port), command, log)?;
         Ok(PgServer {
             process,

@@ -10,7 +10,7 @@ use geolog_core::causal::{self, Causal, Dot, VersionVector};
 use geolog_core::merkle::{tree_token, version_hash};
 use geolog_core::{ErrorCode, GeologError, Hlc, HlcClock};
 use sqlx::Row;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -170,11 +170,19 @@ impl VersionStore {
         connect_deadline: Duration,
     ) -> Result<Self, StoreError> {
         let started = tokio::time::Instant::now();
+        // Statements are prepared once per connection; PostgreSQL would
+        // switch them to a generic plan built from the statistics of the
+        // moment — for a young node, near-empty tables, hence sequential
+        // scans that stay on that connection forever. The write path's
+        // statements are few per batch, so planning each is cheap.
+        let options = database_url
+            .parse::<PgConnectOptions>()?
+            .options([("plan_cache_mode", "force_custom_plan")]);
         let pool = loop {
             let attempt = PgPoolOptions::new()
                 .max_connections(pool.max_connections)
                 .acquire_timeout(pool.acquire_timeout)
-                .connect(database_url)
+                .connect_with(options.clone())
                 .await;
             match attempt {
                 Ok(pool) => break pool,
@@ -192,13 +200,12 @@ impl VersionStore {
 
         fill_tree_columns(&pool).await?;
 
-        let newest: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT seq, hlc FROM versions WHERE node = $1 ORDER BY seq DESC LIMIT 1",
-        )
-        .bind(node)
-        .fetch_optional(&pool)
-        .await?;
-        let (own_seq, own_hlc) = newest.unwrap_or((0, 0));
+        // One scan at start: this node's newest dot and the newest clock seen.
+        let (own_seq, newest_hlc): (Option<i64>, Option<i64>) =
+            sqlx::query_as("SELECT max(seq) FILTER (WHERE node = $1), max(hlc) FROM versions")
+                .bind(node)
+                .fetch_one(&pool)
+                .await?;
         // Never mint a dot this node already minted — even if its database
         // was wiped or restored from an old backup, when other replicas
         // still hold dots this one forgot (a reused dot would be dropped as
@@ -210,14 +217,11 @@ impl VersionStore {
             .map(|d| d.as_micros() as i64)
             .unwrap_or(0);
         sqlx::query("SELECT setval('dot_seq', GREATEST($1, $2, (SELECT last_value FROM dot_seq)))")
-            .bind(own_seq)
+            .bind(own_seq.unwrap_or(0))
             .bind(wall_micros)
             .execute(&pool)
             .await?;
-        let newest_any: Option<i64> = sqlx::query_scalar("SELECT max(hlc) FROM versions")
-            .fetch_one(&pool)
-            .await?;
-        let floor = Hlc::from_packed(own_hlc.max(newest_any.unwrap_or(0)) as u64);
+        let floor = Hlc::from_packed(newest_hlc.unwrap_or(0) as u64);
         Ok(VersionStore {
             pool,
             node: node.to_string(),
@@ -377,7 +381,7 @@ impl VersionStore {
             .filter(|v| !frontiers[&v.key].iter().any(|f| f.dot == v.dot))
             .map(|v| v.dot.clone())
             .collect();
-        insert_versions(&mut tx, &new, &stale).await?;
+        insert_versions(&mut tx, &new, &stale, Fresh::Minted).await?;
         mark_superseded(&mut tx, &stored_superseded.iter().collect::<Vec<_>>()).await?;
         let outbox = insert_outbox(&mut tx, &new, &outbox_rows).await?;
         tx.commit().await?;
@@ -439,7 +443,7 @@ impl VersionStore {
                         .filter(|v| !in_frontier.contains(&v.dot)),
                 );
             }
-            inserted += insert_versions(&mut tx, &new, &stale).await?;
+            inserted += insert_versions(&mut tx, &new, &stale, Fresh::Maybe).await?;
             mark_superseded(&mut tx, &superseded.iter().collect::<Vec<_>>()).await?;
             tx.commit().await?;
         }
@@ -744,14 +748,19 @@ async fn lock_keys(tx: &mut Tx, keys: &[&str]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The frontiers of several keys (keys without versions are absent).
+/// The frontiers of several keys (keys without versions are absent). The
+/// lookups here are fenced per row (`LATERAL ... LIMIT 1`): left to its
+/// statistics, the planner may hash-join a whole-table scan of `versions`,
+/// whose cost grows with the history, not with the batch.
 async fn frontiers_of(
     conn: &mut sqlx::PgConnection,
     keys: &[&str],
 ) -> Result<BTreeMap<String, Vec<StoredVersion>>, StoreError> {
     let rows = sqlx::query(
-        "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash FROM versions \
-         WHERE key = ANY($1) AND NOT superseded ORDER BY key, node, seq",
+        "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
+         FROM heads h CROSS JOIN LATERAL (SELECT * FROM versions v \
+              WHERE (v.key, v.node, v.seq) = (h.key, h.node, h.seq) LIMIT 1) v \
+         WHERE h.key = ANY($1) ORDER BY v.key, v.node, v.seq",
     )
     .bind(keys)
     .fetch_all(conn)
@@ -778,10 +787,9 @@ async fn idempotent_versions(
         return Ok(BTreeMap::new());
     }
     let rows = sqlx::query(
-        "SELECT DISTINCT ON (v.key, v.idempotency_key) \
-                v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
-         FROM versions v JOIN UNNEST($1::text[], $2::text[]) AS t(k, i) ON v.key = t.k AND v.idempotency_key = t.i \
-         ORDER BY v.key, v.idempotency_key, v.hlc, v.node, v.seq",
+        "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
+         FROM UNNEST($1::text[], $2::text[]) AS t(k, i) CROSS JOIN LATERAL (SELECT * FROM versions v \
+              WHERE v.key = t.k AND v.idempotency_key = t.i ORDER BY v.hlc, v.node, v.seq LIMIT 1) v",
     )
     .bind(keys)
     .bind(ids)
@@ -823,22 +831,30 @@ async fn insert_outbox(
         .map(|(i, _)| versions[*i].dot.seq as i64)
         .collect();
     let regions: Vec<&str> = rows.iter().map(|(_, r)| r.as_str()).collect();
-    let ids: Vec<(i64, i32)> = sqlx::query_as(
-        "WITH input AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[]) \
-                        WITH ORDINALITY AS t(k, n, s, r, o)), \
-              ins AS (INSERT INTO outbox (region, key, node, seq) SELECT r, k, n, s FROM input ORDER BY o \
-                      RETURNING id, region, key, node, seq) \
-         SELECT ins.id, input.o::int FROM ins JOIN input \
-           ON (input.r, input.k, input.n, input.s) = (ins.region, ins.key, ins.node, ins.seq) \
-         ORDER BY input.o",
+    let returned: Vec<(i64, i64, String)> = sqlx::query_as(
+        "INSERT INTO outbox (region, key, node, seq) \
+         SELECT r, k, n, s FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[]) AS t(k, n, s, r) \
+         RETURNING id, seq, region",
     )
     .bind(keys)
     .bind(nodes)
-    .bind(seqs)
-    .bind(regions)
+    .bind(&seqs)
+    .bind(&regions)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(ids.into_iter().map(|(id, _)| id as u64).collect())
+    // The versions are this node's own, so (seq, region) names an entry.
+    let ids: std::collections::HashMap<(i64, &str), u64> = returned
+        .iter()
+        .map(|(id, seq, region)| ((*seq, region.as_str()), *id as u64))
+        .collect();
+    seqs.iter()
+        .zip(&regions)
+        .map(|(seq, region)| {
+            ids.get(&(*seq, *region)).copied().ok_or_else(|| {
+                StoreError::Internal("an outbox entry was not returned by its insert".into())
+            })
+        })
+        .collect()
 }
 
 async fn idempotent_version(
@@ -862,8 +878,10 @@ async fn frontier_of(
     key: &str,
 ) -> Result<Vec<StoredVersion>, StoreError> {
     let rows = sqlx::query(
-        "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash FROM versions \
-         WHERE key = $1 AND NOT superseded ORDER BY node, seq",
+        "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
+         FROM heads h CROSS JOIN LATERAL (SELECT * FROM versions v \
+              WHERE (v.key, v.node, v.seq) = (h.key, h.node, h.seq) LIMIT 1) v \
+         WHERE h.key = $1 ORDER BY v.node, v.seq",
     )
     .bind(key)
     .fetch_all(conn)
@@ -871,12 +889,23 @@ async fn frontier_of(
     rows.iter().map(version_from_row).collect()
 }
 
-/// Inserts versions not stored yet; those in `stale` are stored as
-/// superseded (history only). Returns how many were new.
+/// Inserts versions not stored yet; those not in `stale` also become heads
+/// of their keys (those in `stale` are history only). Returns how many
+/// were new.
+/// Whether versions to insert may already be stored.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fresh {
+    /// Just minted here: new dots, plain inserts.
+    Minted,
+    /// From another replica: already stored ones are skipped.
+    Maybe,
+}
+
 async fn insert_versions(
     tx: &mut Tx,
     versions: &[StoredVersion],
     stale: &BTreeSet<Dot>,
+    fresh: Fresh,
 ) -> Result<u64, StoreError> {
     if versions.is_empty() {
         return Ok(0);
@@ -890,7 +919,6 @@ async fn insert_versions(
         .iter()
         .map(|v| serde_json::to_string(&v.context).expect("a version vector serializes"))
         .collect();
-    let superseded: Vec<bool> = versions.iter().map(|v| stale.contains(&v.dot)).collect();
     let idem_keys: Vec<Option<&str>> = versions
         .iter()
         .map(|v| v.idempotency.as_ref().map(|i| i.key.as_str()))
@@ -904,31 +932,56 @@ async fn insert_versions(
         .iter()
         .map(|v| version_hash(&v.key, &v.dot.node, v.dot.seq))
         .collect();
-    let result = sqlx::query(
-        "INSERT INTO versions (key, node, seq, hlc, value, context, superseded, idempotency_key, body_hash, \
-                               token, vhash) \
-         SELECT k, n, s, h, v::json, c::jsonb, x, i, b, tk, vh \
-         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bool[], \
-                     $8::text[], $9::text[], $10::bigint[], $11::bigint[]) \
-              AS t(k, n, s, h, v, c, x, i, b, tk, vh) \
-         ON CONFLICT (key, node, seq) DO NOTHING",
-    )
-    .bind(keys)
-    .bind(nodes)
-    .bind(seqs)
-    .bind(hlcs)
-    .bind(values)
-    .bind(contexts)
-    .bind(superseded)
-    .bind(idem_keys)
-    .bind(hashes)
-    .bind(tokens)
-    .bind(vhashes)
-    .execute(&mut **tx)
-    .await?;
+    // ON CONFLICT costs a speculative insertion per row: only where needed.
+    let insert = match fresh {
+        Fresh::Minted => sqlx::query(
+            "INSERT INTO versions (key, node, seq, hlc, value, context, idempotency_key, body_hash, token, vhash) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]::json[], \
+                                  $6::text[]::jsonb[], $7::text[], $8::text[], $9::bigint[], $10::bigint[])",
+        ),
+        Fresh::Maybe => sqlx::query(
+            "INSERT INTO versions (key, node, seq, hlc, value, context, idempotency_key, body_hash, token, vhash) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]::json[], \
+                                  $6::text[]::jsonb[], $7::text[], $8::text[], $9::bigint[], $10::bigint[]) \
+             ON CONFLICT (key, node, seq) DO NOTHING",
+        ),
+    };
+    let result = insert
+        .bind(&keys)
+        .bind(&nodes)
+        .bind(&seqs)
+        .bind(hlcs)
+        .bind(values)
+        .bind(contexts)
+        .bind(idem_keys)
+        .bind(hashes)
+        .bind(tokens)
+        .bind(vhashes)
+        .execute(&mut **tx)
+        .await?;
+    let head = |i: &usize| !stale.contains(&versions[*i].dot);
+    let heads: Vec<usize> = (0..versions.len()).filter(head).collect();
+    if !heads.is_empty() {
+        let insert = match fresh {
+            Fresh::Minted => sqlx::query(
+                "INSERT INTO heads (key, node, seq) SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])",
+            ),
+            Fresh::Maybe => sqlx::query(
+                "INSERT INTO heads (key, node, seq) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]) ON CONFLICT DO NOTHING",
+            ),
+        };
+        insert
+            .bind(heads.iter().map(|&i| keys[i]).collect::<Vec<_>>())
+            .bind(heads.iter().map(|&i| nodes[i]).collect::<Vec<_>>())
+            .bind(heads.iter().map(|&i| seqs[i]).collect::<Vec<_>>())
+            .execute(&mut **tx)
+            .await?;
+    }
     Ok(result.rows_affected())
 }
 
+/// Takes superseded versions out of their keys' frontiers (they stay in history).
 async fn mark_superseded(tx: &mut Tx, versions: &[&StoredVersion]) -> Result<(), StoreError> {
     if versions.is_empty() {
         return Ok(());
@@ -937,8 +990,8 @@ async fn mark_superseded(tx: &mut Tx, versions: &[&StoredVersion]) -> Result<(),
     let nodes: Vec<&str> = versions.iter().map(|v| v.dot.node.as_str()).collect();
     let seqs: Vec<i64> = versions.iter().map(|v| v.dot.seq as i64).collect();
     sqlx::query(
-        "UPDATE versions SET superseded = true \
-         WHERE (key, node, seq) IN (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]))",
+        "DELETE FROM heads WHERE key = ANY($1) \
+         AND (key, node, seq) IN (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]))",
     )
     .bind(keys)
     .bind(nodes)
