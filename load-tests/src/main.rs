@@ -103,6 +103,14 @@ struct Args {
     /// Also draw latency over time per level as SVG to this file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Append every acknowledged write (key, node, seq) to this file.
+    #[arg(long)]
+    acked: Option<PathBuf>,
+    /// Instead of loading: check that every write listed in this file (by
+    /// `--acked`) is in its key's history read at ALL; retries for up to
+    /// 60 s while replication catches up, exits non-zero if any is missing.
+    #[arg(long)]
+    verify: Option<PathBuf>,
 }
 
 /// One second of a level's run.
@@ -182,6 +190,7 @@ enum Target {
 
 struct Worker {
     target: Target,
+    acked: Option<Arc<Mutex<std::fs::File>>>,
     level: String,
     scenario: Scenario,
     keys: u64,
@@ -301,6 +310,9 @@ impl Worker {
                 } else {
                     1
                 };
+                if status.is_success() && !read {
+                    self.record_acked(&body);
+                }
                 Answer {
                     status: status.as_u16().to_string(),
                     records,
@@ -311,6 +323,86 @@ impl Worker {
                 records: 0,
             },
         }
+    }
+}
+
+impl Worker {
+    /// Appends the acknowledged writes of an answer to the `--acked` file.
+    fn record_acked(&self, body: &[u8]) {
+        let Some(file) = &self.acked else { return };
+        let Ok(answer) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return;
+        };
+        let written: Vec<&serde_json::Value> = match answer["results"].as_array() {
+            Some(results) => results.iter().filter(|r| r["status"] == 201).collect(),
+            None => vec![&answer],
+        };
+        let mut lines = String::new();
+        for w in written {
+            if let (Some(key), Some(node), Some(seq)) = (
+                w["key"].as_str(),
+                w["version"]["node"].as_str(),
+                w["version"]["seq"].as_u64(),
+            ) {
+                lines.push_str(&format!("{key}\t{node}\t{seq}\n"));
+            }
+        }
+        use std::io::Write;
+        let _ = file
+            .lock()
+            .expect("no panics while held")
+            .write_all(lines.as_bytes());
+    }
+}
+
+/// `--verify`: every acknowledged write is in its key's history at ALL.
+async fn verify(http: &reqwest::Client, base: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let mut wanted: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+    for line in text.lines() {
+        let mut parts = line.split('\t');
+        if let (Some(key), Some(node), Some(seq)) = (parts.next(), parts.next(), parts.next()) {
+            wanted
+                .entry(key.to_string())
+                .or_default()
+                .push((node.to_string(), seq.parse()?));
+        }
+    }
+    let total: usize = wanted.values().map(Vec::len).sum();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut missing = 0;
+        let mut unreadable = 0;
+        for (key, dots) in &wanted {
+            let url = format!("{base}/api/logs/{key}/history?consistency=ALL&limit=1000");
+            let answer: Option<serde_json::Value> = match http.get(url).send().await {
+                Ok(r) if r.status().is_success() => r.json().await.ok(),
+                _ => None,
+            };
+            let Some(answer) = answer else {
+                unreadable += 1;
+                missing += dots.len();
+                continue;
+            };
+            let versions = answer["versions"].as_array().cloned().unwrap_or_default();
+            for (node, seq) in dots {
+                let found = versions
+                    .iter()
+                    .any(|v| v["version"]["node"] == node.as_str() && v["version"]["seq"] == *seq);
+                missing += usize::from(!found);
+            }
+        }
+        if missing == 0 {
+            println!("verified: all {total} acknowledged writes are in their keys' history at ALL");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{missing} of {total} acknowledged writes missing at ALL ({unreadable} keys unreadable)"
+            );
+        }
+        println!("{missing} of {total} acknowledged writes not yet at ALL; retrying");
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 
@@ -352,10 +444,16 @@ impl Timeline {
     }
 }
 
-async fn run_level(args: &Args, target: Target, level: &str) -> anyhow::Result<Report> {
+async fn run_level(
+    args: &Args,
+    target: Target,
+    level: &str,
+    acked: Option<Arc<Mutex<std::fs::File>>>,
+) -> anyhow::Result<Report> {
     let raw = matches!(target, Target::Raw(_));
     let worker = Arc::new(Worker {
         target,
+        acked,
         level: level.to_string(),
         scenario: args.scenario,
         keys: args.keys.max(1),
@@ -552,6 +650,19 @@ async fn main() -> anyhow::Result<()> {
         .pool_max_idle_per_host(args.clients * args.consistency.len().max(1))
         .timeout(Duration::from_secs(30))
         .build()?;
+    if let Some(path) = &args.verify {
+        return verify(&http, &gateway_url(&args)?, path).await;
+    }
+    let acked = match &args.acked {
+        Some(path) => Some(Arc::new(Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("open {}", path.display()))?,
+        ))),
+        None => None,
+    };
     let raw = if args.raw_postgres {
         if !matches!(args.scenario, Scenario::Write | Scenario::Batch) {
             bail!("--raw-postgres measures writes: use --scenario write or batch");
@@ -619,7 +730,8 @@ async fn main() -> anyhow::Result<()> {
         for (i, level) in levels.iter().enumerate() {
             let (t, level) = target(level);
             let args = args.clone();
-            runs.spawn(async move { (i, run_level(&args, t, &level).await) });
+            let acked = acked.clone();
+            runs.spawn(async move { (i, run_level(&args, t, &level, acked).await) });
         }
         let mut done = Vec::new();
         while let Some(run) = runs.join_next().await {
@@ -632,7 +744,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         for level in &levels {
             let (t, level) = target(level);
-            let report = run_level(&args, t, &level).await?;
+            let report = run_level(&args, t, &level, acked.clone()).await?;
             print_report(&report);
             reports.push(report);
         }

@@ -47,6 +47,11 @@ fn acks(outcome: &Outcome) -> pb::Acks {
 }
 
 fn fail(op: &'static str, key: &str, err: GeologError) -> Status {
+    log_failure(op, key, &err);
+    err.to_status()
+}
+
+fn log_failure(op: &'static str, key: &str, err: &GeologError) {
     match err.code {
         ErrorCode::Internal => tracing::error!(op, key, error = %err.message, "request failed"),
         ErrorCode::Unavailable | ErrorCode::Timeout => {
@@ -54,7 +59,6 @@ fn fail(op: &'static str, key: &str, err: GeologError) -> Status {
         }
         _ => tracing::debug!(op, key, error = %err.message, "request rejected"),
     }
-    err.to_status()
 }
 
 /// Records per `WriteBatch` call.
@@ -200,7 +204,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     error_json: Vec::new(),
                 },
                 Err(err) => {
-                    let _ = fail("write_batch", &key, err.clone());
+                    log_failure("write_batch", &key, &err);
                     pb::WriteResult {
                         written: None,
                         error_json: err.to_json_bytes(),

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The tutorial's latency-per-level demonstration, and the ingest figures of
+# the README side by side with the raw PostgreSQL ceiling, on a default
+# local cluster (3 regions x 3 storage nodes, RF 3, fsync on) it starts
+# itself and stops at the end. Results (JSON, SVG) go to OUT.
+#
+#   load-tests/load-test.sh              # levels + ceiling, ~4 minutes
+#   SOAK_SECS=600 load-tests/load-test.sh  # also: 10 minutes of steady load, RSS at start and end
+#
+# Environment: DURATION (s per level, 10), CLIENTS (32), BATCH (records per
+# batch request, 100), OUT (directory, ./load-results), SOAK_SECS (0).
+source "$(dirname "$0")/cluster.sh"
+DURATION=${DURATION:-10}
+CLIENTS=${CLIENTS:-32}
+BATCH=${BATCH:-100}
+SOAK_SECS=${SOAK_SECS:-0}
+OUT=${OUT:-$PWD/load-results}
+mkdir -p "$OUT"
+build
+WORK=$(mktemp -d)
+start_cluster "$WORK/cluster"
+LOAD=("$BIN/geolog-load" --cluster "$WORK/cluster/cluster.json" --duration "$DURATION")
+LEVELS=ONE,LOCAL_ONE,LOCAL_QUORUM,QUORUM,EACH_QUORUM,ALL
+
+echo "== single-record writes per level ($CLIENTS clients)"
+"${LOAD[@]}" --clients "$CLIENTS" --consistency "$LEVELS" --json "$OUT/write-levels.json" --plot "$OUT/write-levels.svg"
+echo
+echo "== reads per level ($CLIENTS clients)"
+"${LOAD[@]}" --clients "$CLIENTS" --scenario read --consistency "$LEVELS" --json "$OUT/read-levels.json" --plot "$OUT/read-levels.svg"
+echo
+echo "== mixed 80 % reads / 20 % writes at LOCAL_QUORUM"
+"${LOAD[@]}" --clients "$CLIENTS" --scenario mixed --json "$OUT/mixed.json"
+echo
+echo "== one hot key at LOCAL_QUORUM"
+"${LOAD[@]}" --clients "$CLIENTS" --keys 1 --json "$OUT/hot-key.json"
+echo
+echo "== the ceiling, side by side: the same rows straight into the same PostgreSQL servers"
+single=$("${LOAD[@]}" --clients "$CLIENTS" --json "$OUT/single.json" | grep -E "^(LOCAL_QUORUM|RAW) ")
+single_raw=$("${LOAD[@]}" --clients "$CLIENTS" --raw-postgres --json "$OUT/single-raw.json" | grep -E "^(LOCAL_QUORUM|RAW) ")
+batch=$("${LOAD[@]}" --clients "$CLIENTS" --scenario batch --batch-size "$BATCH" --json "$OUT/batch.json" | grep -E "^(LOCAL_QUORUM|RAW) ")
+batch_raw=$("${LOAD[@]}" --clients "$CLIENTS" --scenario batch --batch-size "$BATCH" --raw-postgres --json "$OUT/batch-raw.json" | grep -E "^(LOCAL_QUORUM|RAW) ")
+printf '%s\n' "level          requests     req/s  records/s      ok    p50 ms   p90 ms   p99 ms p99.9 ms   max ms  statuses"
+printf 'single  %s\nsingle  %s\nbatch   %s\nbatch   %s\n' "$single" "$single_raw" "$batch" "$batch_raw"
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f %%", 100 * a / b }'; }
+records() { awk '{ print $4 }' <<<"$1"; }
+echo "single-record LOCAL_QUORUM, $CLIENTS clients: $(ratio "$(records "$single")" "$(records "$single_raw")") of the raw ceiling's records/s"
+echo "batches of $BATCH at LOCAL_QUORUM, $CLIENTS clients: $(ratio "$(records "$batch")" "$(records "$batch_raw")") of the raw ceiling's records/s"
+
+if [ "$SOAK_SECS" -gt 0 ]; then
+  echo
+  echo "== steady load for $SOAK_SECS s at LOCAL_QUORUM, open loop at 200 writes/s: resident memory at start and end"
+  "$BIN/geolog-load" --cluster "$WORK/cluster/cluster.json" --duration "$SOAK_SECS" --clients "$CLIENTS" \
+    --rate 200 --rss --json "$OUT/soak.json" --plot "$OUT/soak.svg"
+fi
+echo "results in $OUT"
