@@ -309,6 +309,7 @@ async fn main() -> anyhow::Result<()> {
             let mut failed = 0;
             for region in regions {
                 let mut worker = geolog_anti_entropy::AntiEntropy::new(&config, &region)?;
+                worker.compare_everything();
                 if let Some((low, high)) = key_range {
                     worker.restrict_to(&[(low, high)]);
                 }

@@ -107,7 +107,8 @@ async fn run(args: &Args, cluster: &mut RunningCluster) -> anyhow::Result<()> {
         naive_diff == 1,
         "the naive diff found {naive_diff} differences"
     );
-    let worker = AntiEntropy::new(&config, "a")?;
+    let mut worker = AntiEntropy::new(&config, "a")?;
+    worker.compare_everything();
     let (a, b) = worker.pairs(false).remove(0);
     let (report_a, time_a) = timed(worker.compare(&a, &b)).await?;
     anyhow::ensure!(

@@ -77,6 +77,11 @@ pub struct AntiEntropySettings {
     pub cross_region_every: u32,
     /// Deadline of one RPC to a storage node.
     pub rpc_timeout_ms: u64,
+    /// Periodic passes leave out versions minted in the last this many
+    /// milliseconds: they are still in flight through replication, hints
+    /// and the outbox, and comparing them only repairs what is about to
+    /// arrive anyway. `geolog repair run` compares everything.
+    pub settle_ms: u64,
 }
 
 impl Default for AntiEntropySettings {
@@ -85,6 +90,7 @@ impl Default for AntiEntropySettings {
             interval_ms: 10_000,
             cross_region_every: 6,
             rpc_timeout_ms: 30_000,
+            settle_ms: 30_000,
         }
     }
 }

@@ -92,6 +92,8 @@ pub fn fast_failure_detection() -> Vec<(String, String)> {
         ("GEOLOG__COORDINATOR__PROBE_INTERVAL_MS", "200"),
         ("GEOLOG__COORDINATOR__PROBE_TIMEOUT_MS", "300"),
         ("GEOLOG__COORDINATOR__REPLICA_TIMEOUT_MS", "1000"),
+        // Periodic anti-entropy compares versions once 1 s old.
+        ("GEOLOG__ANTI_ENTROPY__SETTLE_MS", "1000"),
         ("RUST_LOG", "info"),
     ]
     .into_iter()

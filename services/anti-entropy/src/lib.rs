@@ -114,6 +114,8 @@ pub struct AntiEntropy {
     cross_region_every: u32,
     /// When set, only these tree-token ranges are compared.
     only: Option<Vec<(i64, i64)>>,
+    /// Versions minted this recently are left out of comparisons.
+    settle: Duration,
     status: Arc<Mutex<WorkerStatus>>,
 }
 
@@ -167,6 +169,7 @@ impl AntiEntropy {
             interval: Duration::from_millis(config.anti_entropy.interval_ms),
             cross_region_every: config.anti_entropy.cross_region_every.max(1),
             only: None,
+            settle: Duration::from_millis(config.anti_entropy.settle_ms),
             status: Arc::new(Mutex::new(WorkerStatus {
                 region: region.to_string(),
                 ..Default::default()
@@ -183,6 +186,11 @@ impl AntiEntropy {
             .collect();
         only.sort_unstable();
         self.only = Some(only);
+    }
+
+    /// Compares every version, however recent (on-demand repair).
+    pub fn compare_everything(&mut self) {
+        self.settle = Duration::ZERO;
     }
 
     /// The worker's progress, shared with whoever serves it.
@@ -328,11 +336,23 @@ impl AntiEntropy {
         if shared.is_empty() {
             return Ok(report);
         }
+        // One cutoff for both sides and every level of the descent.
+        let before_hlc = if self.settle.is_zero() {
+            0
+        } else {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            geolog_core::Hlc::new(now_ms.saturating_sub(self.settle.as_millis() as u64), 0).packed()
+        };
         let mut ranges = shared.clone();
         let mut depth = 0;
         let mut differing: Vec<(Bucket, u64)>;
         loop {
-            let (da, db) = tokio::try_join!(a.digests(&ranges, depth), b.digests(&ranges, depth))?;
+            let (da, db) = tokio::try_join!(
+                a.digests(&ranges, depth, before_hlc),
+                b.digests(&ranges, depth, before_hlc)
+            )?;
             report.digests += (da.0.len() + db.0.len()) as u64;
             report.bytes += da.1 + db.1;
             let (da, db) = (da.0, db.0);
@@ -424,10 +444,12 @@ impl Node {
         &self,
         ranges: &[(i64, i64)],
         depth: u32,
+        before_hlc: u64,
     ) -> Result<(BTreeMap<Bucket, (u64, u64)>, u64), Status> {
         let request = pb::DigestsRequest {
             ranges: to_wire(ranges),
             depth,
+            before_hlc,
         };
         let answer = match &self.access {
             Access::Direct(client) => client.clone().digests(request).await?,

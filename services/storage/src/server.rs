@@ -298,7 +298,11 @@ impl pb::storage_server::Storage for StorageService {
         let ranges = token_ranges(&req.ranges)?;
         let digests = self
             .store
-            .digests(&ranges, req.depth)
+            .digests(
+                &ranges,
+                req.depth,
+                (req.before_hlc > 0).then_some(req.before_hlc),
+            )
             .await
             .map_err(|e| fail("digests", e))?;
         Ok(Response::new(pb::DigestsResponse {

@@ -670,6 +670,7 @@ impl VersionStore {
         &self,
         ranges: &[(i64, i64)],
         depth: u32,
+        before_hlc: Option<u64>,
     ) -> Result<Vec<(u64, u64, u64)>, StoreError> {
         let (lows, highs): (Vec<i64>, Vec<i64>) = ranges.iter().copied().unzip();
         let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
@@ -677,11 +678,13 @@ impl VersionStore {
                     bit_xor(v.vhash), count(*) \
              FROM versions v \
              JOIN UNNEST($1::bigint[], $2::bigint[]) AS r(lo, hi) ON v.token BETWEEN r.lo AND r.hi \
+             WHERE v.hlc < $4 \
              GROUP BY bucket",
         )
         .bind(lows)
         .bind(highs)
         .bind(depth as i32)
+        .bind(before_hlc.map_or(i64::MAX, |h| h.min(i64::MAX as u64) as i64))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows

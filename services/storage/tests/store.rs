@@ -402,3 +402,31 @@ async fn concurrent_batches_on_shared_keys_never_deadlock_or_lose_versions() {
     }
     assert_eq!(stored, 400);
 }
+
+#[tokio::test]
+async fn digests_can_leave_out_versions_minted_after_a_cutoff() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let store = open(&pg, "n1").await;
+    let old = store.mint("old", "1").await.unwrap();
+    let recent = store.mint("recent", "2").await.unwrap();
+    let everything = [(i64::MIN, i64::MAX)];
+    let all = store.digests(&everything, 0, None).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].2, 2, "two versions in the root bucket");
+    // Only versions minted strictly before the cutoff count.
+    let settled = store
+        .digests(&everything, 0, Some(recent.hlc.packed()))
+        .await
+        .unwrap();
+    assert_eq!(settled[0].2, 1);
+    let only_old = geolog_core::merkle::version_hash("old", "n1", old.dot.seq) as u64;
+    assert_eq!(
+        settled[0].1, only_old,
+        "the digest is the old version's hash alone"
+    );
+    let none = store
+        .digests(&everything, 0, Some(old.hlc.packed()))
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "{none:?}");
+}
