@@ -60,13 +60,23 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
 
     /// Queues `item` and waits for its answer.
     pub async fn call(&self, item: I) -> Result<O, tonic::Status> {
+        self.enqueue(item).await
+    }
+
+    /// Queues `item` now (items queued one after the other are sent in
+    /// that order) and returns the wait for its answer.
+    pub fn enqueue(
+        &self,
+        item: I,
+    ) -> impl Future<Output = Result<O, tonic::Status>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
-        self.queue
-            .send((item, reply))
-            .map_err(|_| tonic::Status::unavailable("the batcher has stopped"))?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(tonic::Status::internal("a batch was dropped unanswered")))
+        let queued = self.queue.send((item, reply));
+        async move {
+            queued.map_err(|_| tonic::Status::unavailable("the batcher has stopped"))?;
+            answer
+                .await
+                .unwrap_or_else(|_| Err(tonic::Status::internal("a batch was dropped unanswered")))
+        }
     }
 }
 

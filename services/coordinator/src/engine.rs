@@ -71,10 +71,12 @@ pub fn body_hash(key: &str, value_json: &str, context: Option<&VersionVector>) -
 }
 
 /// Orders the mints of writes to one key inside a batch: a write waits
-/// for `after` (dropped by the previous write of the key once its version
-/// is minted — or once it failed) before minting, and drops `minted` when
-/// its own mint is done. Only minting is chained: the replication and acks
-/// of the writes still overlap.
+/// for `after` — dropped by the previous write of the key once its record
+/// is queued on its minting replica, or once it failed — before queueing
+/// its own, then drops `minted`. Records of one key bound for one replica
+/// are minted in queue order (usually in the same transaction); only a
+/// replica failing in between can reorder them. Everything else of the
+/// writes overlaps.
 #[derive(Debug, Default)]
 pub struct MintOrder {
     pub after: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -209,7 +211,7 @@ impl QuorumEngine {
     ) -> Result<Outcome, GeologError> {
         let MintOrder {
             after,
-            minted: minted_signal,
+            minted: mut minted_signal,
         } = order;
         geolog_core::key::validate_key(key)?;
         let requirement = self.requirement(level, Operation::Write)?;
@@ -263,7 +265,9 @@ impl QuorumEngine {
             let request = request.clone();
             // Spawned so that, past our deadline, the call still runs to its
             // own end and a hung replica gets marked dead by its breaker.
-            let call = tokio::spawn(async move { mint(&replica, request).await });
+            let call = tokio::spawn(mint(&replica, request));
+            // Queued: the next write of this key in the batch may queue.
+            drop(minted_signal.take());
             match tokio::time::timeout_at(deadline, call).await {
                 Ok(Ok(Ok(response))) => {
                     tracker.record_ok(idx);
@@ -440,7 +444,7 @@ impl QuorumEngine {
             .cloned()
             .collect();
         for holder in holders {
-            let minted = match mint(&holder, request.clone()).await {
+            let minted = match mint(holder.as_ref(), request.clone()).await {
                 Ok(minted) => minted,
                 Err(status) => {
                     tracing::warn!(holder = %holder.node, error = %status.message(), "cannot hold an ANY write");

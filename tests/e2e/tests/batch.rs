@@ -142,6 +142,40 @@ async fn batches_answer_per_record_and_land_everywhere() {
         "{history}"
     );
 
+    // One hot key: 1,000 records of the same key supersede each other in
+    // batch order, none times out waiting for the ones before it.
+    let hot: Vec<Value> = (0..1000)
+        .map(|i| json!({"key": "hot", "value": i}))
+        .collect();
+    let (status, answer) = a
+        .batch(
+            "?consistency=LOCAL_QUORUM",
+            &[],
+            serde_json::to_vec(&hot).unwrap(),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["written"].as_u64()),
+        (201, Some(1000)),
+        "{answer}"
+    );
+    let (status, read) = a.read("hot", Some("LOCAL_QUORUM")).await;
+    assert_eq!(
+        (status, &read["value"], &read["conflict"]),
+        (200, &json!(999), &json!(false)),
+        "{read}"
+    );
+    let seqs: Vec<u64> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["version"]["seq"].as_u64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "minted in batch order"
+    );
+
     // NDJSON, gzip and zstd; idempotent records replay on retry.
     let lines: Vec<Value> = (0..50)
         .map(|i| json!({"key": format!("nd-{i}"), "value": i, "id": format!("req-{i}")}))

@@ -117,16 +117,21 @@ impl QuorumEngine {
 }
 
 /// Mints one record on a local replica (in one transaction with the
-/// concurrent records bound for it). A record refused alone (idempotency
-/// conflict, invalid value) comes back as its error's status.
-pub async fn mint(
+/// concurrent records bound for it). The record is queued before this
+/// returns — records queued one after the other are minted in that order —
+/// and the returned future waits for the answer. A record refused alone
+/// (idempotency conflict, invalid value) comes back as its error's status.
+pub fn mint(
     replica: &Replica,
     request: pb::MintRequest,
-) -> Result<pb::MintResponse, tonic::Status> {
-    let result = replica.batches.mint.call(request).await?;
-    match result.minted {
-        Some(minted) if result.error_json.is_empty() => Ok(minted),
-        _ => Err(GeologError::from_json_bytes(&result.error_json).to_status()),
+) -> impl Future<Output = Result<pb::MintResponse, tonic::Status>> + Send + 'static {
+    let answer = replica.batches.mint.enqueue(request);
+    async move {
+        let result = answer.await?;
+        match result.minted {
+            Some(minted) if result.error_json.is_empty() => Ok(minted),
+            _ => Err(GeologError::from_json_bytes(&result.error_json).to_status()),
+        }
     }
 }
 
