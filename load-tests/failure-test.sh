@@ -6,18 +6,27 @@
 # answered 2xx per level and phase — and a check that every write
 # acknowledged during the run is readable at ALL after the faults heal.
 #
-#   load-tests/failure-test.sh        # ~2 minutes
+#   load-tests/failure-test.sh              # ~2 minutes
+#   TUTORIAL=1 load-tests/failure-test.sh   # the tutorial's single region of 5 replicas:
+#                                           # ONE, QUORUM, ALL while 1, 2, then 3 nodes stop
 #
 # Environment: PHASE_SECS (8), CLIENTS (4 per level), OUT (./load-results).
 source "$(dirname "$0")/cluster.sh"
 PHASE_SECS=${PHASE_SECS:-8}
 CLIENTS=${CLIENTS:-4}
 OUT=${OUT:-$PWD/load-results}
-LEVELS=(ONE LOCAL_QUORUM QUORUM EACH_QUORUM ALL)
+TUTORIAL=${TUTORIAL:-0}
+if [ "$TUTORIAL" = 1 ]; then
+  LEVELS=(ONE QUORUM ALL)
+  SHAPE=(--regions 1 --nodes-per-region 5 --replication-factor 5)
+else
+  LEVELS=(ONE LOCAL_QUORUM QUORUM EACH_QUORUM ALL)
+  SHAPE=()
+fi
 mkdir -p "$OUT"
 build
 WORK=$(mktemp -d)
-start_cluster "$WORK/cluster"
+start_cluster "$WORK/cluster" "${SHAPE[@]}"
 DIR="$WORK/cluster"
 geolog() { "$BIN/geolog" "$@" --data-dir "$DIR" >/dev/null; }
 
@@ -41,13 +50,20 @@ geolog node stop a1
 phase "a1 down"
 geolog node stop a2
 phase "a1 a2 down"
-geolog node start a1
-geolog node start a2
-geolog fault partition a c
-geolog fault partition b c
-phase "c cut off"
-geolog fault heal
-phase "healed"
+if [ "$TUTORIAL" = 1 ]; then
+  geolog node stop a3
+  phase "a1-a3 down"
+  for n in a1 a2 a3; do geolog node start "$n"; done
+  phase "restarted"
+else
+  geolog node start a1
+  geolog node start a2
+  geolog fault partition a c
+  geolog fault partition b c
+  phase "c cut off"
+  geolog fault heal
+  phase "healed"
+fi
 
 echo
 echo "availability (share of requests answered 2xx) per level and phase, region a's gateway"

@@ -61,8 +61,8 @@ struct Args {
     consistency: Vec<String>,
     #[arg(long, value_enum, default_value = "write")]
     scenario: Scenario,
-    /// How long each level runs, in seconds.
-    #[arg(long, default_value_t = 10.0)]
+    /// How long each level runs: seconds, or with a unit (`500ms`, `30s`, `10m`).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: f64,
     /// Stop a level after this many requests.
     #[arg(long)]
@@ -111,6 +111,26 @@ struct Args {
     /// 60 s while replication catches up, exits non-zero if any is missing.
     #[arg(long)]
     verify: Option<PathBuf>,
+}
+
+/// A duration in seconds from `30`, `30s`, `500ms` or `10m`.
+fn parse_duration(text: &str) -> Result<f64, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (text, 1.0)
+    };
+    match number.trim().parse::<f64>() {
+        Ok(n) if n > 0.0 && n.is_finite() => Ok(n * scale),
+        _ => Err(format!(
+            "{text:?} is not a duration such as 30s, 500ms or 10m"
+        )),
+    }
 }
 
 /// One second of a level's run.
@@ -792,4 +812,20 @@ async fn finish(
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations_take_units_or_plain_seconds() {
+        assert_eq!(parse_duration("30"), Ok(30.0));
+        assert_eq!(parse_duration("30s"), Ok(30.0));
+        assert_eq!(parse_duration("500ms"), Ok(0.5));
+        assert_eq!(parse_duration("10m"), Ok(600.0));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1").is_err());
+    }
 }

@@ -242,16 +242,25 @@ impl Default for GatewaySettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
-    /// Largest size of the PostgreSQL connection pool.
+    /// Largest size of the PostgreSQL connection pool. Default: sized to
+    /// the machine the node runs on — 2 per core plus 2, between 4 and 32
+    /// (with group commit a node has few transactions in flight; more
+    /// connections than cores only queue on PostgreSQL's locks and CPU).
     pub pool_max_connections: u32,
     /// How long a request waits for a pooled connection.
     pub pool_acquire_timeout_ms: u64,
 }
 
+/// 2 connections per core plus 2, between 4 and 32.
+fn default_pool_size() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
+    (cores * 2 + 2).clamp(4, 32)
+}
+
 impl Default for StorageSettings {
     fn default() -> Self {
         StorageSettings {
-            pool_max_connections: 16,
+            pool_max_connections: default_pool_size(),
             pool_acquire_timeout_ms: 3_000,
         }
     }

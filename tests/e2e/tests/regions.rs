@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Api, THREE_BY_THREE, code, kill_by_cluster_json};
+use common::{Api, THREE_BY_THREE, code, kill_by_cluster_json, wait_until};
 use geolog_testkit::TestCluster;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -246,18 +246,21 @@ async fn coordinator_killed_mid_stream_loses_nothing_acknowledged() {
     let apis = apis(&cluster);
     let data_dir = cluster.cluster.data_dir().to_path_buf();
     let writer_api = Api::new(cluster.gateway("a"));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer_stop = stop.clone();
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let acked = std::sync::Arc::new(AtomicUsize::new(0));
+    let (writer_stop, writer_acked) = (stop.clone(), acked.clone());
     // A writer streaming writes at LOCAL_QUORUM through A, as fast as it can.
     let writer = tokio::spawn(async move {
         let mut acknowledged = Vec::new();
         let mut refused = 0;
         let mut i = 0;
-        while !writer_stop.load(std::sync::atomic::Ordering::SeqCst) {
+        while !writer_stop.load(Ordering::SeqCst) {
             let key = format!("stream-{i}");
             let (status, _) = writer_api.write(&key, json!(i), Some("LOCAL_QUORUM")).await;
             if status == 201 {
                 acknowledged.push((key, json!(i)));
+                writer_acked.fetch_add(1, Ordering::SeqCst);
             } else {
                 refused += 1;
             }
@@ -265,7 +268,12 @@ async fn coordinator_killed_mid_stream_loses_nothing_acknowledged() {
         }
         (acknowledged, refused)
     });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Progress is counted in writes, not in time: a loaded machine is slow.
+    let acked_at_least = |n: usize| {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::SeqCst) >= n }
+    };
+    wait_until(Duration::from_secs(60), || acked_at_least(11)).await;
     kill_by_cluster_json(&data_dir, "a-co1");
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster
@@ -273,8 +281,9 @@ async fn coordinator_killed_mid_stream_loses_nothing_acknowledged() {
         .restart("a-co1")
         .await
         .expect("coordinator restarts");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let before = acked.load(Ordering::SeqCst);
+    wait_until(Duration::from_secs(60), || acked_at_least(before + 10)).await;
+    stop.store(true, Ordering::SeqCst);
     let (acknowledged, refused) = writer.await.unwrap();
     assert!(
         acknowledged.len() > 20,
