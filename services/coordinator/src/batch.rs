@@ -43,13 +43,9 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// Starts the worker (on the current tokio runtime). `send` delivers
     /// one batch and answers one output per item, in order, or one error
     /// for the whole batch. `kind` labels the batch-size metric.
-    pub fn new<F, Fut>(
-        kind: &'static str,
-        limits: BatchLimits,
-        weigh: fn(&I) -> usize,
-        send: F,
-    ) -> Self
+    pub fn new<W, F, Fut>(kind: &'static str, limits: BatchLimits, weigh: W, send: F) -> Self
     where
+        W: Fn(&I) -> usize + Send + 'static,
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<O>, tonic::Status>> + Send + 'static,
     {
@@ -57,7 +53,34 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         tokio::spawn(run(kind, limits, weigh, Arc::new(send), rx));
         Batcher { queue }
     }
+}
 
+impl<T: Send + 'static, O: Clone + Send + 'static> Batcher<Vec<T>, O> {
+    /// A batcher whose items are lists sent as one list in one call, every
+    /// caller getting that call's answer.
+    pub fn merging<F, Fut>(
+        kind: &'static str,
+        limits: BatchLimits,
+        weigh: fn(&[T]) -> usize,
+        send: F,
+    ) -> Self
+    where
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, tonic::Status>> + Send + 'static,
+    {
+        let weigh = move |list: &Vec<T>| weigh(list);
+        Batcher::new(kind, limits, weigh, move |lists: Vec<Vec<T>>| {
+            let count = lists.len();
+            let call = send(lists.into_iter().flatten().collect());
+            async move {
+                let answer = call.await?;
+                Ok(vec![answer; count])
+            }
+        })
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// Queues `item` and waits for its answer.
     pub async fn call(&self, item: I) -> Result<O, tonic::Status> {
         self.enqueue(item).await
@@ -80,15 +103,16 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     }
 }
 
-async fn run<I, O, F, Fut>(
+async fn run<I, O, W, F, Fut>(
     kind: &'static str,
     limits: BatchLimits,
-    weigh: fn(&I) -> usize,
+    weigh: W,
     send: Arc<F>,
     mut queue: mpsc::UnboundedReceiver<(I, Reply<O>)>,
 ) where
     I: Send + 'static,
     O: Send + 'static,
+    W: Fn(&I) -> usize,
     F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Vec<O>, tonic::Status>> + Send + 'static,
 {

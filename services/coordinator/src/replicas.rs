@@ -51,9 +51,12 @@ pub struct ReplicaBatches {
     pub outbox_done: Batcher<Vec<u64>, ()>,
 }
 
-/// Rough wire size of a version, for batch byte limits.
-pub fn version_bytes(v: &pb::Version) -> usize {
-    v.key.len() + v.value_json.len() + 64 + v.context.len() * 16
+/// Rough wire size of versions, for batch byte limits.
+fn versions_bytes(versions: &[pb::Version]) -> usize {
+    versions
+        .iter()
+        .map(|v| v.key.len() + v.value_json.len() + 64 + v.context.len() * 16)
+        .sum()
 }
 
 impl ReplicaBatches {
@@ -72,32 +75,23 @@ impl ReplicaBatches {
             },
         );
         let c = client.clone();
-        let apply = Batcher::new(
-            "apply",
-            limits,
-            |versions: &Vec<pb::Version>| versions.iter().map(version_bytes).sum(),
-            move |states: Vec<Vec<pb::Version>>| {
-                let mut client = c.clone();
-                let count = states.len();
-                let versions = states.into_iter().flatten().collect();
-                async move {
-                    client.apply(pb::ApplyRequest { versions }).await?;
-                    Ok(vec![(); count])
-                }
-            },
-        );
+        let apply = Batcher::merging("apply", limits, versions_bytes, move |versions| {
+            let mut client = c.clone();
+            async move {
+                client.apply(pb::ApplyRequest { versions }).await?;
+                Ok(())
+            }
+        });
         let c = client.clone();
-        let outbox_done = Batcher::new(
+        let outbox_done = Batcher::merging(
             "outbox_done",
             limits,
-            |ids: &Vec<u64>| ids.len() * 8,
-            move |lists: Vec<Vec<u64>>| {
+            |ids| ids.len() * 8,
+            move |ids| {
                 let mut client = c.clone();
-                let count = lists.len();
-                let ids = lists.into_iter().flatten().collect();
                 async move {
                     client.outbox_done(pb::OutboxDoneRequest { ids }).await?;
-                    Ok(vec![(); count])
+                    Ok(())
                 }
             },
         );
@@ -140,27 +134,21 @@ impl RemoteRegion {
         limits: BatchLimits,
     ) -> Batcher<Vec<pb::Version>, Vec<cpb::ReplicaAck>> {
         let (c, origin) = (client.clone(), origin.to_string());
-        Batcher::new(
-            "replicate",
-            limits,
-            |versions: &Vec<pb::Version>| versions.iter().map(version_bytes).sum(),
-            move |states: Vec<Vec<pb::Version>>| {
-                let mut client = c.clone();
-                let count = states.len();
-                let request = cpb::ReplicateRequest {
-                    origin_region: origin.clone(),
-                    versions: states.into_iter().flatten().collect(),
-                };
-                async move {
-                    let mut stream = client.replicate(request).await?.into_inner();
-                    let mut acks = Vec::new();
-                    while let Some(ack) = stream.message().await? {
-                        acks.push(ack);
-                    }
-                    Ok(vec![acks; count])
+        Batcher::merging("replicate", limits, versions_bytes, move |versions| {
+            let mut client = c.clone();
+            let request = cpb::ReplicateRequest {
+                origin_region: origin.clone(),
+                versions,
+            };
+            async move {
+                let mut stream = client.replicate(request).await?.into_inner();
+                let mut acks = Vec::new();
+                while let Some(ack) = stream.message().await? {
+                    acks.push(ack);
                 }
-            },
-        )
+                Ok(acks)
+            }
+        })
     }
 
     /// Alive when the link is up and the remote coordinator did not report

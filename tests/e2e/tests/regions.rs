@@ -358,16 +358,32 @@ async fn a_region_cut_off_longer_than_the_outbox_window_is_repaired_by_anti_entr
     a.wait_outbox_empty(Duration::from_secs(40)).await;
     cluster.cluster.heal();
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // A replication call made during the cut may still land once it heals
+    // (the link delivers what it held although the sender gave up on it):
+    // anti-entropy must repair whatever did not.
+    let mut missing = 0;
     for key in &keys {
-        let (status, body) = b.read(key, Some("LOCAL_ONE")).await;
-        assert_eq!(status, 404, "{key} reached b without anti-entropy: {body}");
+        if b.read(key, Some("LOCAL_ONE")).await.0 == 404 {
+            missing += 1;
+        }
     }
+    assert!(missing > 0, "every key reached b without anti-entropy");
 
     let out = common::geolog(data_dir, &["repair", "run"]);
     let printed = common::printed(&out);
     assert!(out.status.success(), "{printed}");
-    // 20 keys × 2 replicas in b, each received once.
-    assert!(printed.contains(" 40 repaired"), "{printed}");
+    // A key neither replica of b had is received by both.
+    let repaired: u64 = printed
+        .lines()
+        .find(|l| l.starts_with("region a:"))
+        .and_then(|l| l.split(" repaired").next())
+        .and_then(|before| before.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no repaired count: {printed}"));
+    assert!(
+        (2 * missing..=40).contains(&repaired),
+        "{missing} keys missing in b, {repaired} repaired: {printed}"
+    );
     for (i, key) in keys.iter().enumerate() {
         let (status, body) = b.read(key, Some("LOCAL_QUORUM")).await;
         assert_eq!((status, &body["value"]), (200, &json!(i)), "{key}");
