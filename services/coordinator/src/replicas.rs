@@ -51,6 +51,15 @@ pub struct ReplicaBatches {
     pub outbox_done: Batcher<Vec<u64>, ()>,
 }
 
+/// Every message of a response stream, or the error that cut it.
+pub async fn collect<T>(mut stream: tonic::Streaming<T>) -> Result<Vec<T>, tonic::Status> {
+    let mut items = Vec::new();
+    while let Some(item) = stream.message().await? {
+        items.push(item);
+    }
+    Ok(items)
+}
+
 /// Rough wire size of versions, for batch byte limits.
 fn versions_bytes(versions: &[pb::Version]) -> usize {
     versions
@@ -140,14 +149,7 @@ impl RemoteRegion {
                 origin_region: origin.clone(),
                 versions,
             };
-            async move {
-                let mut stream = client.replicate(request).await?.into_inner();
-                let mut acks = Vec::new();
-                while let Some(ack) = stream.message().await? {
-                    acks.push(ack);
-                }
-                Ok(acks)
-            }
+            async move { collect(client.replicate(request).await?.into_inner()).await }
         })
     }
 

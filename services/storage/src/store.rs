@@ -248,7 +248,10 @@ impl VersionStore {
         idempotency_key: &str,
     ) -> Result<Option<StoredVersion>, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        idempotent_version(&mut conn, key, idempotency_key).await
+        Ok(idempotent_versions(&mut conn, &[(key, idempotency_key)])
+            .await?
+            .into_values()
+            .next())
     }
 
     /// Mints a new version of `key` and stores, in the same transaction, one
@@ -298,7 +301,11 @@ impl VersionStore {
             .collect();
         lock_keys(&mut tx, &keys).await?;
         let mut frontiers = frontiers_of(&mut tx, &keys).await?;
-        let mut idempotent = idempotent_versions(&mut tx, &inputs).await?;
+        let lookups: Vec<(&str, &str)> = inputs
+            .iter()
+            .filter_map(|i| Some((i.key.as_str(), i.idempotency.as_ref()?.key.as_str())))
+            .collect();
+        let mut idempotent = idempotent_versions(&mut tx, &lookups).await?;
         let seqs: Vec<i64> =
             sqlx::query_scalar("SELECT nextval('dot_seq') FROM generate_series(1, $1)")
                 .bind(inputs.len() as i64)
@@ -453,7 +460,10 @@ impl VersionStore {
     /// The key's frontier: every current (concurrent) version.
     pub async fn frontier(&self, key: &str) -> Result<Vec<StoredVersion>, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        frontier_of(&mut conn, key).await
+        Ok(frontiers_of(&mut conn, &[key])
+            .await?
+            .remove(key)
+            .unwrap_or_default())
     }
 
     /// Every version of `key`, newest first, at most `limit`, strictly
@@ -776,16 +786,13 @@ async fn frontiers_of(
     Ok(frontiers)
 }
 
-/// The versions created with the idempotency keys of `inputs` (the first
-/// one per key and idempotency key), keyed by (key, idempotency key).
+/// The versions created with the (key, idempotency key) pairs of
+/// `lookups` — the first one of each, if held here — keyed by that pair.
 async fn idempotent_versions(
     conn: &mut sqlx::PgConnection,
-    inputs: &[MintInput],
+    lookups: &[(&str, &str)],
 ) -> Result<BTreeMap<(String, String), StoredVersion>, StoreError> {
-    let (keys, ids): (Vec<&str>, Vec<&str>) = inputs
-        .iter()
-        .filter_map(|i| Some((i.key.as_str(), i.idempotency.as_ref()?.key.as_str())))
-        .unzip();
+    let (keys, ids): (Vec<&str>, Vec<&str>) = lookups.iter().copied().unzip();
     if keys.is_empty() {
         return Ok(BTreeMap::new());
     }
@@ -860,41 +867,6 @@ async fn insert_outbox(
         .collect()
 }
 
-async fn idempotent_version(
-    conn: &mut sqlx::PgConnection,
-    key: &str,
-    idempotency_key: &str,
-) -> Result<Option<StoredVersion>, StoreError> {
-    let row = sqlx::query(
-        "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash \
-         FROM versions WHERE key = $1 AND idempotency_key = $2 ORDER BY hlc, node, seq LIMIT 1",
-    )
-    .bind(key)
-    .bind(idempotency_key)
-    .fetch_optional(conn)
-    .await?;
-    row.as_ref().map(version_from_row).transpose()
-}
-
-async fn frontier_of(
-    conn: &mut sqlx::PgConnection,
-    key: &str,
-) -> Result<Vec<StoredVersion>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
-         FROM heads h CROSS JOIN LATERAL (SELECT * FROM versions v \
-              WHERE (v.key, v.node, v.seq) = (h.key, h.node, h.seq) LIMIT 1) v \
-         WHERE h.key = $1 ORDER BY v.node, v.seq",
-    )
-    .bind(key)
-    .fetch_all(conn)
-    .await?;
-    rows.iter().map(version_from_row).collect()
-}
-
-/// Inserts versions not stored yet; those not in `stale` also become heads
-/// of their keys (those in `stale` are history only). Returns how many
-/// were new.
 /// Whether versions to insert may already be stored.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fresh {
@@ -904,6 +876,9 @@ enum Fresh {
     Maybe,
 }
 
+/// Inserts versions not stored yet; those not in `stale` also become heads
+/// of their keys (those in `stale` are history only). Returns how many
+/// were new.
 async fn insert_versions(
     tx: &mut Tx,
     versions: &[StoredVersion],

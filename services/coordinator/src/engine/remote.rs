@@ -4,7 +4,7 @@
 
 use super::read::ReadKind;
 use super::{Miss, QuorumEngine};
-use crate::replicas::Replica;
+use crate::replicas::{Replica, collect};
 use geolog_core::GeologError;
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
@@ -178,15 +178,6 @@ pub async fn store_hint(holder: &Replica, target: &str, version: pb::Version) ->
             false
         }
     }
-}
-
-/// Every message of a response stream, or the error that cut it.
-async fn collect<T>(mut stream: tonic::Streaming<T>) -> Result<Vec<T>, tonic::Status> {
-    let mut items = Vec::new();
-    while let Some(item) = stream.message().await? {
-        items.push(item);
-    }
-    Ok(items)
 }
 
 /// Sends key states to a remote region (batched with concurrent calls)
