@@ -181,7 +181,7 @@ async fn control_call(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    geolog_telemetry::init_tracing("geolog");
+    let _telemetry = geolog_telemetry::init_tracing("geolog");
     match cli.command {
         Command::Up {
             data_dir,

@@ -332,18 +332,27 @@ impl GeologConfig {
                 .iter()
                 .chain(&region.coordinators)
                 .chain(&region.anti_entropy)
-                .map(|p| (&p.id, &p.addr))
-                .chain(region.nodes.iter().map(|n| (&n.id, &n.addr)));
-            for (id, addr) in processes {
+                .map(|p| (&p.id, &p.addr, &p.metrics_addr))
+                .chain(
+                    region
+                        .nodes
+                        .iter()
+                        .map(|n| (&n.id, &n.addr, &n.metrics_addr)),
+                );
+            for (id, addr, metrics_addr) in processes {
                 if id.is_empty() || !ids.insert(id.as_str()) {
                     return invalid(format!("process id {id:?} is empty or repeated"));
                 }
-                if addr
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .is_none()
-                {
-                    return invalid(format!("process {id}: address {addr:?} is not host:port"));
+                for addr in std::iter::once(addr).chain(metrics_addr) {
+                    if addr
+                        .rsplit_once(':')
+                        .and_then(|(_, p)| p.parse::<u16>().ok())
+                        .is_none()
+                    {
+                        return invalid(format!(
+                            "process {id}: address {addr:?} is not host:port"
+                        ));
+                    }
                 }
             }
         }

@@ -38,6 +38,11 @@ pub struct ProcessConfig {
     pub id: String,
     /// `host:port` it listens on and is reached at.
     pub addr: String,
+    /// `host:port` of its Prometheus `/metrics` side port. Only for
+    /// gRPC-only processes (coordinators); gateways and anti-entropy
+    /// workers serve `/metrics` on `addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 /// A storage node.
@@ -53,6 +58,10 @@ pub struct NodeConfig {
     /// `--database-url` / `GEOLOG_DATABASE_URL`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    /// `host:port` of its Prometheus `/metrics` side port (the node's own
+    /// port speaks gRPC only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 /// A route from one region to another region's coordinators.

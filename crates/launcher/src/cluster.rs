@@ -118,6 +118,9 @@ pub struct ClusterProcess {
     /// Base URL (gateways).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Its Prometheus endpoint (absent when the config gives it none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_url: Option<String>,
     /// PostgreSQL server of a storage node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres_pid: Option<u32>,
@@ -165,6 +168,8 @@ struct Service {
     region: String,
     id: String,
     addr: String,
+    /// Where `/metrics` is served: `addr` itself for HTTP services.
+    metrics_addr: Option<String>,
     process: ManagedProcess,
 }
 
@@ -399,6 +404,7 @@ impl RunningCluster {
                     region: region.name.clone(),
                     id: node.id.clone(),
                     addr: node.addr.clone(),
+                    metrics_addr: node.metrics_addr.clone(),
                     process,
                 });
             }
@@ -412,6 +418,7 @@ impl RunningCluster {
                     region: region.name.clone(),
                     id: p.id.clone(),
                     addr: p.addr.clone(),
+                    metrics_addr: p.metrics_addr.clone(),
                     process,
                 });
             }
@@ -440,6 +447,7 @@ impl RunningCluster {
                     region: region.name.clone(),
                     id: p.id.clone(),
                     addr: p.addr.clone(),
+                    metrics_addr: Some(p.addr.clone()),
                     process,
                 });
             }
@@ -452,6 +460,7 @@ impl RunningCluster {
                 role: "anti-entropy",
                 region: region.name.clone(),
                 id,
+                metrics_addr: (!addr.is_empty()).then(|| addr.clone()),
                 addr,
                 process,
             });
@@ -530,6 +539,10 @@ impl RunningCluster {
                     pid: s.process.pid(),
                     addr: s.addr.clone(),
                     url: (s.role == "gateway").then(|| format!("http://{}", s.addr)),
+                    metrics_url: s
+                        .metrics_addr
+                        .as_ref()
+                        .map(|a| format!("http://{a}/metrics")),
                     postgres_pid: pg.map(PgServer::pid),
                     postgres_port: pg.map(|p| p.port),
                     log: s.process.log_path().to_path_buf(),

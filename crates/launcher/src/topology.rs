@@ -56,6 +56,7 @@ pub fn generate(shape: Shape, gateway_port: u16) -> Result<GeologConfig, LaunchE
                     id: format!("{name}{n}"),
                     addr: loopback(free_port()?),
                     database_url: Some(postgres::database_url(free_port()?)),
+                    metrics_addr: Some(loopback(free_port()?)),
                 })
             })
             .collect::<Result<Vec<_>, LaunchError>>()?;
@@ -64,14 +65,17 @@ pub fn generate(shape: Shape, gateway_port: u16) -> Result<GeologConfig, LaunchE
             gateways: vec![ProcessConfig {
                 id: format!("{name}-gw1"),
                 addr: loopback(gateway_port),
+                metrics_addr: None,
             }],
             coordinators: vec![ProcessConfig {
                 id: format!("{name}-co1"),
                 addr: loopback(free_port()?),
+                metrics_addr: Some(loopback(free_port()?)),
             }],
             anti_entropy: vec![ProcessConfig {
                 id: format!("{name}{ANTI_ENTROPY_SUFFIX}"),
                 addr: loopback(free_port()?),
+                metrics_addr: None,
             }],
             nodes,
             name,

@@ -1,30 +1,120 @@
-//! Telemetry setup shared by every binary: structured logs through
-//! `tracing` and a Prometheus metrics recorder. Libraries only emit
-//! (`tracing::info!`, `metrics::counter!`); binaries call these setup
-//! functions once. Must never be called from library code or tests that
-//! start several services in one process (the recorder is global).
+//! Telemetry setup shared by every binary: structured logs and
+//! OpenTelemetry traces through `tracing`, and a Prometheus metrics
+//! recorder. Libraries only emit (`tracing::info!`, `metrics::counter!`);
+//! binaries call these setup functions once. Must never be called from
+//! library code or tests that start several services in one process (the
+//! recorder and the tracer provider are global).
+
+pub mod trace;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::sync::OnceLock;
 use std::time::Duration;
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing_subscriber::{EnvFilter, Layer, fmt, prelude::*};
+
+/// What [`init_tracing`] installed; call [`Telemetry::shutdown`] at exit so
+/// the spans still queued in the batching exporter are sent.
+#[must_use = "shut it down at exit, or queued spans are lost"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes and stops the span exporter (bounded by the exporter's own
+    /// timeout). Runs on a blocking thread: the flush waits for the export.
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(err)) = flushed {
+                tracing::warn!(error = %err, "span exporter did not shut down cleanly");
+            }
+        }
+    }
+}
+
+/// Whether the standard OpenTelemetry environment asks for trace export:
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+/// set, and neither `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none`.
+fn export_requested() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    let is = |name: &str, value: &str| {
+        std::env::var(name).is_ok_and(|v| v.trim().eq_ignore_ascii_case(value))
+    };
+    (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        && !is("OTEL_SDK_DISABLED", "true")
+        && !is("OTEL_TRACES_EXPORTER", "none")
+}
 
 /// Installs the global tracing subscriber. The filter comes from `RUST_LOG`
-/// (default `info`); `GEOLOG_LOG_FORMAT=json` switches to JSON lines.
-pub fn init_tracing(service: &'static str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// (default `info`); `GEOLOG_LOG_FORMAT=json` switches to JSON lines. When
+/// the OpenTelemetry environment names an OTLP endpoint (see
+/// [`export_requested`]), spans are also exported over OTLP/gRPC through a
+/// batching exporter (its queue and schedule from the standard `OTEL_BSP_*`
+/// variables; the request path never waits for an export), with
+/// `service.name` from `OTEL_SERVICE_NAME` or else `service`. W3C trace
+/// context propagation is installed either way. Must be called inside a
+/// tokio runtime (the exporter's gRPC channel lives on it).
+pub fn init_tracing(service: &'static str) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
     let json = std::env::var("GEOLOG_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = if json {
-        registry
-            .with(fmt::layer().json().with_current_span(true))
-            .try_init()
+    let logs = if json {
+        fmt::layer().json().with_current_span(true).boxed()
     } else {
-        registry.with(fmt::layer().with_target(false)).try_init()
+        fmt::layer().with_target(false).boxed()
     };
-    if result.is_ok() {
-        tracing::info!(service, "telemetry initialised");
+    let mut export_error = None;
+    let provider = if export_requested() {
+        match tracer_provider(service) {
+            Ok(provider) => Some(provider),
+            Err(err) => {
+                export_error = Some(err);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let otel = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(service))
+            .with_error_records_to_exceptions(true)
+    });
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(otel)
+        .try_init()
+        .is_ok();
+    if installed {
+        tracing::info!(
+            service,
+            trace_export = provider.is_some(),
+            "telemetry initialised"
+        );
+        if let Some(err) = export_error {
+            tracing::warn!(error = %err, "cannot build the OTLP span exporter; traces are not exported");
+        }
     }
+    Telemetry { provider }
+}
+
+fn tracer_provider(service: &'static str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()?;
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(service);
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
 }
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -54,6 +144,42 @@ pub fn prometheus() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Serves Prometheus text on `GET /metrics` (and `ok` on `GET /health`)
+/// at `addr`: the side port of a process whose own port speaks gRPC only.
+/// `refresh` runs before each render, to sample gauges that are cheaper to
+/// read on demand (pool usage). Returns once listening; the server runs
+/// until the process exits.
+pub async fn serve_metrics(
+    addr: &str,
+    refresh: impl Fn() + Send + Sync + 'static,
+) -> std::io::Result<std::net::SocketAddr> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let handle = prometheus();
+    let refresh = std::sync::Arc::new(refresh);
+    let router = axum::Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let refresh = refresh.clone();
+                let handle = handle.clone();
+                async move {
+                    refresh();
+                    handle.render()
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, router).await {
+            tracing::error!(error = %err, "metrics side port stopped");
+        }
+    });
+    tracing::info!(addr = %local, "serving /metrics");
+    Ok(local)
 }
 
 /// Resolves on SIGINT or SIGTERM: the start of an ordered shutdown.

@@ -38,7 +38,7 @@ struct Served {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    geolog_telemetry::init_tracing("geolog-anti-entropy");
+    let telemetry = geolog_telemetry::init_tracing("geolog-anti-entropy");
     let prometheus = geolog_telemetry::prometheus();
     let config = GeologConfig::load(&args.config)?;
     let region = config
@@ -74,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = run.await;
     tracing::info!("anti-entropy worker stopped");
+    telemetry.shutdown().await;
     Ok(())
 }
 

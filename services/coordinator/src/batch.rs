@@ -11,8 +11,13 @@
 use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::{Instrument, Span};
 
 type Reply<O> = oneshot::Sender<Result<O, tonic::Status>>;
+
+/// A queued item, its caller's answer channel and span (the batch's trace
+/// continues the callers').
+type Queued<I, O> = (I, Reply<O>, Span);
 
 /// How big a batch may grow and how many may be outstanding.
 #[derive(Debug, Clone, Copy)]
@@ -36,21 +41,28 @@ impl BatchLimits {
 
 /// Queues items for one destination and sends them in batches.
 pub struct Batcher<I, O> {
-    queue: mpsc::UnboundedSender<(I, Reply<O>)>,
+    queue: mpsc::UnboundedSender<Queued<I, O>>,
 }
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// Starts the worker (on the current tokio runtime). `send` delivers
     /// one batch and answers one output per item, in order, or one error
-    /// for the whole batch. `kind` labels the batch-size metric.
-    pub fn new<W, F, Fut>(kind: &'static str, limits: BatchLimits, weigh: W, send: F) -> Self
+    /// for the whole batch. `kind` labels the batch-size metric; `kind` and
+    /// `to` (the destination: a node or region) name each batch's span.
+    pub fn new<W, F, Fut>(
+        kind: &'static str,
+        to: &str,
+        limits: BatchLimits,
+        weigh: W,
+        send: F,
+    ) -> Self
     where
         W: Fn(&I) -> usize + Send + 'static,
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<O>, tonic::Status>> + Send + 'static,
     {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(kind, limits, weigh, Arc::new(send), rx));
+        tokio::spawn(run(kind, to.into(), limits, weigh, Arc::new(send), rx));
         Batcher { queue }
     }
 }
@@ -60,6 +72,7 @@ impl<T: Send + 'static, O: Clone + Send + 'static> Batcher<Vec<T>, O> {
     /// caller getting that call's answer.
     pub fn merging<F, Fut>(
         kind: &'static str,
+        to: &str,
         limits: BatchLimits,
         weigh: fn(&[T]) -> usize,
         send: F,
@@ -69,7 +82,7 @@ impl<T: Send + 'static, O: Clone + Send + 'static> Batcher<Vec<T>, O> {
         Fut: Future<Output = Result<O, tonic::Status>> + Send + 'static,
     {
         let weigh = move |list: &Vec<T>| weigh(list);
-        Batcher::new(kind, limits, weigh, move |lists: Vec<Vec<T>>| {
+        Batcher::new(kind, to, limits, weigh, move |lists: Vec<Vec<T>>| {
             let count = lists.len();
             let call = send(lists.into_iter().flatten().collect());
             async move {
@@ -93,7 +106,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         item: I,
     ) -> impl Future<Output = Result<O, tonic::Status>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
-        let queued = self.queue.send((item, reply));
+        let queued = self.queue.send((item, reply, Span::current()));
         async move {
             queued.map_err(|_| tonic::Status::unavailable("the batcher has stopped"))?;
             answer
@@ -105,10 +118,11 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
 
 async fn run<I, O, W, F, Fut>(
     kind: &'static str,
+    to: Arc<str>,
     limits: BatchLimits,
     weigh: W,
     send: Arc<F>,
-    mut queue: mpsc::UnboundedReceiver<(I, Reply<O>)>,
+    mut queue: mpsc::UnboundedReceiver<Queued<I, O>>,
 ) where
     I: Send + 'static,
     O: Send + 'static,
@@ -145,10 +159,20 @@ async fn run<I, O, W, F, Fut>(
         }
         metrics::histogram!("write_batch_records", "kind" => kind).record(batch.len() as f64);
         let send = send.clone();
+        let to = to.clone();
         tokio::spawn(async move {
-            let (items, replies): (Vec<I>, Vec<Reply<O>>) = batch.into_iter().unzip();
-            let count = items.len();
-            match send(items).await {
+            let count = batch.len();
+            let mut items = Vec::with_capacity(count);
+            let mut replies = Vec::with_capacity(count);
+            let mut callers = Vec::with_capacity(count);
+            for (item, reply, caller) in batch {
+                items.push(item);
+                replies.push(reply);
+                callers.push(caller);
+            }
+            let span = geolog_telemetry::trace::batch_span(kind, &to, &callers);
+            drop(callers);
+            match send(items).instrument(span).await {
                 Ok(outputs) if outputs.len() == count => {
                     for (reply, output) in replies.into_iter().zip(outputs) {
                         let _ = reply.send(Ok(output));
@@ -196,6 +220,7 @@ mod tests {
         let log = seen.clone();
         let batcher = Batcher::new(
             "test",
+            "node",
             limits,
             |_| 10,
             move |items: Vec<u32>| {

@@ -76,6 +76,56 @@ impl HealthBoard {
     }
 }
 
+/// How a replica looks from a coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaHealth {
+    /// Answering.
+    Alive,
+    /// Still used, but its last probe timed out, or it failed and has not
+    /// answered since its circuit half-opened.
+    Suspect,
+    /// Circuit open: calls fail at once until a probe succeeds.
+    Dead,
+}
+
+impl ReplicaHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaHealth::Alive => "alive",
+            ReplicaHealth::Suspect => "suspect",
+            ReplicaHealth::Dead => "dead",
+        }
+    }
+}
+
+/// A replica's circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Circuit {
+    Closed,
+    /// Open expired without a success since: the next call is a trial.
+    HalfOpen,
+    Open,
+}
+
+impl Circuit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Circuit::Closed => "closed",
+            Circuit::HalfOpen => "half_open",
+            Circuit::Open => "open",
+        }
+    }
+
+    /// The value of the `replica_circuit_state` gauge.
+    pub fn gauge(self) -> f64 {
+        match self {
+            Circuit::Closed => 0.0,
+            Circuit::HalfOpen => 1.0,
+            Circuit::Open => 2.0,
+        }
+    }
+}
+
 /// Consecutive probe timeouts that mark a replica dead.
 pub const PROBE_TIMEOUTS_TO_DEAD: u32 = 2;
 
@@ -85,6 +135,8 @@ pub struct ReplicaState {
     board: Arc<HealthBoard>,
     /// `HealthBoard::now_ms` of the last success, 0 when never.
     last_ok_ms: AtomicU64,
+    /// `HealthBoard::now_ms` of the last failure, 0 when never.
+    last_failure_ms: AtomicU64,
     /// Health probes that timed out in a row (see `record_probe_timeout`).
     probe_timeouts: std::sync::atomic::AtomicU32,
     last_error: Mutex<String>,
@@ -96,6 +148,7 @@ impl ReplicaState {
             node: node.into(),
             board,
             last_ok_ms: AtomicU64::new(0),
+            last_failure_ms: AtomicU64::new(0),
             probe_timeouts: std::sync::atomic::AtomicU32::new(0),
             last_error: Mutex::new(String::new()),
         })
@@ -122,11 +175,31 @@ impl ReplicaState {
     }
 
     pub fn record_failure(&self, reason: String) {
+        self.last_failure_ms
+            .store(self.board.now_ms().max(1), Ordering::Relaxed);
         *self
             .last_error
             .lock()
             .expect("lock is never poisoned: no panics while held") = reason.clone();
         self.board.open(&self.node, reason);
+    }
+
+    /// What health reports show: the replica's state and its circuit's.
+    pub fn health(&self) -> (ReplicaHealth, Circuit) {
+        if !self.is_alive() {
+            return (ReplicaHealth::Dead, Circuit::Open);
+        }
+        let failed_since_ok = self.last_failure_ms.load(Ordering::Relaxed)
+            > self.last_ok_ms.load(Ordering::Relaxed);
+        if failed_since_ok {
+            // The open state expired without a success since: the next
+            // call is the trial.
+            (ReplicaHealth::Suspect, Circuit::HalfOpen)
+        } else if self.probe_timeouts.load(Ordering::Relaxed) > 0 {
+            (ReplicaHealth::Suspect, Circuit::Closed)
+        } else {
+            (ReplicaHealth::Alive, Circuit::Closed)
+        }
     }
 
     /// Milliseconds since the last success, if any.

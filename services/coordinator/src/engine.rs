@@ -35,7 +35,7 @@ use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// The outcome of a successful write or read.
@@ -584,30 +584,4 @@ impl QuorumEngine {
             hints: 0,
         })
     }
-}
-
-/// Measures how long `f` took and records it with its outcome.
-pub async fn observed<T>(
-    op: &'static str,
-    level: &str,
-    f: impl Future<Output = Result<T, GeologError>>,
-) -> Result<T, GeologError> {
-    let started = Instant::now();
-    let result = f.await;
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(e) if e.code == ErrorCode::Unavailable => "unavailable",
-        Err(e) if e.code == ErrorCode::Timeout => "timeout",
-        Err(e) if e.code.http_status().is_client_error() => "rejected",
-        Err(_) => "error",
-    };
-    let labels = [
-        ("op", op.to_string()),
-        ("consistency", level.to_string()),
-        ("outcome", outcome.to_string()),
-    ];
-    metrics::counter!("coordinator_requests_total", &labels).increment(1);
-    metrics::histogram!("coordinator_request_duration_seconds", &labels)
-        .record(started.elapsed().as_secs_f64());
-    result
 }

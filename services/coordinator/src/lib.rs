@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod breaker;
 pub mod engine;
+pub mod observe;
 pub mod outbox;
 pub mod replicas;
 pub mod server;
@@ -71,8 +72,12 @@ pub async fn serve(
     .max_decoding_message_size(replicas::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(replicas::MAX_MESSAGE_BYTES);
     tracing::info!(%addr, coordinator = id, region = %region.name, "coordinator serving");
+    let traced = (id.to_string(), region.name.clone());
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .trace_fn(move |request| {
+            geolog_telemetry::trace::grpc_server_span(request, &traced.0, &traced.1)
+        })
         .add_service(service)
         .serve_with_shutdown(addr, shutdown)
         .await;

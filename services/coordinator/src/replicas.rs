@@ -17,6 +17,7 @@ use geolog_proto::storage::storage_client::StorageClient;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use geolog_telemetry::trace::{GrpcClient, GrpcClientLayer};
 use tonic::transport::{Channel, Endpoint};
 use tower::timeout::Timeout;
 
@@ -24,9 +25,9 @@ use tower::timeout::Timeout;
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// The client type of one replica: channel, per-call timeout, breaker.
-pub type ReplicaClient = StorageClient<CircuitBreaker<Timeout<Channel>>>;
+pub type ReplicaClient = StorageClient<GrpcClient<CircuitBreaker<Timeout<Channel>>>>;
 /// The client type of a link to a remote region.
-pub type LinkClient = CoordinatorClient<CircuitBreaker<Timeout<Channel>>>;
+pub type LinkClient = CoordinatorClient<GrpcClient<CircuitBreaker<Timeout<Channel>>>>;
 
 /// A storage node of the coordinator's own region.
 pub struct Replica {
@@ -69,10 +70,11 @@ fn versions_bytes(versions: &[pb::Version]) -> usize {
 }
 
 impl ReplicaBatches {
-    fn new(client: &ReplicaClient, limits: BatchLimits) -> Self {
+    fn new(node: &str, client: &ReplicaClient, limits: BatchLimits) -> Self {
         let c = client.clone();
         let mint = Batcher::new(
             "mint",
+            node,
             limits,
             |r: &pb::MintRequest| r.key.len() + r.value_json.len() + 64,
             move |records| {
@@ -84,7 +86,7 @@ impl ReplicaBatches {
             },
         );
         let c = client.clone();
-        let apply = Batcher::merging("apply", limits, versions_bytes, move |versions| {
+        let apply = Batcher::merging("apply", node, limits, versions_bytes, move |versions| {
             let mut client = c.clone();
             async move {
                 client.apply(pb::ApplyRequest { versions }).await?;
@@ -94,6 +96,7 @@ impl ReplicaBatches {
         let c = client.clone();
         let outbox_done = Batcher::merging(
             "outbox_done",
+            node,
             limits,
             |ids| ids.len() * 8,
             move |ids| {
@@ -140,10 +143,11 @@ impl RemoteRegion {
     fn replicate_batcher(
         client: &LinkClient,
         origin: &str,
+        to: &str,
         limits: BatchLimits,
     ) -> Batcher<Vec<pb::Version>, Vec<cpb::ReplicaAck>> {
         let (c, origin) = (client.clone(), origin.to_string());
-        Batcher::merging("replicate", limits, versions_bytes, move |versions| {
+        Batcher::merging("replicate", to, limits, versions_bytes, move |versions| {
             let mut client = c.clone();
             let request = cpb::ReplicateRequest {
                 origin_region: origin.clone(),
@@ -162,7 +166,7 @@ impl RemoteRegion {
                 .read()
                 .expect("lock is never poisoned: no panics while held")
                 .get(node)
-                .is_none_or(|r| r.state == "alive")
+                .is_none_or(|r| r.state != "dead")
     }
 
     pub fn reported(&self, node: &str) -> Option<cpb::ReplicaHealth> {
@@ -205,6 +209,7 @@ impl ReplicaSet {
         let limits = BatchLimits::from(settings);
         let breaker_stack = |state: &Arc<ReplicaState>, channel: Channel, timeout: Duration| {
             tower::ServiceBuilder::new()
+                .layer(GrpcClientLayer::new(&state.node))
                 .layer(CircuitBreakerLayer::new(state.clone()))
                 .timeout(timeout)
                 .service(channel)
@@ -236,7 +241,7 @@ impl ReplicaSet {
                             .max_decoding_message_size(MAX_MESSAGE_BYTES)
                             .max_encoding_message_size(MAX_MESSAGE_BYTES),
                         state,
-                        batches: ReplicaBatches::new(&client, limits),
+                        batches: ReplicaBatches::new(&node.id, &client, limits),
                         client,
                     };
                     local.insert(node.id.clone(), Arc::new(replica));
@@ -264,7 +269,7 @@ impl ReplicaSet {
             remote.push(Arc::new(RemoteRegion {
                 name: region.name.clone(),
                 addr: first.clone(),
-                replicate: RemoteRegion::replicate_batcher(&client, local_region, limits),
+                replicate: RemoteRegion::replicate_batcher(&client, local_region, &format!("region:{}", region.name), limits),
                 client,
                 probe_client: CoordinatorClient::new(channel),
                 link,
@@ -333,25 +338,22 @@ impl ReplicaSet {
             .iter()
             .map(|(node, region, addr)| {
                 if let Some(replica) = self.local.get(node) {
+                    let (state, circuit) = replica.state.health();
                     return cpb::ReplicaHealth {
                         node: node.clone(),
                         region: region.clone(),
                         addr: addr.clone(),
-                        state: if replica.state.is_alive() {
-                            "alive"
-                        } else {
-                            "dead"
-                        }
-                        .to_string(),
+                        state: state.as_str().to_string(),
                         last_ok_ms_ago: replica.state.last_ok_ago_ms(),
                         last_error: replica.state.last_error(),
+                        circuit: circuit.as_str().to_string(),
                     };
                 }
                 let remote = self.remote(region);
                 let reported = remote.and_then(|r| r.reported(node));
-                let alive = remote.is_some_and(|r| r.replica_alive(node));
+                let link_up = remote.is_some_and(|r| r.link.is_alive());
                 let last_error = match remote {
-                    Some(r) if !r.link.is_alive() => {
+                    Some(r) if !link_up => {
                         format!("region {region} unreachable: {}", r.link.last_error())
                     }
                     _ => reported
@@ -359,13 +361,36 @@ impl ReplicaSet {
                         .map(|r| r.last_error.clone())
                         .unwrap_or_default(),
                 };
+                let (state, circuit) = match &reported {
+                    _ if !link_up => ("dead".to_string(), String::new()),
+                    Some(r) => (r.state.clone(), r.circuit.clone()),
+                    None => ("alive".to_string(), String::new()),
+                };
                 cpb::ReplicaHealth {
                     node: node.clone(),
                     region: region.clone(),
                     addr: addr.clone(),
-                    state: if alive { "alive" } else { "dead" }.to_string(),
+                    state,
                     last_ok_ms_ago: reported.and_then(|r| r.last_ok_ms_ago),
                     last_error,
+                    circuit,
+                }
+            })
+            .collect()
+    }
+
+    /// This coordinator's links to the other regions.
+    pub fn links(&self) -> Vec<cpb::RegionLinkHealth> {
+        self.remote
+            .iter()
+            .map(|region| {
+                let (state, circuit) = region.link.health();
+                cpb::RegionLinkHealth {
+                    region: region.name.clone(),
+                    state: state.as_str().to_string(),
+                    circuit: circuit.as_str().to_string(),
+                    last_ok_ms_ago: region.link.last_ok_ago_ms(),
+                    last_error: region.link.last_error(),
                 }
             })
             .collect()
@@ -391,6 +416,9 @@ impl ReplicaSet {
                     Ok(Err(status)) => replica.state.record_failure(format!("health check failed: {}", status.message())),
                     Err(_) => replica.state.record_probe_timeout(),
                 }
+                let (_, circuit) = replica.state.health();
+                metrics::gauge!("replica_circuit_state", "replica" => replica.node.clone(), "region" => replica.region.clone())
+                    .set(circuit.gauge());
             });
         }
         for region in &self.remote {
@@ -426,6 +454,9 @@ impl ReplicaSet {
                         .record_failure(format!("health check failed: {}", status.message())),
                     Err(_) => region.link.record_probe_timeout(),
                 }
+                let (_, circuit) = region.link.health();
+                metrics::gauge!("region_link_circuit_state", "region" => region.name.clone())
+                    .set(circuit.gauge());
             });
         }
         while probes.join_next().await.is_some() {}

@@ -1,7 +1,8 @@
 //! The coordinator's gRPC service: decodes requests, calls the engine,
 //! encodes outcomes and errors. Errors are logged here, where handled.
 
-use crate::engine::{MintOrder, Outcome, QuorumEngine, ReadKind, observed};
+use crate::engine::{MintOrder, Outcome, QuorumEngine, ReadKind};
+use crate::observe::observed;
 use crate::outbox::OutboxView;
 use geolog_core::causal::VersionVector;
 use geolog_core::{ErrorCode, GeologError};
@@ -78,6 +79,8 @@ async fn write_one(
     };
     let outcome = observed(
         "write",
+        engine.region(),
+        &req.key,
         level.as_str(),
         engine.write(
             &req.key,
@@ -224,7 +227,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .engine
             .level(&req.consistency)
             .map_err(|e| fail("read", &req.key, e))?;
-        let outcome = observed("read", level.as_str(), self.engine.read(&req.key, level))
+        let outcome = observed(
+            "read",
+            self.engine.region(),
+            &req.key,
+            level.as_str(),
+            self.engine.read(&req.key, level),
+        )
             .await
             .map_err(|e| fail("read", &req.key, e))?;
         Ok(Response::new(pb::ReadResponse {
@@ -248,6 +257,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .map_err(|e| fail("history", &req.key, e))?;
         let (versions, more, outcome) = observed(
             "history",
+            self.engine.region(),
+            &req.key,
             level.as_str(),
             self.engine
                 .history(&req.key, level, req.limit, req.before, req.after),
@@ -286,6 +297,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             replicas,
             outbox: self.outbox.health(),
             hints: self.outbox.hints(),
+            links: self.engine.replicas().links(),
         }))
     }
 

@@ -20,8 +20,9 @@ use geolog_proto::coordinator::coordinator_client::CoordinatorClient;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::future::Future;
 use std::time::{Duration, Instant};
+use geolog_telemetry::trace::{GrpcClient, GrpcClientLayer};
 use tonic::transport::{Channel, Endpoint};
-use tower::{BoxError, ServiceBuilder};
+use tower::{BoxError, Layer, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
@@ -30,8 +31,9 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 pub struct AppState {
     pub id: String,
     pub region: String,
-    /// Balanced across the region's coordinators.
-    pub coordinator: CoordinatorClient<Channel>,
+    /// Balanced across the region's coordinators (traced and timed as
+    /// peer `coordinators:REGION`).
+    pub coordinator: CoordinatorClient<GrpcClient<Channel>>,
     /// One client per coordinator, for health.
     pub coordinator_probes: Vec<(String, String, CoordinatorClient<Channel>)>,
     pub max_body_bytes: usize,
@@ -64,7 +66,10 @@ impl AppState {
             .iter()
             .map(|c| endpoint(&c.addr))
             .collect::<Result<Vec<_>, _>>()?;
-        let coordinator = CoordinatorClient::new(Channel::balance_list(endpoints.into_iter()));
+        let coordinator = CoordinatorClient::new(
+            GrpcClientLayer::new(&format!("coordinators:{}", region.name))
+                .layer(Channel::balance_list(endpoints.into_iter())),
+        );
         let coordinator_probes = region
             .coordinators
             .iter()
@@ -127,6 +132,7 @@ async fn record_metrics(request: Request, next: Next) -> Response {
         .and_then(|q| q.consistency)
         .map_or("default", |l| l.as_str());
     let response = next.run(request).await;
+    tracing::Span::current().record("status", response.status().as_u16());
     let labels = [
         ("route", route),
         ("method", method),
@@ -172,7 +178,21 @@ pub fn router(state: AppState, concurrency_limit: usize, request_timeout: Durati
                                 .get("x-request-id")
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or("-");
-                            tracing::info_span!("http", method = %request.method(), uri = %request.uri(), request_id = %id)
+                            let route = request
+                                .extensions()
+                                .get::<MatchedPath>()
+                                .map_or("unmatched", |p| p.as_str());
+                            let span = tracing::info_span!(
+                                "http",
+                                otel.name = %format!("{} {route}", request.method()),
+                                otel.kind = "server",
+                                method = %request.method(),
+                                uri = %request.uri(),
+                                request_id = %id,
+                                status = tracing::field::Empty,
+                            );
+                            geolog_telemetry::trace::continue_from(&span, request.headers());
+                            span
                         })
                         .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
                 )

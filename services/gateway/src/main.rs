@@ -23,7 +23,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    geolog_telemetry::init_tracing("geolog-gateway");
+    let telemetry = geolog_telemetry::init_tracing("geolog-gateway");
     let prometheus = geolog_telemetry::prometheus();
     let config = GeologConfig::load(&args.config)?;
     let (_, process) = config
@@ -43,5 +43,6 @@ async fn main() -> anyhow::Result<()> {
     .await
     .map_err(|e| anyhow::anyhow!(e))?;
     tracing::info!("gateway stopped");
+    telemetry.shutdown().await;
     Ok(())
 }

@@ -22,11 +22,15 @@ pub async fn serve(
     region: String,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let traced = (store.node().to_string(), region.clone());
     let service = StorageServer::new(server::StorageService::new(store.clone(), region))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     tracing::info!(%addr, node = store.node(), "storage node serving");
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .trace_fn(move |request| {
+            geolog_telemetry::trace::grpc_server_span(request, &traced.0, &traced.1)
+        })
         .add_service(service)
         .serve_with_shutdown(addr, shutdown)
         .await;

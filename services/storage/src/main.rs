@@ -24,12 +24,16 @@ struct Args {
     /// Address to listen on; defaults to the node's `addr` in the config.
     #[arg(long, env = "GEOLOG_LISTEN")]
     listen: Option<String>,
+    /// Where to serve Prometheus `/metrics`; defaults to the node's
+    /// `metrics_addr` in the config (none: no metrics port).
+    #[arg(long, env = "GEOLOG_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    geolog_telemetry::init_tracing("geolog-storage");
+    let telemetry = geolog_telemetry::init_tracing("geolog-storage");
     let _ = geolog_telemetry::prometheus();
     let config = GeologConfig::load(&args.config)?;
     let (region, node) = config
@@ -48,16 +52,25 @@ async fn main() -> anyhow::Result<()> {
         max_connections: config.storage.pool_max_connections,
         acquire_timeout: Duration::from_millis(config.storage.pool_acquire_timeout_ms),
     };
-    let store = VersionStore::open(&database_url, &node.id, &pool, Duration::from_secs(30))
-        .await
-        .context("cannot open the node's database")?;
+    let store = Arc::new(
+        VersionStore::open(&database_url, &node.id, &pool, Duration::from_secs(30))
+            .await
+            .context("cannot open the node's database")?,
+    );
+    if let Some(metrics) = args.metrics_listen.or_else(|| node.metrics_addr.clone()) {
+        let sampled = store.clone();
+        geolog_telemetry::serve_metrics(&metrics, move || sampled.record_pool_usage())
+            .await
+            .with_context(|| format!("cannot serve metrics on {metrics}"))?;
+    }
     geolog_storage::serve(
         addr,
-        Arc::new(store),
+        store,
         region.name.clone(),
         geolog_telemetry::shutdown_signal(),
     )
     .await?;
     tracing::info!("storage node stopped");
+    telemetry.shutdown().await;
     Ok(())
 }

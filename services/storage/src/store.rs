@@ -233,6 +233,17 @@ impl VersionStore {
         &self.node
     }
 
+    /// Samples the connection pool into gauges: `db_pool_connections` by
+    /// state (`in_use`, `idle`) and `db_pool_max_connections`.
+    pub fn record_pool_usage(&self) {
+        let size = self.pool.size();
+        let idle = self.pool.num_idle() as u32;
+        metrics::gauge!("db_pool_connections", "state" => "in_use")
+            .set(size.saturating_sub(idle) as f64);
+        metrics::gauge!("db_pool_connections", "state" => "idle").set(idle as f64);
+        metrics::gauge!("db_pool_max_connections").set(self.pool.options().get_max_connections() as f64);
+    }
+
     /// Mints a new version of `key` without a client context.
     pub async fn mint(&self, key: &str, value_json: &str) -> Result<StoredVersion, StoreError> {
         Ok(self
