@@ -75,10 +75,16 @@ enum Command {
         #[arg(long, default_value = ".geolog")]
         data_dir: PathBuf,
     },
-    /// List the processes of the cluster running in DATA_DIR.
+    /// The processes of the cluster running in DATA_DIR, then each
+    /// region's health as its gateway reports it: replicas alive / suspect /
+    /// dead with their circuits, links to other regions, hints pending,
+    /// outbox depth and the last anti-entropy pass.
     Status {
         #[arg(long, default_value = ".geolog")]
         data_dir: PathBuf,
+        /// Print each region's health document as JSON instead.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -329,8 +335,19 @@ async fn main() -> anyhow::Result<()> {
             repair: RepairCommand::Status,
             data_dir,
         } => repair_status(&data_dir).await?,
-        Command::Status { data_dir } => {
+        Command::Status { data_dir, json } => {
             let file = ClusterFile::read(&data_dir)?;
+            if json {
+                let mut regions = serde_json::Map::new();
+                for (region, health) in region_health(&file).await {
+                    regions.insert(
+                        region,
+                        health.unwrap_or_else(|e| serde_json::json!({"error": e})),
+                    );
+                }
+                println!("{}", serde_json::to_string_pretty(&regions)?);
+                return Ok(());
+            }
             println!(
                 "launcher pid {} ({})",
                 file.launcher_pid,
@@ -351,9 +368,120 @@ async fn main() -> anyhow::Result<()> {
                     p.url.as_deref().unwrap_or(&p.addr)
                 );
             }
+            for (region, health) in region_health(&file).await {
+                print_region_health(&region, health);
+            }
         }
     }
     Ok(())
+}
+
+/// Each region's `/api/logs/health`, from its first gateway that answers.
+async fn region_health(file: &ClusterFile) -> Vec<(String, Result<serde_json::Value, String>)> {
+    let http = reqwest::Client::new();
+    let regions: std::collections::BTreeSet<String> =
+        file.processes.iter().map(|p| p.region.clone()).collect();
+    let mut answers = Vec::new();
+    for region in regions {
+        let mut answer = Err("no gateway".to_string());
+        for url in file
+            .processes
+            .iter()
+            .filter(|p| p.region == region)
+            .filter_map(|p| p.url.as_ref())
+        {
+            let got = http
+                .get(format!("{url}/api/logs/health"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+            answer = match got {
+                Ok(r) => r.json().await.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("gateway {url} unreachable: {e}")),
+            };
+            if answer.is_ok() {
+                break;
+            }
+        }
+        answers.push((region, answer));
+    }
+    answers
+}
+
+/// `geolog status`'s view of one region.
+fn print_region_health(region: &str, health: Result<serde_json::Value, String>) {
+    let h = match health {
+        Ok(h) => h,
+        Err(e) => {
+            println!("\nregion {region}: {e}");
+            return;
+        }
+    };
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    println!("\nregion {region}: {}", text(&h["status"]));
+    for c in h["coordinators"].as_array().into_iter().flatten() {
+        println!(
+            "  coordinator {:<10} {}",
+            text(&c["id"]),
+            text(&c["status"])
+        );
+    }
+    for r in h["replicas"].as_array().into_iter().flatten() {
+        println!(
+            "  replica {:<8} {:<4} {:<8} circuit {:<9} {}",
+            text(&r["node"]),
+            text(&r["region"]),
+            text(&r["state"]),
+            r["circuit"].as_str().unwrap_or("-"),
+            r["last_error"].as_str().unwrap_or("")
+        );
+    }
+    for l in h["links"].as_array().into_iter().flatten() {
+        println!(
+            "  link to {:<6} {:<8} circuit {}",
+            text(&l["region"]),
+            text(&l["state"]),
+            text(&l["circuit"])
+        );
+    }
+    let pending: u64 = h["hints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x["pending"].as_u64())
+        .sum();
+    println!("  hints pending: {pending}");
+    for o in h["outbox"].as_array().into_iter().flatten() {
+        println!(
+            "  outbox to {}: {} entries, oldest {} ms",
+            text(&o["region"]),
+            o["depth"].as_u64().unwrap_or(0),
+            o["oldest_age_ms"].as_u64().unwrap_or(0)
+        );
+    }
+    let ae = &h["anti_entropy"];
+    if ae.is_object() {
+        match ae["last_pass"].as_object() {
+            Some(pass) => println!(
+                "  anti-entropy {} ({}): last pass {} — {} pairs, {} failed, {} versions repaired",
+                text(&ae["id"]),
+                text(&ae["status"]),
+                pass.get("result").and_then(|v| v.as_str()).unwrap_or("-"),
+                pass.get("pairs").and_then(|v| v.as_u64()).unwrap_or(0),
+                pass.get("failed_pairs")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0),
+                pass.get("versions_repaired")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0),
+            ),
+            None => println!(
+                "  anti-entropy {} ({}): no pass finished yet",
+                text(&ae["id"]),
+                text(&ae["status"])
+            ),
+        }
+    }
 }
 
 /// One line about a pass of anti-entropy.

@@ -349,9 +349,7 @@ impl GeologConfig {
                         .and_then(|(_, p)| p.parse::<u16>().ok())
                         .is_none()
                     {
-                        return invalid(format!(
-                            "process {id}: address {addr:?} is not host:port"
-                        ));
+                        return invalid(format!("process {id}: address {addr:?} is not host:port"));
                     }
                 }
             }

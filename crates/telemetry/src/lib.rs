@@ -103,7 +103,9 @@ pub fn init_tracing(service: &'static str) -> Telemetry {
     Telemetry { provider }
 }
 
-fn tracer_provider(service: &'static str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+fn tracer_provider(
+    service: &'static str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .build()?;

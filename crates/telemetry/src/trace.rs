@@ -93,7 +93,9 @@ pub fn batch_span(kind: &'static str, replica: &str, callers: &[Span]) -> Span {
         let _ = span.set_parent(first.context());
         for caller in rest {
             let context = caller.context();
-            let linked = opentelemetry::trace::TraceContextExt::span(&context).span_context().clone();
+            let linked = opentelemetry::trace::TraceContextExt::span(&context)
+                .span_context()
+                .clone();
             if linked.is_valid() {
                 span.add_link(linked);
             }

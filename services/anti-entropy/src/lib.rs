@@ -306,6 +306,7 @@ impl AntiEntropy {
 
     /// Runs passes until `stop` changes.
     pub async fn run(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        describe_metrics();
         let mut passes: u32 = 0;
         loop {
             let cross = passes.is_multiple_of(self.cross_region_every);
@@ -514,6 +515,54 @@ impl Node {
         };
         Ok(answer.into_inner().inserted)
     }
+}
+
+/// Describes the worker's metrics (`# HELP` lines); counters start at zero.
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    for (name, help) in [
+        ("anti_entropy_passes_total", "finished anti-entropy passes"),
+        (
+            "anti_entropy_ranges_compared_total",
+            "Merkle tree ranges compared",
+        ),
+        (
+            "anti_entropy_digests_exchanged_total",
+            "Merkle digests received from both sides",
+        ),
+        (
+            "anti_entropy_versions_sent_total",
+            "versions sent to a replica that lacked them",
+        ),
+        (
+            "anti_entropy_versions_repaired_total",
+            "versions that were new to the receiving replica",
+        ),
+        (
+            "anti_entropy_bytes_total",
+            "encoded bytes exchanged by comparisons and repairs",
+        ),
+        (
+            "anti_entropy_errors_total",
+            "replica pairs whose comparison failed",
+        ),
+    ] {
+        describe_counter!(name, help);
+        metrics::counter!(name).absolute(0);
+    }
+    describe_histogram!(
+        "anti_entropy_compare_seconds",
+        metrics::Unit::Seconds,
+        "time to compare and repair one replica pair"
+    );
+    describe_gauge!(
+        "anti_entropy_last_pass_timestamp_seconds",
+        "when the last pass finished (unix seconds)"
+    );
+    describe_gauge!(
+        "anti_entropy_last_pass_failed_pairs",
+        "replica pairs the last pass could not compare"
+    );
 }
 
 #[cfg(test)]

@@ -189,8 +189,8 @@ impl ReplicaState {
         if !self.is_alive() {
             return (ReplicaHealth::Dead, Circuit::Open);
         }
-        let failed_since_ok = self.last_failure_ms.load(Ordering::Relaxed)
-            > self.last_ok_ms.load(Ordering::Relaxed);
+        let failed_since_ok =
+            self.last_failure_ms.load(Ordering::Relaxed) > self.last_ok_ms.load(Ordering::Relaxed);
         if failed_since_ok {
             // The open state expired without a success since: the next
             // call is the trial.

@@ -21,6 +21,7 @@
 mod read;
 mod remote;
 
+use crate::SpawnTraced;
 pub use read::{ReadKind, state_vector_of};
 pub use remote::{apply, mint, outbox_done, replicate, store_hint};
 use remote::{is_timeout, region_read};
@@ -265,7 +266,7 @@ impl QuorumEngine {
             let request = request.clone();
             // Spawned so that, past our deadline, the call still runs to its
             // own end and a hung replica gets marked dead by its breaker.
-            let call = tokio::spawn(mint(&replica, request));
+            let call = crate::spawn_traced(mint(&replica, request));
             // Queued: the next write of this key in the batch may queue.
             drop(minted_signal.take());
             match tokio::time::timeout_at(deadline, call).await {
@@ -344,7 +345,7 @@ impl QuorumEngine {
             let replica = self.local_replica(&placement[idx].node);
             let (tx, frontier, mint_node) = (tx.clone(), frontier.clone(), mint_node.clone());
             let hinted = version.clone();
-            tokio::spawn(async move {
+            crate::spawn_traced(async move {
                 let result = apply(&replica, frontier).await.map_err(|s| Miss::of(&s));
                 if result.is_err() {
                     store_hint(&mint_node, &replica.node, hinted).await;
@@ -361,7 +362,7 @@ impl QuorumEngine {
             let (tx, frontier, placement) = (tx.clone(), frontier.clone(), placement.clone());
             let outbox_id = outbox.get(&remote.name).copied();
             let mint_node = mint_node.clone();
-            tokio::spawn(async move {
+            crate::spawn_traced(async move {
                 let acks = replicate(&remote, frontier).await;
                 let mut delivered = 0;
                 let mut pending: Vec<usize> = idxs.clone();
@@ -516,7 +517,8 @@ impl QuorumEngine {
             .filter(|p| p.region == self.region && self.replicas.is_alive(p))
         {
             let (replica, kind, key) = (self.local_replica(&p.node), kind.clone(), key.to_string());
-            lookups.spawn(async move { kind.query(&replica, key).await.unwrap_or_default() });
+            lookups
+                .spawn_traced(async move { kind.query(&replica, key).await.unwrap_or_default() });
         }
         for remote in self
             .replicas
@@ -532,7 +534,7 @@ impl QuorumEngine {
                 idempotency_key: id.to_string(),
             };
             let remote = remote.clone();
-            lookups.spawn(async move {
+            lookups.spawn_traced(async move {
                 region_read(&remote, request)
                     .await
                     .unwrap_or_default()

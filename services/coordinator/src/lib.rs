@@ -10,6 +10,32 @@ pub mod outbox;
 pub mod replicas;
 pub mod server;
 
+/// `tokio::spawn` inside the caller's span: a request's fan-out tasks
+/// (replica calls, batches, repairs) stay in the request's trace.
+pub(crate) fn spawn_traced<F>(future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(tracing::Instrument::in_current_span(future))
+}
+
+/// [`spawn_traced`] for a `JoinSet`.
+pub(crate) trait SpawnTraced<T> {
+    fn spawn_traced<F>(&mut self, future: F) -> tokio::task::AbortHandle
+    where
+        F: std::future::Future<Output = T> + Send + 'static;
+}
+
+impl<T: Send + 'static> SpawnTraced<T> for tokio::task::JoinSet<T> {
+    fn spawn_traced<F>(&mut self, future: F) -> tokio::task::AbortHandle
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        self.spawn(tracing::Instrument::in_current_span(future))
+    }
+}
+
 use engine::QuorumEngine;
 use geolog_config::GeologConfig;
 use geolog_proto::coordinator::coordinator_server::CoordinatorServer;
@@ -46,6 +72,19 @@ pub async fn serve(
     let (region, _) = config
         .coordinator_process(id)
         .ok_or_else(|| format!("no coordinator {id:?} in the config"))?;
+    observe::describe_metrics(
+        &region
+            .nodes
+            .iter()
+            .map(|n| n.id.clone())
+            .collect::<Vec<_>>(),
+        &config
+            .regions
+            .iter()
+            .filter(|r| r.name != region.name)
+            .map(|r| r.name.clone())
+            .collect::<Vec<_>>(),
+    );
     let replicas = Arc::new(ReplicaSet::new(config, &region.name)?);
     // One probe before serving, so the first requests see real health.
     replicas.probe_all(config.coordinator.probe_timeout()).await;

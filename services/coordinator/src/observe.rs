@@ -78,6 +78,118 @@ pub async fn observed<T: Acked>(
     result
 }
 
+/// Describes the coordinator's metrics (`# HELP` lines) and starts the
+/// series that have a fixed label set at zero, so dashboards and alerts see
+/// them before the first event. `region` is this coordinator's region,
+/// `local` its storage nodes, `remote` the other regions.
+pub fn describe_metrics(local: &[String], remote: &[String]) {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "coordinator_requests_total",
+        "client requests by op, consistency and outcome"
+    );
+    describe_histogram!(
+        "coordinator_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "client request latency by op, consistency and outcome"
+    );
+    describe_counter!(
+        "quorum_writes_total",
+        "writes by consistency level and result (ok, unavailable, timeout, rejected, error)"
+    );
+    describe_gauge!(
+        "quorum_write_success_rate",
+        "share of the last minute's writes at each level that were acknowledged"
+    );
+    describe_counter!(
+        "version_vector_conflicts_total",
+        "reads that found concurrent siblings"
+    );
+    describe_counter!("read_repairs_total", "replicas written back by read repair");
+    describe_counter!(
+        "speculative_reads_total",
+        "reads sent to an extra replica after a slow one"
+    );
+    describe_counter!(
+        "idempotent_replays_total",
+        "writes answered from an earlier write with the same idempotency key"
+    );
+    describe_counter!(
+        "hints_stored_total",
+        "hints stored for replicas that missed a write"
+    );
+    describe_counter!(
+        "any_writes_hinted_total",
+        "ANY writes acknowledged by a stored hint only"
+    );
+    describe_counter!(
+        "hints_replayed_total",
+        "hinted versions delivered, by target replica"
+    );
+    describe_gauge!("hints_pending", "hints waiting, by target replica");
+    describe_counter!(
+        "outbox_replayed_total",
+        "cross-region outbox versions delivered late, by region"
+    );
+    describe_gauge!(
+        "outbox_depth",
+        "cross-region outbox entries not yet delivered, by region"
+    );
+    describe_gauge!(
+        "outbox_oldest_age_seconds",
+        "age of the oldest undelivered outbox entry (replication lag)"
+    );
+    describe_gauge!(
+        "outbox_worker_state",
+        "hint and outbox replay worker: 0 idle, 1 busy, 2 throttled"
+    );
+    describe_counter!(
+        "replicate_received_total",
+        "versions received from other regions, by origin"
+    );
+    describe_gauge!(
+        "replica_up",
+        "1 when the replica's last health probe succeeded"
+    );
+    describe_gauge!(
+        "replica_circuit_state",
+        "circuit towards a replica: 0 closed, 1 half-open, 2 open"
+    );
+    describe_gauge!(
+        "region_link_up",
+        "1 when the other region's coordinators answered the last probe"
+    );
+    describe_gauge!(
+        "region_link_circuit_state",
+        "circuit towards a region: 0 closed, 1 half-open, 2 open"
+    );
+    describe_histogram!(
+        "write_batch_records",
+        "records per group-commit batch, by kind"
+    );
+    describe_histogram!(
+        "grpc_client_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "outgoing gRPC call latency by peer, method and outcome"
+    );
+    for name in [
+        "version_vector_conflicts_total",
+        "read_repairs_total",
+        "speculative_reads_total",
+        "idempotent_replays_total",
+        "hints_stored_total",
+        "any_writes_hinted_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for node in local {
+        metrics::counter!("hints_replayed_total", "target" => node.clone()).absolute(0);
+    }
+    for region in remote {
+        metrics::counter!("outbox_replayed_total", "region" => region.clone()).absolute(0);
+    }
+}
+
 /// Seconds of history behind `quorum_write_success_rate`.
 const WINDOW_SECS: u64 = 60;
 

@@ -14,10 +14,10 @@ use geolog_proto::coordinator as cpb;
 use geolog_proto::coordinator::coordinator_client::CoordinatorClient;
 use geolog_proto::storage as pb;
 use geolog_proto::storage::storage_client::StorageClient;
+use geolog_telemetry::trace::{GrpcClient, GrpcClientLayer};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use geolog_telemetry::trace::{GrpcClient, GrpcClientLayer};
 use tonic::transport::{Channel, Endpoint};
 use tower::timeout::Timeout;
 
@@ -269,7 +269,12 @@ impl ReplicaSet {
             remote.push(Arc::new(RemoteRegion {
                 name: region.name.clone(),
                 addr: first.clone(),
-                replicate: RemoteRegion::replicate_batcher(&client, local_region, &format!("region:{}", region.name), limits),
+                replicate: RemoteRegion::replicate_batcher(
+                    &client,
+                    local_region,
+                    &format!("region:{}", region.name),
+                    limits,
+                ),
                 client,
                 probe_client: CoordinatorClient::new(channel),
                 link,

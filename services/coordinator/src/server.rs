@@ -1,6 +1,7 @@
 //! The coordinator's gRPC service: decodes requests, calls the engine,
 //! encodes outcomes and errors. Errors are logged here, where handled.
 
+use crate::SpawnTraced;
 use crate::engine::{MintOrder, Outcome, QuorumEngine, ReadKind};
 use crate::observe::observed;
 use crate::outbox::OutboxView;
@@ -191,7 +192,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 after: last_of_key.insert(record.key.clone(), next),
                 minted: Some(minted),
             };
-            writes.spawn(async move {
+            writes.spawn_traced(async move {
                 let key = record.key.clone();
                 let result = write_one(&engine, record, level, order).await;
                 (index, key, result)
@@ -234,8 +235,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             level.as_str(),
             self.engine.read(&req.key, level),
         )
-            .await
-            .map_err(|e| fail("read", &req.key, e))?;
+        .await
+        .map_err(|e| fail("read", &req.key, e))?;
         Ok(Response::new(pb::ReadResponse {
             acks: Some(acks(&outcome)),
             consistency: outcome.level.to_string(),

@@ -570,11 +570,90 @@ struct ReplicaView {
     node: String,
     region: String,
     addr: String,
+    /// `alive`, `suspect` or `dead`.
     state: String,
+    /// The circuit breaker towards it: `closed`, `half_open` or `open`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    circuit: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_ok_ms_ago: Option<u64>,
     #[serde(skip_serializing_if = "String::is_empty")]
     last_error: String,
+}
+
+/// The link from this region to another one.
+#[derive(Serialize)]
+struct LinkView {
+    region: String,
+    state: String,
+    circuit: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_ok_ms_ago: Option<u64>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    last_error: String,
+}
+
+/// The region's anti-entropy worker and its last pass.
+#[derive(Serialize)]
+struct AntiEntropyView {
+    id: String,
+    addr: String,
+    /// `up`, `down`, or `unknown` (no status address in the config).
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    passes: Option<u64>,
+    /// The worker's last finished pass, with `result`: `ok`, or `failed`
+    /// when some replica pair could not be compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_pass: Option<serde_json::Value>,
+}
+
+/// Asks the region's anti-entropy worker for its status.
+async fn anti_entropy_view(state: &AppState) -> Option<AntiEntropyView> {
+    let (id, addr) = state.anti_entropy.clone()?;
+    let mut view = AntiEntropyView {
+        id,
+        addr,
+        status: "unknown",
+        error: None,
+        passes: None,
+        last_pass: None,
+    };
+    if view.addr.is_empty() {
+        return Some(view);
+    }
+    let answer = state
+        .http
+        .get(format!("http://{}/status", view.addr))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status());
+    let status = match answer {
+        Ok(r) => r.json::<serde_json::Value>().await,
+        Err(err) => Err(err),
+    };
+    match status {
+        Ok(status) => {
+            view.status = "up";
+            view.passes = status["passes"].as_u64();
+            view.last_pass = status
+                .get("last_pass")
+                .filter(|p| !p.is_null())
+                .map(|pass| {
+                    let mut pass = pass.clone();
+                    let failed = pass["failed_pairs"].as_u64().unwrap_or(0);
+                    pass["result"] = if failed == 0 { "ok" } else { "failed" }.into();
+                    pass
+                });
+        }
+        Err(err) => {
+            view.status = "down";
+            view.error = Some(err.to_string());
+        }
+    }
+    Some(view)
 }
 
 #[derive(Serialize)]
@@ -627,6 +706,10 @@ struct HealthAnswer {
     outbox: Vec<OutboxView>,
     /// Hints waiting for replicas of this region that missed writes.
     hints: Vec<HintView>,
+    /// This region's links to the other regions.
+    links: Vec<LinkView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    anti_entropy: Option<AntiEntropyView>,
 }
 
 /// `GET /api/logs/health`: this gateway, its coordinators, and every replica
@@ -636,6 +719,11 @@ pub async fn health(State(state): State<AppState>) -> Response {
     let mut replicas: Option<Vec<ReplicaView>> = None;
     let mut outbox: Vec<OutboxView> = Vec::new();
     let mut hints: Vec<HintView> = Vec::new();
+    let mut links: Vec<LinkView> = Vec::new();
+    let anti_entropy = tokio::spawn({
+        let state = state.clone();
+        async move { anti_entropy_view(&state).await }
+    });
     for (id, addr, client) in &state.coordinator_probes {
         let mut client = client.clone();
         let mut request = tonic::Request::new(cpb::HealthRequest {});
@@ -652,6 +740,17 @@ pub async fn health(State(state): State<AppState>) -> Response {
                 if replicas.is_none() {
                     outbox = answer.outbox.iter().map(OutboxView::of).collect();
                     hints = answer.hints.iter().map(HintView::of).collect();
+                    links = answer
+                        .links
+                        .iter()
+                        .map(|l| LinkView {
+                            region: l.region.clone(),
+                            state: l.state.clone(),
+                            circuit: l.circuit.clone(),
+                            last_ok_ms_ago: l.last_ok_ms_ago,
+                            last_error: l.last_error.clone(),
+                        })
+                        .collect();
                 }
                 replicas.get_or_insert_with(|| {
                     answer
@@ -662,6 +761,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
                             region: r.region,
                             addr: r.addr,
                             state: r.state,
+                            circuit: r.circuit,
                             last_ok_ms_ago: r.last_ok_ms_ago,
                             last_error: r.last_error,
                         })
@@ -683,10 +783,13 @@ pub async fn health(State(state): State<AppState>) -> Response {
         }
     }
     let replicas = replicas.unwrap_or_default();
+    let anti_entropy = anti_entropy.await.ok().flatten();
     let (status, code) = if coordinators.iter().all(|c| c.status == "down") {
         ("unavailable", StatusCode::SERVICE_UNAVAILABLE)
     } else if coordinators.iter().any(|c| c.status == "down")
         || replicas.iter().any(|r| r.state != "alive")
+        || links.iter().any(|l| l.state != "alive")
+        || anti_entropy.as_ref().is_some_and(|w| w.status == "down")
     {
         ("degraded", StatusCode::OK)
     } else {
@@ -700,6 +803,8 @@ pub async fn health(State(state): State<AppState>) -> Response {
         replicas,
         outbox,
         hints,
+        links,
+        anti_entropy,
     };
     (code, Json(answer)).into_response()
 }

@@ -17,10 +17,10 @@ use error::ApiError;
 use geolog_config::GeologConfig;
 use geolog_core::ErrorCode;
 use geolog_proto::coordinator::coordinator_client::CoordinatorClient;
+use geolog_telemetry::trace::{GrpcClient, GrpcClientLayer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::future::Future;
 use std::time::{Duration, Instant};
-use geolog_telemetry::trace::{GrpcClient, GrpcClientLayer};
 use tonic::transport::{Channel, Endpoint};
 use tower::{BoxError, Layer, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -41,6 +41,10 @@ pub struct AppState {
     pub max_batch_records: usize,
     pub request_timeout: Duration,
     pub prometheus: Option<PrometheusHandle>,
+    /// The region's anti-entropy worker (id, status address), for health.
+    pub anti_entropy: Option<(String, String)>,
+    /// Plain-HTTP client for the worker's `/status`.
+    pub http: reqwest::Client,
 }
 
 impl AppState {
@@ -91,6 +95,13 @@ impl AppState {
             max_batch_records: config.gateway.max_batch_records,
             request_timeout: Duration::from_millis(config.gateway.request_timeout_ms),
             prometheus,
+            anti_entropy: region
+                .anti_entropy
+                .first()
+                .map(|p| (p.id.clone(), p.addr.clone())),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()?,
         })
     }
 }
@@ -115,6 +126,20 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
         "internal error (the gateway recovered from a panic)",
     )
     .into_response()
+}
+
+/// Describes the gateway's metrics (`# HELP` lines).
+fn describe_metrics() {
+    metrics::describe_histogram!(
+        "http_server_requests_seconds",
+        metrics::Unit::Seconds,
+        "REST request latency by route, method, status and consistency level"
+    );
+    metrics::describe_histogram!(
+        "grpc_client_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "outgoing gRPC call latency by peer, method and outcome"
+    );
 }
 
 /// Records `http_server_requests_seconds` by route, method, status and level.
@@ -197,7 +222,9 @@ pub fn router(state: AppState, concurrency_limit: usize, request_timeout: Durati
                         .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
                 )
                 .layer(PropagateRequestIdLayer::x_request_id())
-                .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response)),
+                .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                    panic_response,
+                )),
         )
 }
 
@@ -209,6 +236,7 @@ pub async fn serve(
     prometheus: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
+    describe_metrics();
     let state = AppState::new(config, id, prometheus)?;
     let app = router(
         state,

@@ -22,6 +22,7 @@ pub async fn serve(
     region: String,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    describe_metrics();
     let traced = (store.node().to_string(), region.clone());
     let service = StorageServer::new(server::StorageService::new(store.clone(), region))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -36,4 +37,29 @@ pub async fn serve(
         .await;
     store.close().await;
     result
+}
+
+/// Describes the node's metrics (`# HELP` lines); the expiry counters start
+/// at zero.
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_histogram!(
+        "storage_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "storage RPC latency by op and outcome"
+    );
+    describe_gauge!(
+        "db_pool_connections",
+        "PostgreSQL pool connections by state (in_use, idle)"
+    );
+    describe_gauge!("db_pool_max_connections", "PostgreSQL pool size limit");
+    describe_counter!(
+        "hints_expired_total",
+        "hints dropped after their time to live"
+    );
+    describe_counter!(
+        "outbox_expired_total",
+        "outbox entries dropped after their time to live, by region"
+    );
+    metrics::counter!("hints_expired_total").absolute(0);
 }

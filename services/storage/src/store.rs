@@ -241,7 +241,8 @@ impl VersionStore {
         metrics::gauge!("db_pool_connections", "state" => "in_use")
             .set(size.saturating_sub(idle) as f64);
         metrics::gauge!("db_pool_connections", "state" => "idle").set(idle as f64);
-        metrics::gauge!("db_pool_max_connections").set(self.pool.options().get_max_connections() as f64);
+        metrics::gauge!("db_pool_max_connections")
+            .set(self.pool.options().get_max_connections() as f64);
     }
 
     /// Mints a new version of `key` without a client context.

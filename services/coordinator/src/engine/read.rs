@@ -6,6 +6,7 @@
 
 use super::remote::{apply, region_read, replicate};
 use super::{Miss, Outcome, QuorumEngine};
+use crate::SpawnTraced;
 use crate::replicas::Replica;
 use geolog_core::causal::{self, Causal, Dot, VersionVector};
 use geolog_core::consistency::Operation;
@@ -195,7 +196,7 @@ impl QuorumEngine {
         let send_local = |idx: usize| {
             let replica = self.local_replica(&placement[idx].node);
             let (tx, key, kind) = (tx.clone(), key.to_string(), kind.clone());
-            tokio::spawn(async move {
+            crate::spawn_traced(async move {
                 let result = kind.query(&replica, key).await.map_err(|s| Miss::of(&s));
                 let _ = tx.send((idx, result, true));
             });
@@ -228,7 +229,7 @@ impl QuorumEngine {
                 history: kind.history_request(key),
                 idempotency_key: kind.idempotency_key(),
             };
-            tokio::spawn(async move {
+            crate::spawn_traced(async move {
                 let answers = region_read(&remote, request).await;
                 let mut reported = 0;
                 let mut unused = candidates;
@@ -371,7 +372,7 @@ impl QuorumEngine {
             if placement[idx].region == self.region {
                 let replica = self.local_replica(&placement[idx].node);
                 let merged = merged.to_vec();
-                waits.spawn(async move { apply(&replica, merged).await.is_ok() as usize });
+                waits.spawn_traced(async move { apply(&replica, merged).await.is_ok() as usize });
             } else if !remote_stale.contains(&placement[idx].region.as_str()) {
                 remote_stale.push(placement[idx].region.as_str());
             }
@@ -384,7 +385,7 @@ impl QuorumEngine {
                     .filter(|&&i| placement[i].region == *region)
                     .count();
                 let merged = merged.to_vec();
-                waits.spawn(async move {
+                waits.spawn_traced(async move {
                     match replicate(&remote, merged).await {
                         Ok(acks) if acks.iter().all(|a| a.ok) => count,
                         _ => 0,
@@ -403,7 +404,7 @@ impl QuorumEngine {
             if placement[idx].region == self.region {
                 let replica = self.local_replica(&placement[idx].node);
                 let merged = merged.to_vec();
-                tokio::spawn(async move { apply(&replica, merged).await });
+                crate::spawn_traced(async move { apply(&replica, merged).await });
             }
         }
         for remote in self.replicas.remote_regions() {
@@ -413,7 +414,7 @@ impl QuorumEngine {
             if untouched && unread {
                 let remote = remote.clone();
                 let merged = merged.to_vec();
-                tokio::spawn(async move { replicate(&remote, merged).await });
+                crate::spawn_traced(async move { replicate(&remote, merged).await });
             }
         }
         repaired
@@ -475,7 +476,7 @@ impl QuorumEngine {
         for p in placement.iter().filter(|p| p.region == self.region) {
             let replica = self.local_replica(&p.node);
             let key = key.to_string();
-            calls.spawn(async move {
+            calls.spawn_traced(async move {
                 let mut client = replica.probe_client();
                 let request = pb::ReadRequest { key };
                 let result =
@@ -501,7 +502,7 @@ impl QuorumEngine {
                 .map(|p| p.node.clone())
                 .collect();
             let (remote, key) = (remote.clone(), key.to_string());
-            calls.spawn(async move {
+            calls.spawn_traced(async move {
                 let request = cpb::RegionReadRequest {
                     key,
                     replicas: nodes.len() as u32,

@@ -4,6 +4,7 @@
 
 use super::read::ReadKind;
 use super::{Miss, QuorumEngine};
+use crate::SpawnTraced;
 use crate::replicas::{Replica, collect};
 use geolog_core::GeologError;
 use geolog_proto::coordinator as cpb;
@@ -38,7 +39,7 @@ impl QuorumEngine {
         for (node, batch) in by_node {
             let replica = self.local_replica(&node);
             let tx = tx.clone();
-            tokio::spawn(async move {
+            crate::spawn_traced(async move {
                 let ack = match apply(&replica, batch).await {
                     Ok(()) => cpb::ReplicaAck {
                         node,
@@ -74,7 +75,7 @@ impl QuorumEngine {
             .map(|p| self.local_replica(&p.node))
             .collect();
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        crate::spawn_traced(async move {
             let mut answered = 0;
             while answered < wanted && !candidates.is_empty() {
                 let batch: Vec<Arc<Replica>> = candidates
@@ -83,9 +84,9 @@ impl QuorumEngine {
                 let mut calls = tokio::task::JoinSet::new();
                 for replica in batch {
                     let (key, kind) = (key.clone(), kind.clone());
-                    calls.spawn(
-                        async move { (replica.node.clone(), kind.query(&replica, key).await) },
-                    );
+                    calls.spawn_traced(async move {
+                        (replica.node.clone(), kind.query(&replica, key).await)
+                    });
                 }
                 while let Some(Ok((node, result))) = calls.join_next().await {
                     let answer = match result {
