@@ -86,6 +86,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Exit 0 when URL answers 2xx within 3 s, 1 otherwise: the container
+    /// healthcheck (the runtime image has no curl).
+    Healthcheck {
+        #[arg(
+            env = "GEOLOG_HEALTHCHECK_URL",
+            default_value = "http://127.0.0.1:8080/api/logs/health"
+        )]
+        url: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -187,8 +196,19 @@ async fn control_call(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = geolog_telemetry::init_tracing("geolog");
+    // A healthcheck prints nothing: its output ends up in container state.
+    let _telemetry = (!matches!(cli.command, Command::Healthcheck { .. }))
+        .then(|| geolog_telemetry::init_tracing("geolog"));
     match cli.command {
+        Command::Healthcheck { url } => {
+            let healthy = reqwest::Client::new()
+                .get(&url)
+                .timeout(Duration::from_secs(3))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            std::process::exit(if healthy { 0 } else { 1 });
+        }
         Command::Up {
             data_dir,
             regions,
