@@ -63,9 +63,17 @@ pub fn continue_from(span: &Span, headers: &HeaderMap) {
 
 /// The span of one incoming gRPC call to process `instance` (a node or
 /// coordinator id) of `region`, continuing the caller's trace; for
-/// `tonic::transport::Server::trace_fn`.
+/// `tonic::transport::Server::trace_fn`. A call that carries no trace
+/// context (health probes, background workers) gets a debug-level span, so
+/// it is neither exported nor a trace of its own at the default level.
 pub fn grpc_server_span(request: &http::Request<()>, instance: &str, region: &str) -> Span {
     let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(request.headers()))
+    });
+    if !opentelemetry::trace::TraceContextExt::has_active_span(&parent) {
+        return tracing::debug_span!("grpc.server", rpc.method = %method, instance, region);
+    }
     let span = tracing::info_span!(
         "grpc.server",
         otel.name = %format!("grpc {method}"),
@@ -74,7 +82,8 @@ pub fn grpc_server_span(request: &http::Request<()>, instance: &str, region: &st
         instance,
         region,
     );
-    continue_from(&span, request.headers());
+    // Fails only when the span is disabled by the filter: nothing to do.
+    let _ = span.set_parent(parent);
     span
 }
 

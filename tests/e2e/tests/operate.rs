@@ -309,12 +309,14 @@ async fn one_trace_per_request_metrics_everywhere_and_health_per_region() {
     let mut env = fast_failure_detection();
     env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint));
     env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()));
+    env.push(("GEOLOG__ANTI_ENTROPY__INTERVAL_MS".into(), "1000".into()));
+    env.push(("GEOLOG__ANTI_ENTROPY__RPC_TIMEOUT_MS".into(), "2000".into()));
     let shape = Shape {
         regions: 2,
         nodes_per_region: 2,
         replication_factor: 2,
     };
-    let cluster = TestCluster::start_with_env(shape, env).await.unwrap();
+    let mut cluster = TestCluster::start_with_env(shape, env).await.unwrap();
     let api = Api::new(cluster.gateway("a"));
 
     // A write at EACH_QUORUM, inside a trace the client started.
@@ -555,4 +557,105 @@ async fn one_trace_per_request_metrics_everywhere_and_health_per_region() {
             );
         }
     }
+
+    // A storage node dies: health, status and metrics of both regions show
+    // it, and anti-entropy reports the pass that could not compare it.
+    cluster.cluster.kill("b2").unwrap();
+    let b = Api::new(cluster.gateway("b"));
+    let health = |api: &Api| {
+        let api = Api::new(api.base.clone());
+        async move {
+            api.raw(reqwest::Method::GET, "/api/logs/health", Vec::new())
+                .await
+                .1
+        }
+    };
+    let replica = |h: &serde_json::Value, node: &str| {
+        h["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["node"] == node)
+            .cloned()
+            .unwrap()
+    };
+    wait_until(Duration::from_secs(20), || async {
+        let h = health(&b).await;
+        replica(&h, "b2")["circuit"] == "open"
+            && h["anti_entropy"]["last_pass"]["result"] == "failed"
+    })
+    .await;
+    let h = health(&b).await;
+    assert_eq!(h["status"], "degraded");
+    assert_eq!(replica(&h, "b2")["state"], "dead");
+    assert!(
+        h["anti_entropy"]["last_pass"]["failed_pairs"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    wait_until(Duration::from_secs(10), || async {
+        let h = health(&api).await;
+        replica(&h, "b2")["state"] == "dead" && replica(&h, "b2")["circuit"] == "open"
+    })
+    .await;
+    let coordinator_b = file
+        .processes
+        .iter()
+        .find(|p| p.id == "b-co1")
+        .and_then(|p| p.metrics_url.clone())
+        .unwrap();
+    let text = api
+        .http
+        .get(&coordinator_b)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("replica_circuit_state{")
+            && l.contains("replica=\"b2\"")
+            && l.ends_with(" 2")),
+        "b2's circuit is not open in b-co1's metrics"
+    );
+    let status =
+        std::process::Command::new(geolog_launcher::cluster::default_bin_dir().join("geolog"))
+            .arg("status")
+            .arg("--data-dir")
+            .arg(cluster.cluster.data_dir())
+            .output()
+            .unwrap();
+    let printed = String::from_utf8_lossy(&status.stdout);
+    assert!(printed.contains("region b: degraded"), "{printed}");
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.contains("replica b2") && l.contains("dead") && l.contains("circuit open")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("anti-entropy b-ae1 (up): last pass failed"),
+        "{printed}"
+    );
+
+    // Back: everything alive again, and every acknowledged write is there.
+    cluster.cluster.restart("b2").await.unwrap();
+    wait_until(Duration::from_secs(30), || async {
+        let h = health(&b).await;
+        h["status"] == "ok" && h["anti_entropy"]["last_pass"]["result"] == "ok"
+    })
+    .await;
+    let (status, body) = api.read("traced", Some("ALL")).await;
+    assert_eq!(
+        (status, &body["value"]),
+        (200, &serde_json::json!({"n": 1})),
+        "{body}"
+    );
+    // Written four times without a context: the last write is the value or
+    // one of the siblings.
+    let (status, body) = api.read("metrics", Some("ALL")).await;
+    assert_eq!(status, 200);
+    assert!(body.to_string().contains(r#"{"l":"ALL"}"#), "{body}");
 }
