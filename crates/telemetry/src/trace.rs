@@ -50,12 +50,17 @@ pub fn inject(span: &Span, headers: &mut HeaderMap) {
     });
 }
 
-/// Makes the trace context in incoming `headers` (if any) `span`'s parent.
-pub fn continue_from(span: &Span, headers: &HeaderMap) {
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+/// The trace context incoming `headers` carry, if any.
+fn incoming(headers: &HeaderMap) -> Option<opentelemetry::Context> {
+    let context = opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&HeaderExtractor(headers))
     });
-    if opentelemetry::trace::TraceContextExt::has_active_span(&parent) {
+    opentelemetry::trace::TraceContextExt::has_active_span(&context).then_some(context)
+}
+
+/// Makes the trace context in incoming `headers` (if any) `span`'s parent.
+pub fn continue_from(span: &Span, headers: &HeaderMap) {
+    if let Some(parent) = incoming(headers) {
         // Fails only when the span is disabled by the filter: nothing to do.
         let _ = span.set_parent(parent);
     }
@@ -68,12 +73,9 @@ pub fn continue_from(span: &Span, headers: &HeaderMap) {
 /// it is neither exported nor a trace of its own at the default level.
 pub fn grpc_server_span(request: &http::Request<()>, instance: &str, region: &str) -> Span {
     let method = request.uri().path().rsplit('/').next().unwrap_or_default();
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&HeaderExtractor(request.headers()))
-    });
-    if !opentelemetry::trace::TraceContextExt::has_active_span(&parent) {
+    let Some(parent) = incoming(request.headers()) else {
         return tracing::debug_span!("grpc.server", rpc.method = %method, instance, region);
-    }
+    };
     let span = tracing::info_span!(
         "grpc.server",
         otel.name = %format!("grpc {method}"),
