@@ -447,7 +447,7 @@ fn print_region_health(region: &str, health: Result<serde_json::Value, String>) 
         );
     }
     for r in h["replicas"].as_array().into_iter().flatten() {
-        println!(
+        let line = format!(
             "  replica {:<8} {:<4} {:<8} circuit {:<9} {}",
             text(&r["node"]),
             text(&r["region"]),
@@ -455,6 +455,7 @@ fn print_region_health(region: &str, health: Result<serde_json::Value, String>) 
             r["circuit"].as_str().unwrap_or("-"),
             r["last_error"].as_str().unwrap_or("")
         );
+        println!("{}", line.trim_end());
     }
     for l in h["links"].as_array().into_iter().flatten() {
         println!(
