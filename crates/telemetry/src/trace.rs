@@ -126,6 +126,11 @@ pub struct GrpcClientLayer {
 
 impl GrpcClientLayer {
     pub fn new(peer: &str) -> Self {
+        metrics::describe_histogram!(
+            "grpc_client_request_duration_seconds",
+            metrics::Unit::Seconds,
+            "outgoing gRPC call latency by peer, method and outcome"
+        );
         GrpcClientLayer { peer: peer.into() }
     }
 }

@@ -167,11 +167,6 @@ pub fn describe_metrics(local: &[String], remote: &[String]) {
         "write_batch_records",
         "records per group-commit batch, by kind"
     );
-    describe_histogram!(
-        "grpc_client_request_duration_seconds",
-        metrics::Unit::Seconds,
-        "outgoing gRPC call latency by peer, method and outcome"
-    );
     for name in [
         "version_vector_conflicts_total",
         "read_repairs_total",

@@ -135,11 +135,6 @@ fn describe_metrics() {
         metrics::Unit::Seconds,
         "REST request latency by route, method, status and consistency level"
     );
-    metrics::describe_histogram!(
-        "grpc_client_request_duration_seconds",
-        metrics::Unit::Seconds,
-        "outgoing gRPC call latency by peer, method and outcome"
-    );
 }
 
 /// Records `http_server_requests_seconds` by route, method, status and level.

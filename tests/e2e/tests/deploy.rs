@@ -140,6 +140,14 @@ fn host_path(compose_dir: &Path, volume: &str) -> Option<PathBuf> {
     (source.starts_with("./") || source.starts_with("../")).then(|| compose_dir.join(source))
 }
 
+/// The first host file a service mounts (its configuration).
+fn mounted_file(service: &Yaml, compose_dir: &Path) -> PathBuf {
+    list_of(&service["volumes"])
+        .into_iter()
+        .find_map(|v| host_path(compose_dir, &v))
+        .expect("the service mounts its configuration")
+}
+
 fn check_compose(file: &str, topology_regions: usize, nodes_per_region: usize) {
     let root = repo_root();
     let path = root.join("deploy/compose").join(file);
@@ -361,12 +369,10 @@ fn check_compose(file: &str, topology_regions: usize, nodes_per_region: usize) {
     }
 
     // Prometheus scrapes every metrics endpoint, and nothing else.
-    let prometheus = &services[&Yaml::String("prometheus".into())];
-    let prom_file = list_of(&prometheus["volumes"])
-        .into_iter()
-        .find_map(|v| host_path(&compose_dir, &v))
-        .unwrap();
-    let prom = load_yaml(&prom_file);
+    let prom = load_yaml(&mounted_file(
+        &services[&Yaml::String("prometheus".into())],
+        &compose_dir,
+    ));
     let scraped: BTreeSet<String> = prom["scrape_configs"]
         .as_vec()
         .unwrap()
@@ -377,12 +383,10 @@ fn check_compose(file: &str, topology_regions: usize, nodes_per_region: usize) {
     assert_eq!(scraped, metrics_targets, "{file}: Prometheus targets");
     // Traces go to the collector's OTLP/gRPC receiver, and on to a service
     // of the stack (the trace UI).
-    let collector = &services[&Yaml::String("otel-collector".into())];
-    let collector_file = list_of(&collector["volumes"])
-        .into_iter()
-        .find_map(|v| host_path(&compose_dir, &v))
-        .unwrap();
-    let otel = load_yaml(&collector_file);
+    let otel = load_yaml(&mounted_file(
+        &services[&Yaml::String("otel-collector".into())],
+        &compose_dir,
+    ));
     let grpc = str_of(&otel["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]);
     for (name, service) in services {
         if let Some(endpoint) = service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"].as_str() {

@@ -135,15 +135,19 @@ fn repo_root() -> PathBuf {
         .unwrap()
 }
 
-/// PromQL words that are not metric names: keywords, and aggregation
-/// operators (which may be followed by `by (…)` instead of `(`).
-const PROMQL_WORDS: &[&str] = &[
+/// PromQL's grouping keywords: `by (…)`, `on (…)` name labels, not metrics.
+const PROMQL_GROUPING: &[&str] = &[
     "by",
     "without",
     "on",
     "ignoring",
     "group_left",
     "group_right",
+];
+
+/// Other PromQL words that are not metric names: operators, and
+/// aggregation operators (which may be followed by `by (…)` instead of `(`).
+const PROMQL_WORDS: &[&str] = &[
     "and",
     "or",
     "unless",
@@ -214,16 +218,7 @@ fn promql_metrics(expr: &str) -> BTreeSet<String> {
                     next += 1;
                 }
                 let is_call = chars.get(next) == Some(&'(');
-                if [
-                    "by",
-                    "without",
-                    "on",
-                    "ignoring",
-                    "group_left",
-                    "group_right",
-                ]
-                .contains(&word.as_str())
-                {
+                if PROMQL_GROUPING.contains(&word.as_str()) {
                     grouping = is_call;
                 } else if braces == 0
                     && !grouping
