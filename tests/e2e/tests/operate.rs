@@ -297,6 +297,13 @@ fn dashboard_queries() -> Vec<(String, String)> {
     queries
 }
 
+/// A process's Prometheus text.
+async fn scrape(api: &Api, url: &str) -> String {
+    let response = api.http.get(url).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200, "{url}");
+    response.text().await.unwrap()
+}
+
 /// The region's health document once `settled` holds (20 s at most).
 async fn health_until(
     api: &Api,
@@ -514,7 +521,8 @@ async fn one_trace_per_request_metrics_everywhere_and_health_per_region() {
         );
     }
 
-    // Every process serves /metrics where cluster.json says.
+    // Every process serves /metrics where cluster.json says, and labels are
+    // bounded: no key ever becomes a label value.
     let mut exported = BTreeSet::new();
     let mut by_role: HashMap<String, BTreeSet<String>> = HashMap::new();
     for process in &file.processes {
@@ -522,9 +530,12 @@ async fn one_trace_per_request_metrics_everywhere_and_health_per_region() {
             .metrics_url
             .as_ref()
             .unwrap_or_else(|| panic!("{} has no metrics_url", process.id));
-        let response = api.http.get(url).send().await.unwrap();
-        assert_eq!(response.status().as_u16(), 200, "{url}");
-        let names = metric_names(&response.text().await.unwrap());
+        let text = scrape(&api, url).await;
+        assert!(
+            !text.contains("\"traced\"") && !text.contains("\"metrics\""),
+            "{url}"
+        );
+        let names = metric_names(&text);
         assert!(!names.is_empty(), "{url} exports nothing");
         by_role
             .entry(process.role.clone())
@@ -561,19 +572,6 @@ async fn one_trace_per_request_metrics_everywhere_and_health_per_region() {
             "{role} does not export {name}: {:?}",
             by_role[role]
         );
-    }
-    // Labels are bounded: no key ever becomes a label value.
-    for process in &file.processes {
-        let text = api
-            .http
-            .get(process.metrics_url.as_ref().unwrap())
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        assert!(!text.contains("\"traced\"") && !text.contains("\"metrics\""));
     }
 
     // The dashboards query only what the services export.
@@ -633,15 +631,7 @@ async fn one_trace_per_request_metrics_everywhere_and_health_per_region() {
         .find(|p| p.id == "b-co1")
         .and_then(|p| p.metrics_url.clone())
         .unwrap();
-    let text = api
-        .http
-        .get(&coordinator_b)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(&api, &coordinator_b).await;
     assert!(
         text.lines().any(|l| l.starts_with("replica_circuit_state{")
             && l.contains("replica=\"b2\"")
