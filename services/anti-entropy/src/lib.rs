@@ -23,6 +23,7 @@ use geolog_proto::coordinator as cpb;
 use geolog_proto::coordinator::coordinator_client::CoordinatorClient;
 use geolog_proto::storage as pb;
 use geolog_proto::storage::storage_client::StorageClient;
+use geolog_telemetry::trace::{GrpcClient, GrpcClientLayer};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -30,6 +31,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
+use tower::Layer;
+use tracing::Instrument;
 
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Leaves are fetched and repaired in chunks of about this many versions.
@@ -39,9 +42,9 @@ const VERSIONS_PER_CALL: u64 = 5_000;
 #[derive(Clone)]
 enum Access {
     /// A node of the worker's region.
-    Direct(StorageClient<Channel>),
+    Direct(StorageClient<GrpcClient<Channel>>),
     /// A node of another region, through that region's coordinator.
-    Relayed(CoordinatorClient<Channel>),
+    Relayed(CoordinatorClient<GrpcClient<Channel>>),
 }
 
 /// One storage node as the worker sees it.
@@ -124,7 +127,10 @@ impl AntiEntropy {
     /// other regions' nodes through their coordinators (or routes).
     pub fn new(config: &GeologConfig, region: &str) -> Result<Self, tonic::transport::Error> {
         let timeout = Duration::from_millis(config.anti_entropy.rpc_timeout_ms);
-        let channel = |addrs: Vec<String>| -> Result<Channel, tonic::transport::Error> {
+        // Every call traced and timed per peer (node id or `region:NAME`).
+        let channel = |peer: &str,
+                       addrs: Vec<String>|
+         -> Result<GrpcClient<Channel>, tonic::transport::Error> {
             let endpoints = addrs
                 .iter()
                 .map(|a| {
@@ -133,7 +139,7 @@ impl AntiEntropy {
                         .timeout(timeout))
                 })
                 .collect::<Result<Vec<_>, tonic::transport::Error>>()?;
-            Ok(Channel::balance_list(endpoints.into_iter()))
+            Ok(GrpcClientLayer::new(peer).layer(Channel::balance_list(endpoints.into_iter())))
         };
         let mut nodes = Vec::new();
         for r in &config.regions {
@@ -141,16 +147,19 @@ impl AntiEntropy {
                 None
             } else {
                 Some(
-                    CoordinatorClient::new(channel(config.coordinator_addrs(region, &r.name))?)
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    CoordinatorClient::new(channel(
+                        &format!("region:{}", r.name),
+                        config.coordinator_addrs(region, &r.name),
+                    )?)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
                 )
             };
             for n in &r.nodes {
                 let access = match &relay {
                     Some(client) => Access::Relayed(client.clone()),
                     None => Access::Direct(
-                        StorageClient::new(channel(vec![n.addr.clone()])?)
+                        StorageClient::new(channel(&n.id, vec![n.addr.clone()])?)
                             .max_decoding_message_size(MAX_MESSAGE_BYTES)
                             .max_encoding_message_size(MAX_MESSAGE_BYTES),
                     ),
@@ -254,10 +263,10 @@ impl AntiEntropy {
                             b.region
                         )))
                     } else {
-                        self.compare(&a, &b).await
+                        self.compare(&a, &b).instrument(compare_span(&a, &b)).await
                     }
                 }
-                _ => self.compare(&a, &b).await,
+                _ => self.compare(&a, &b).instrument(compare_span(&a, &b)).await,
             };
             match result {
                 Ok(report) => {
@@ -402,7 +411,7 @@ impl AntiEntropy {
 }
 
 /// True when a remote region's coordinator answers a health check soon.
-async fn answers(relay: &CoordinatorClient<Channel>) -> bool {
+async fn answers(relay: &CoordinatorClient<GrpcClient<Channel>>) -> bool {
     let mut client = relay.clone();
     matches!(
         tokio::time::timeout(Duration::from_secs(2), client.health(cpb::HealthRequest {})).await,
@@ -515,6 +524,19 @@ impl Node {
         };
         Ok(answer.into_inner().inserted)
     }
+}
+
+/// The span of one pair's comparison: a trace per pair and pass, the
+/// nodes' digest, versions and apply calls under it.
+fn compare_span(a: &Node, b: &Node) -> tracing::Span {
+    tracing::info_span!(
+        "anti_entropy",
+        otel.name = "anti_entropy compare",
+        a = %a.id,
+        b = %b.id,
+        a_region = %a.region,
+        b_region = %b.region,
+    )
 }
 
 /// Describes the worker's metrics (`# HELP` lines); counters start at zero.

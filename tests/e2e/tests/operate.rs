@@ -469,6 +469,30 @@ async fn one_trace_per_request_metrics_everywhere_and_health_per_region() {
         );
     }
 
+    // Anti-entropy is traced too: a comparison of a pair, with the nodes'
+    // digest calls in its trace.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let all = collector.spans.lock().unwrap().clone();
+        let compared = all.iter().any(|c| {
+            c.service == "geolog-anti-entropy"
+                && c.name == "anti_entropy compare"
+                && all.iter().any(|s| {
+                    s.trace_id == c.trace_id
+                        && s.service == "geolog-storage"
+                        && s.name == "grpc Digests"
+                })
+        });
+        if compared {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no traced anti-entropy comparison"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // Some traffic so every series the dashboards read exists.
     for level in ["ONE", "QUORUM", "LOCAL_QUORUM", "ALL"] {
         let (status, _) = api
@@ -562,6 +586,10 @@ async fn one_trace_per_request_metrics_everywhere_and_health_per_region() {
         ("storage", "db_pool_max_connections"),
         ("storage", "storage_request_duration_seconds_bucket"),
         ("anti-entropy", "anti_entropy_ranges_compared_total"),
+        (
+            "anti-entropy",
+            "grpc_client_request_duration_seconds_bucket",
+        ),
         ("anti-entropy", "anti_entropy_digests_exchanged_total"),
         ("anti-entropy", "anti_entropy_versions_repaired_total"),
         ("anti-entropy", "anti_entropy_last_pass_timestamp_seconds"),
