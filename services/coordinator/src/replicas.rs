@@ -6,7 +6,9 @@
 //! (cached with moka) and the health prober.
 
 use crate::batch::{BatchLimits, Batcher};
-use crate::breaker::{CircuitBreaker, CircuitBreakerLayer, HealthBoard, ReplicaState};
+use crate::breaker::{
+    CircuitBreaker, CircuitBreakerLayer, HealthBoard, ReplicaHealth, ReplicaState,
+};
 use geolog_config::GeologConfig;
 use geolog_core::Ring;
 use geolog_core::ring::Placement;
@@ -166,7 +168,7 @@ impl RemoteRegion {
                 .read()
                 .expect("lock is never poisoned: no panics while held")
                 .get(node)
-                .is_none_or(|r| r.state != "dead")
+                .is_none_or(|r| r.state != ReplicaHealth::Dead.as_str())
     }
 
     pub fn reported(&self, node: &str) -> Option<cpb::ReplicaHealth> {
@@ -367,9 +369,9 @@ impl ReplicaSet {
                         .unwrap_or_default(),
                 };
                 let (state, circuit) = match &reported {
-                    _ if !link_up => ("dead".to_string(), String::new()),
+                    _ if !link_up => (ReplicaHealth::Dead.as_str().to_string(), String::new()),
                     Some(r) => (r.state.clone(), r.circuit.clone()),
-                    None => ("alive".to_string(), String::new()),
+                    None => (ReplicaHealth::Alive.as_str().to_string(), String::new()),
                 };
                 cpb::ReplicaHealth {
                     node: node.clone(),
