@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# The tutorial's latency-per-level demonstration, and the ingest figures of
-# the README side by side with the raw PostgreSQL ceiling, on a default
+# The tutorial's latency-per-level demonstration and batch ingest on a default
 # local cluster (3 regions x 3 storage nodes, RF 3, fsync on) it starts
 # itself and stops at the end. Results (JSON, SVG) go to OUT.
 #
@@ -34,17 +33,8 @@ echo
 echo "== one hot key at LOCAL_QUORUM"
 "${LOAD[@]}" --clients "$CLIENTS" --keys 1 --json "$OUT/hot-key.json"
 echo
-echo "== the ceiling, side by side: the same rows straight into the same PostgreSQL servers"
-single=$("${LOAD[@]}" --clients "$CLIENTS" --json "$OUT/single.json" | grep -E "^(LOCAL_QUORUM|RAW) ")
-single_raw=$("${LOAD[@]}" --clients "$CLIENTS" --raw-postgres --json "$OUT/single-raw.json" | grep -E "^(LOCAL_QUORUM|RAW) ")
-batch=$("${LOAD[@]}" --clients "$CLIENTS" --scenario batch --batch-size "$BATCH" --json "$OUT/batch.json" | grep -E "^(LOCAL_QUORUM|RAW) ")
-batch_raw=$("${LOAD[@]}" --clients "$CLIENTS" --scenario batch --batch-size "$BATCH" --raw-postgres --json "$OUT/batch-raw.json" | grep -E "^(LOCAL_QUORUM|RAW) ")
-printf '%s\n' "level          requests     req/s  records/s      ok    p50 ms   p90 ms   p99 ms p99.9 ms   max ms  statuses"
-printf 'single  %s\nsingle  %s\nbatch   %s\nbatch   %s\n' "$single" "$single_raw" "$batch" "$batch_raw"
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f %%", 100 * a / b }'; }
-records() { awk '{ print $4 }' <<<"$1"; }
-echo "single-record LOCAL_QUORUM, $CLIENTS clients: $(ratio "$(records "$single")" "$(records "$single_raw")") of the raw ceiling's records/s"
-echo "batches of $BATCH at LOCAL_QUORUM, $CLIENTS clients: $(ratio "$(records "$batch")" "$(records "$batch_raw")") of the raw ceiling's records/s"
+echo "== batches of $BATCH at LOCAL_QUORUM ($CLIENTS clients); the side-by-side comparison with PostgreSQL is load-tests/peer.sh"
+"${LOAD[@]}" --clients "$CLIENTS" --scenario batch --batch-size "$BATCH" --json "$OUT/batch.json"
 
 if [ "$SOAK_SECS" -gt 0 ]; then
   echo

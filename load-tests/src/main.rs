@@ -4,12 +4,14 @@
 //! histogram). Closed-loop by default (`--clients` each send back to back);
 //! with `--rate` it is open-loop: each request has a scheduled send time and
 //! its latency is measured from that time, so a stalled server is not
-//! hidden (coordinated omission). With `--raw-postgres` the same rows go
-//! straight into the cluster's PostgreSQL servers instead: the ceiling.
+//! hidden (coordinated omission). With `--peer-postgres URL` the same
+//! records go to what a user would pick instead — PostgreSQL with quorum
+//! synchronous replication (`load-tests/peer.sh` starts it) — so both are
+//! measured with the same clients, payloads and percentiles.
 //! Bounded by `--duration` (and optionally `--requests`): it always stops.
 
+mod peer;
 mod plot;
-mod raw;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
@@ -88,11 +90,11 @@ struct Args {
     /// Run every level at the same time (availability under faults).
     #[arg(long)]
     concurrent_levels: bool,
-    /// Insert the same rows straight into the cluster's PostgreSQL servers
-    /// (every replica of each key, one statement per replica and request)
-    /// instead of going through geolog: the raw ceiling.
-    #[arg(long)]
-    raw_postgres: bool,
+    /// Send the same workload to this PostgreSQL primary instead of
+    /// geolog (see `peer.rs`): one statement per request — a row, or a
+    /// batch's rows — and reads of a key's newest row.
+    #[arg(long, value_name = "URL")]
+    peer_postgres: Option<String>,
     /// Print each service's resident memory (from `--cluster`) at the start
     /// and the end.
     #[arg(long)]
@@ -205,7 +207,7 @@ fn cluster_file(args: &Args) -> anyhow::Result<geolog_launcher::ClusterFile> {
 /// Where requests go.
 enum Target {
     Gateway { http: reqwest::Client, base: String },
-    Raw(Arc<raw::RawTarget>),
+    Peer(Arc<peer::PeerTarget>),
 }
 
 struct Worker {
@@ -245,20 +247,31 @@ impl Worker {
             1
         };
         match &self.target {
-            Target::Raw(raw) => {
-                let rows: Vec<(String, String)> = (0..records)
-                    .map(|_| {
-                        let (k, v) = self.record(rng);
-                        (k, v.to_string())
-                    })
-                    .collect();
-                match raw.insert(&rows).await {
-                    Ok(()) => Answer {
+            Target::Peer(peer) => {
+                let read = match self.scenario {
+                    Scenario::Read => true,
+                    Scenario::Mixed => rng.u8(0..10) < 8,
+                    Scenario::Write | Scenario::Batch => false,
+                };
+                let result = if read {
+                    let key = format!("load-{}", rng.u64(0..self.keys));
+                    peer.read(&key).await.map(|_| 1)
+                } else {
+                    let rows: Vec<(String, String)> = (0..records)
+                        .map(|_| {
+                            let (k, v) = self.record(rng);
+                            (k, v.to_string())
+                        })
+                        .collect();
+                    peer.insert(&rows).await.map(|()| records as u64)
+                };
+                match result {
+                    Ok(records) => Answer {
                         status: "ok".into(),
-                        records: records as u64,
+                        records,
                     },
                     Err(err) => {
-                        eprintln!("raw insert failed: {err:#}");
+                        eprintln!("peer request failed: {err:#}");
                         Answer {
                             status: "error".into(),
                             records: 0,
@@ -470,7 +483,7 @@ async fn run_level(
     level: &str,
     acked: Option<Arc<Mutex<std::fs::File>>>,
 ) -> anyhow::Result<Report> {
-    let raw = matches!(target, Target::Raw(_));
+    let peer = matches!(target, Target::Peer(_));
     let worker = Arc::new(Worker {
         target,
         acked,
@@ -553,8 +566,8 @@ async fn run_level(
         .sum();
     Ok(Report {
         scenario: args.scenario,
-        target: if raw { "raw-postgres" } else { "geolog" },
-        consistency: if raw { "RAW".into() } else { level.into() },
+        target: if peer { "peer-postgres" } else { "geolog" },
+        consistency: if peer { "PEER".into() } else { level.into() },
         mode: if args.rate.is_some() {
             "open-loop"
         } else {
@@ -683,23 +696,20 @@ async fn main() -> anyhow::Result<()> {
         ))),
         None => None,
     };
-    let raw = if args.raw_postgres {
-        if !matches!(args.scenario, Scenario::Write | Scenario::Batch) {
-            bail!("--raw-postgres measures writes: use --scenario write or batch");
+    let peer = match &args.peer_postgres {
+        Some(url) => Some(peer::PeerTarget::connect(url, args.clients as u32).await?),
+        None => None,
+    };
+    let base = match &peer {
+        None => gateway_url(&args)?,
+        Some(_) => "the PostgreSQL peer".to_string(),
+    };
+    if matches!(args.scenario, Scenario::Read | Scenario::Mixed) {
+        match &peer {
+            Some(peer) => peer.populate().await?,
+            None => populate(&args, &http, &base).await?,
         }
-        let file = cluster_file(&args)?;
-        Some(raw::RawTarget::connect(&file.config, args.clients as u32).await?)
-    } else {
-        None
-    };
-    let base = if raw.is_none() {
-        gateway_url(&args)?
-    } else {
-        "PostgreSQL".to_string()
-    };
-    if raw.is_none() && matches!(args.scenario, Scenario::Read | Scenario::Mixed) {
-        populate(&args, &http, &base).await?;
-        args.keys = args.keys.clamp(1, 5_000);
+        args.keys = args.keys.clamp(1, peer::READ_KEYS);
     }
     let rss_start = if args.rss {
         rss_snapshot(&args)
@@ -728,8 +738,8 @@ async fn main() -> anyhow::Result<()> {
         "p99.9 ms",
         "max ms"
     );
-    let target = |level: &str| match &raw {
-        Some(raw) => (Target::Raw(raw.clone()), "RAW".to_string()),
+    let target = |level: &str| match &peer {
+        Some(peer) => (Target::Peer(peer.clone()), "PEER".to_string()),
         None => (
             Target::Gateway {
                 http: http.clone(),
@@ -738,8 +748,8 @@ async fn main() -> anyhow::Result<()> {
             level.to_string(),
         ),
     };
-    let levels: Vec<String> = if raw.is_some() {
-        vec!["RAW".into()]
+    let levels: Vec<String> = if peer.is_some() {
+        vec!["PEER".into()]
     } else {
         args.consistency.clone()
     };
@@ -769,18 +779,18 @@ async fn main() -> anyhow::Result<()> {
             reports.push(report);
         }
     }
-    finish(&args, &raw, &reports, rss_start).await
+    finish(&args, &peer, &reports, rss_start).await
 }
 
-/// Memory, JSON and plot after the runs; drops the raw scratch table.
+/// Memory, JSON and plot after the runs; drops the peer's table.
 async fn finish(
     args: &Args,
-    raw: &Option<Arc<raw::RawTarget>>,
+    peer: &Option<Arc<peer::PeerTarget>>,
     reports: &[Report],
     rss_start: Vec<(String, String, u32, Option<u64>)>,
 ) -> anyhow::Result<()> {
-    if let Some(raw) = raw {
-        raw.drop_table().await;
+    if let Some(peer) = peer {
+        peer.drop_table().await;
     }
     let mut rss = Vec::new();
     if args.rss {
