@@ -249,6 +249,11 @@ pub struct StorageSettings {
     pub pool_max_connections: u32,
     /// How long a request waits for a pooled connection.
     pub pool_acquire_timeout_ms: u64,
+    /// Bytes of memory for keys' current versions (their frontiers): a
+    /// read of a cached key and a write to it need no database lookup. A
+    /// key not cached is loaded from the database on first use. Default
+    /// 64 MiB.
+    pub frontier_cache_bytes: u64,
 }
 
 /// 2 connections per core plus 2, between 4 and 32.
@@ -262,6 +267,7 @@ impl Default for StorageSettings {
         StorageSettings {
             pool_max_connections: default_pool_size(),
             pool_acquire_timeout_ms: 3_000,
+            frontier_cache_bytes: 64 << 20,
         }
     }
 }

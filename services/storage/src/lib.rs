@@ -2,6 +2,7 @@
 //! database. It stores versions and serves them over gRPC; it never talks to
 //! other storage nodes and never decides about consistency.
 
+pub mod keystate;
 pub mod server;
 pub mod store;
 
@@ -53,6 +54,10 @@ fn describe_metrics() {
         "PostgreSQL pool connections by state (in_use, idle)"
     );
     describe_gauge!("db_pool_max_connections", "PostgreSQL pool size limit");
+    describe_gauge!(
+        "frontier_cache_keys",
+        "keys whose current versions (frontier) this node holds in memory"
+    );
     describe_counter!(
         "hints_expired_total",
         "hints dropped after their time to live"

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use geolog_config::GeologConfig;
-use geolog_storage::store::{PoolSettings, VersionStore};
+use geolog_storage::store::{StoreSettings, VersionStore};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,12 +48,13 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .next()
         .with_context(|| format!("cannot resolve {listen}"))?;
-    let pool = PoolSettings {
+    let settings = StoreSettings {
         max_connections: config.storage.pool_max_connections,
         acquire_timeout: Duration::from_millis(config.storage.pool_acquire_timeout_ms),
+        frontier_cache_bytes: config.storage.frontier_cache_bytes,
     };
     let store = Arc::new(
-        VersionStore::open(&database_url, &node.id, &pool, Duration::from_secs(30))
+        VersionStore::open(&database_url, &node.id, &settings, Duration::from_secs(30))
             .await
             .context("cannot open the node's database")?,
     );

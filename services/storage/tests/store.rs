@@ -3,16 +3,17 @@
 use geolog_core::Hlc;
 use geolog_core::causal::{Dot, VersionVector};
 use geolog_storage::store::{
-    HistoryCursor, Idempotency, MintInput, PoolSettings, Queue, StoreError, StoredVersion,
+    HistoryCursor, Idempotency, MintInput, Queue, StoreError, StoreSettings, StoredVersion,
     VersionStore,
 };
 use geolog_testkit::TestPostgres;
 use std::time::Duration;
 
-fn pool() -> PoolSettings {
-    PoolSettings {
+fn pool() -> StoreSettings {
+    StoreSettings {
         max_connections: 4,
         acquire_timeout: Duration::from_secs(2),
+        frontier_cache_bytes: 1 << 20,
     }
 }
 
@@ -429,4 +430,68 @@ async fn digests_can_leave_out_versions_minted_after_a_cutoff() {
         .await
         .unwrap();
     assert!(none.is_empty(), "{none:?}");
+}
+
+/// The frontiers a node keeps in memory are only a copy: a store reopened
+/// on the database, and one whose cache holds nothing (every key evicted at
+/// once), see exactly the state a warm store built, and keep it right when
+/// they write on.
+#[tokio::test]
+async fn frontiers_in_memory_match_the_database_after_eviction_and_reopen() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let warm = open(&pg, "n1").await;
+    // For a handful of keys: a local write, two concurrent ones from other
+    // nodes, and for every other key a write whose context resolves the two.
+    for i in 0..6 {
+        let key = format!("k{i}");
+        let mine = warm.mint(&key, "1").await.unwrap();
+        let theirs = version(&key, "n2", 10, mine.hlc, "2", &[]);
+        let old = version(&key, "z", 1, Hlc::new(1, 0), "3", &[]);
+        warm.merge(&[theirs, old]).await.unwrap();
+        if i % 2 == 0 {
+            let saw = vv(&[("n2", 10), ("z", 1)]);
+            warm.mint_full(&key, "4", Some(saw), &[], None)
+                .await
+                .unwrap();
+        }
+    }
+    let sorted = |mut f: Vec<StoredVersion>| {
+        f.sort_by(|a, b| a.dot.cmp(&b.dot));
+        f
+    };
+    let mut expected = Vec::new();
+    for i in 0..6 {
+        let frontier = sorted(warm.frontier(&format!("k{i}")).await.unwrap());
+        assert_eq!(
+            frontier.len(),
+            if i % 2 == 0 { 2 } else { 3 },
+            "{frontier:?}"
+        );
+        expected.push(frontier);
+    }
+    warm.close().await;
+    let reopened = open(&pg, "n1").await;
+    for (i, frontier) in expected.iter().enumerate() {
+        let seen = sorted(reopened.frontier(&format!("k{i}")).await.unwrap());
+        assert_eq!(&seen, frontier, "k{i} after reopening");
+    }
+    reopened.close().await;
+    let settings = StoreSettings {
+        frontier_cache_bytes: 1,
+        ..pool()
+    };
+    let cold = VersionStore::open(&pg.url(), "n1", &settings, Duration::from_secs(10))
+        .await
+        .expect("open store");
+    for (i, frontier) in expected.iter().enumerate() {
+        let key = format!("k{i}");
+        assert_eq!(
+            &sorted(cold.frontier(&key).await.unwrap()),
+            frontier,
+            "{key} uncached"
+        );
+        // A write without context supersedes all of it, cached or not.
+        let last = cold.mint(&key, "5").await.unwrap();
+        assert_eq!(cold.frontier(&key).await.unwrap(), vec![last], "{key}");
+    }
 }

@@ -1,0 +1,590 @@
+//! Minting, merging and reading versions. A change to keys' states takes
+//! their writer locks ([`KeyStates`](crate::keystate::KeyStates)), reads
+//! their frontiers from memory (loading the keys not cached), decides every
+//! record in memory, and writes the result as one statement — the version
+//! rows, the heads that join and leave the frontier and the outbox entries
+//! — so a batch costs one round trip and one commit. The cached frontiers
+//! change only after that statement committed; when its outcome is
+//! unknown the keys are forgotten and loaded again.
+
+use super::{HistoryCursor, version_from_row};
+use super::{Idempotency, MintInput, Minted, StoreError, StoredVersion, VersionStore};
+use crate::keystate::KeyGuard;
+use geolog_core::causal::{self, Dot, VersionVector};
+use geolog_core::merkle::{tree_token, version_hash};
+use sqlx::Row;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+
+/// Keys merged per statement: bounds one statement's size when
+/// anti-entropy or a replay merges thousands.
+const MERGE_KEYS_PER_STATEMENT: usize = 1_024;
+
+type Frontiers = BTreeMap<String, Vec<StoredVersion>>;
+
+impl VersionStore {
+    /// Mints a new version of `key` without a client context.
+    pub async fn mint(&self, key: &str, value_json: &str) -> Result<StoredVersion, StoreError> {
+        Ok(self
+            .mint_full(key, value_json, None, &[], None)
+            .await?
+            .version)
+    }
+
+    /// The version of `key` created with idempotency key `idempotency_key`, if held here.
+    pub async fn find_idempotent(
+        &self,
+        key: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<StoredVersion>, StoreError> {
+        Ok(self
+            .idempotent_versions(&[(key, idempotency_key)])
+            .await?
+            .into_values()
+            .next())
+    }
+
+    /// Mints a new version of `key` and stores, in the same statement, one
+    /// outbox entry per region in `outbox_regions`. With a `context` the
+    /// version supersedes exactly the versions it covers; without, it
+    /// supersedes everything this node has seen of the key.
+    pub async fn mint_full(
+        &self,
+        key: &str,
+        value_json: &str,
+        context: Option<VersionVector>,
+        outbox_regions: &[String],
+        idempotency: Option<Idempotency>,
+    ) -> Result<Minted, StoreError> {
+        let input = MintInput {
+            key: key.to_string(),
+            value_json: value_json.to_string(),
+            context,
+            outbox_regions: outbox_regions.to_vec(),
+            idempotency,
+        };
+        self.mint_batch(vec![input])
+            .await?
+            .pop()
+            .expect("one result per input")
+    }
+
+    /// Mints many versions in one statement (group commit) under the
+    /// writer locks of their keys. Records apply in order, so a key written
+    /// twice in a batch gets two sequential versions. A record that cannot
+    /// be minted (invalid JSON, idempotency conflict) fails alone; a
+    /// database failure fails the whole batch.
+    pub async fn mint_batch(
+        &self,
+        inputs: Vec<MintInput>,
+    ) -> Result<Vec<Result<Minted, StoreError>>, StoreError> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<&str> = inputs
+            .iter()
+            .map(|i| i.key.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let guard = self.keys.lock(&keys).await;
+        let mut frontiers = self.frontiers_locked(&guard, &keys).await?;
+        let lookups: Vec<(&str, &str)> = inputs
+            .iter()
+            .filter_map(|i| Some((i.key.as_str(), i.idempotency.as_ref()?.key.as_str())))
+            .collect();
+        let mut idempotent = self.idempotent_versions(&lookups).await?;
+        let first_seq = self
+            .next_seq
+            .fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        let keys: Vec<String> = keys.into_iter().map(str::to_string).collect();
+
+        // Decide every record in memory, in order.
+        let mut results: Vec<Result<Minted, StoreError>> = Vec::with_capacity(inputs.len());
+        let mut new: Vec<StoredVersion> = Vec::new();
+        let mut stored_superseded: Vec<StoredVersion> = Vec::new();
+        let mut outbox_rows: Vec<(usize, String)> = Vec::new();
+        let mut minted: BTreeSet<Dot> = BTreeSet::new();
+        for (input, seq) in inputs.into_iter().zip(first_seq..) {
+            if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(&input.value_json) {
+                results.push(Err(StoreError::Rejected(format!(
+                    "the value is not valid JSON: {err}"
+                ))));
+                continue;
+            }
+            let current = frontiers.entry(input.key.clone()).or_default();
+            if let Some(idem) = &input.idempotency
+                && let Some(version) = idempotent.get(&(input.key.clone(), idem.key.clone()))
+            {
+                results.push(
+                    if version.idempotency.as_ref().map(|i| &i.body_hash) == Some(&idem.body_hash) {
+                        Ok(Minted {
+                            version: version.clone(),
+                            frontier: current.clone(),
+                            outbox: Vec::new(),
+                            replayed: true,
+                        })
+                    } else {
+                        Err(StoreError::IdempotencyConflict(idem.key.clone()))
+                    },
+                );
+                continue;
+            }
+            let version = StoredVersion {
+                context: input
+                    .context
+                    .unwrap_or_else(|| causal::state_vector(current.iter())),
+                key: input.key,
+                value_json: input.value_json,
+                hlc: self.clock.now(),
+                dot: Dot::new(self.node.clone(), seq),
+                idempotency: input.idempotency,
+            };
+            if let Some(idem) = &version.idempotency {
+                idempotent.insert((version.key.clone(), idem.key.clone()), version.clone());
+            }
+            let frontier = causal::frontier(current.iter().cloned().chain([version.clone()]));
+            for gone in current
+                .drain(..)
+                .filter(|v| !frontier.iter().any(|f| f.dot == v.dot))
+            {
+                // One minted earlier in this batch is inserted as superseded below.
+                if !minted.contains(&gone.dot) {
+                    stored_superseded.push(gone);
+                }
+            }
+            minted.insert(version.dot.clone());
+            current.extend(frontier.iter().cloned());
+            outbox_rows.extend(
+                input
+                    .outbox_regions
+                    .into_iter()
+                    .map(|region| (new.len(), region)),
+            );
+            results.push(Ok(Minted {
+                version: version.clone(),
+                frontier,
+                outbox: Vec::new(),
+                replayed: false,
+            }));
+            new.push(version);
+        }
+
+        let heads: Vec<&StoredVersion> = new
+            .iter()
+            .filter(|v| frontiers[&v.key].iter().any(|f| f.dot == v.dot))
+            .collect();
+        let write = StateChange {
+            versions: new.iter().collect(),
+            heads: &heads,
+            superseded: &stored_superseded.iter().collect::<Vec<_>>(),
+        };
+        let outbox = match write.mint(self, &outbox_rows).await {
+            Ok(ids) => ids,
+            Err(err) => {
+                keys.iter().for_each(|k| guard.forget(k));
+                return Err(err);
+            }
+        };
+        for key in keys {
+            let frontier = frontiers.remove(&key).unwrap_or_default();
+            guard.set(key, frontier);
+        }
+        drop(guard);
+
+        // Hand each minted record its outbox entry ids.
+        let mut outbox_of: BTreeMap<Dot, Vec<(u64, String)>> = BTreeMap::new();
+        for ((version, region), id) in outbox_rows.into_iter().zip(outbox) {
+            outbox_of
+                .entry(new[version].dot.clone())
+                .or_default()
+                .push((id, region));
+        }
+        for minted in results.iter_mut().flatten() {
+            if !minted.replayed {
+                minted.outbox = outbox_of.remove(&minted.version.dot).unwrap_or_default();
+            }
+        }
+        Ok(results)
+    }
+
+    /// Merges key states from other replicas (frontiers, possibly with extra
+    /// history versions; several keys may be mixed), one statement per
+    /// up to [`MERGE_KEYS_PER_STATEMENT`] keys. Returns how many versions
+    /// were new here.
+    pub async fn merge(&self, versions: &[StoredVersion]) -> Result<u64, StoreError> {
+        let mut by_key: BTreeMap<&str, Vec<&StoredVersion>> = BTreeMap::new();
+        let mut seen: BTreeSet<(&str, &Dot)> = BTreeSet::new();
+        for v in versions {
+            self.clock.observe(v.hlc);
+            if seen.insert((v.key.as_str(), &v.dot)) {
+                by_key.entry(v.key.as_str()).or_default().push(v);
+            }
+        }
+        let keys: Vec<&str> = by_key.keys().copied().collect();
+        let mut inserted = 0;
+        for group in keys.chunks(MERGE_KEYS_PER_STATEMENT) {
+            let guard = self.keys.lock(group).await;
+            let mut current = self.frontiers_locked(&guard, group).await?;
+            let (mut new, mut heads, mut superseded) = (Vec::new(), Vec::new(), Vec::new());
+            let mut merged_of: Vec<(String, Vec<StoredVersion>)> = Vec::new();
+            for key in group {
+                let current = current.remove(*key).unwrap_or_default();
+                let incoming = &by_key[key];
+                let merged = causal::frontier(
+                    current
+                        .iter()
+                        .cloned()
+                        .chain(incoming.iter().map(|v| (*v).clone())),
+                );
+                let in_frontier: BTreeSet<&Dot> = merged.iter().map(|v| &v.dot).collect();
+                let stored: BTreeSet<&Dot> = current.iter().map(|v| &v.dot).collect();
+                heads.extend(
+                    incoming
+                        .iter()
+                        .filter(|v| in_frontier.contains(&v.dot) && !stored.contains(&v.dot))
+                        .copied(),
+                );
+                new.extend(incoming.iter().copied());
+                superseded.extend(
+                    current
+                        .iter()
+                        .filter(|v| !in_frontier.contains(&v.dot))
+                        .cloned(),
+                );
+                merged_of.push((key.to_string(), merged));
+            }
+            let write = StateChange {
+                versions: new,
+                heads: &heads,
+                superseded: &superseded.iter().collect::<Vec<_>>(),
+            };
+            match write.merge(self).await {
+                Ok(n) => inserted += n,
+                Err(err) => {
+                    group.iter().for_each(|k| guard.forget(k));
+                    return Err(err);
+                }
+            }
+            for (key, merged) in merged_of {
+                guard.set(key, merged);
+            }
+        }
+        Ok(inserted)
+    }
+
+    /// The key's frontier: every current (concurrent) version.
+    pub async fn frontier(&self, key: &str) -> Result<Vec<StoredVersion>, StoreError> {
+        Ok(self
+            .frontiers(&[key])
+            .await?
+            .remove(key)
+            .unwrap_or_default())
+    }
+
+    /// The frontiers of `keys` (keys without versions are absent): from
+    /// memory, loading the keys not cached under their writer locks.
+    pub(super) async fn frontiers(&self, keys: &[&str]) -> Result<Frontiers, StoreError> {
+        let mut found = Frontiers::new();
+        let mut missing = Vec::new();
+        for key in keys {
+            match self.keys.cached(key) {
+                Some(frontier) if frontier.is_empty() => {}
+                Some(frontier) => {
+                    found.insert(key.to_string(), frontier.as_ref().clone());
+                }
+                None => missing.push(*key),
+            }
+        }
+        if !missing.is_empty() {
+            let guard = self.keys.lock(&missing).await;
+            found.extend(self.frontiers_locked(&guard, &missing).await?);
+        }
+        found.retain(|_, f| !f.is_empty());
+        Ok(found)
+    }
+
+    /// The frontiers of `keys`, whose writer locks `guard` holds: cached
+    /// ones from memory, the others loaded from the database and cached
+    /// (every key of `keys` is in the answer, possibly empty).
+    async fn frontiers_locked(
+        &self,
+        guard: &KeyGuard<'_>,
+        keys: &[&str],
+    ) -> Result<Frontiers, StoreError> {
+        let mut frontiers = Frontiers::new();
+        let mut missing = Vec::new();
+        for key in keys {
+            match self.keys.cached(key) {
+                Some(frontier) => {
+                    frontiers.insert(key.to_string(), frontier.as_ref().clone());
+                }
+                None => missing.push(*key),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(frontiers);
+        }
+        let mut loaded = self.load_frontiers(&missing).await?;
+        for key in missing {
+            // Heads are exact, but a frontier is computed, not trusted.
+            let frontier = causal::frontier(loaded.remove(key).unwrap_or_default());
+            guard.set(key.to_string(), frontier.clone());
+            frontiers.insert(key.to_string(), frontier);
+        }
+        Ok(frontiers)
+    }
+
+    /// The stored heads of `keys` with their versions. The lookups are
+    /// fenced per row (`LATERAL ... LIMIT 1`): left to its statistics, the
+    /// planner may hash-join a whole-table scan of `versions`, whose cost
+    /// grows with the history, not with the batch.
+    async fn load_frontiers(&self, keys: &[&str]) -> Result<Frontiers, StoreError> {
+        let rows = sqlx::query(
+            "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
+             FROM heads h CROSS JOIN LATERAL (SELECT * FROM versions v \
+                  WHERE (v.key, v.node, v.seq) = (h.key, h.node, h.seq) LIMIT 1) v \
+             WHERE h.key = ANY($1) ORDER BY v.key, v.node, v.seq",
+        )
+        .bind(keys)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut frontiers = Frontiers::new();
+        for row in &rows {
+            let v = version_from_row(row)?;
+            frontiers.entry(v.key.clone()).or_default().push(v);
+        }
+        Ok(frontiers)
+    }
+
+    /// The versions created with the (key, idempotency key) pairs of
+    /// `lookups` — the first one of each, if held here — keyed by that pair.
+    async fn idempotent_versions(
+        &self,
+        lookups: &[(&str, &str)],
+    ) -> Result<BTreeMap<(String, String), StoredVersion>, StoreError> {
+        let (keys, ids): (Vec<&str>, Vec<&str>) = lookups.iter().copied().unzip();
+        if keys.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let rows = sqlx::query(
+            "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
+             FROM UNNEST($1::text[], $2::text[]) AS t(k, i) CROSS JOIN LATERAL (SELECT * FROM versions v \
+                  WHERE v.key = t.k AND v.idempotency_key = t.i ORDER BY v.hlc, v.node, v.seq LIMIT 1) v",
+        )
+        .bind(keys)
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let v = version_from_row(row)?;
+                let id = v
+                    .idempotency
+                    .as_ref()
+                    .map(|i| i.key.clone())
+                    .unwrap_or_default();
+                Ok(((v.key.clone(), id), v))
+            })
+            .collect()
+    }
+
+    /// Every version of `key`, newest first, at most `limit`, strictly
+    /// between the cursors when given.
+    pub async fn history(
+        &self,
+        key: &str,
+        limit: u32,
+        before: Option<&HistoryCursor>,
+        after: Option<&HistoryCursor>,
+    ) -> Result<Vec<StoredVersion>, StoreError> {
+        let bound =
+            |c: Option<&HistoryCursor>| c.map(|c| (c.hlc as i64, c.node.clone(), c.seq as i64));
+        let (before, after) = (bound(before), bound(after));
+        let rows = sqlx::query(
+            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash FROM versions \
+             WHERE key = $1 \
+               AND ($2::bigint IS NULL OR (hlc, node, seq) < ($2, $3::text, $4::bigint)) \
+               AND ($5::bigint IS NULL OR (hlc, node, seq) > ($5, $6::text, $7::bigint)) \
+             ORDER BY hlc DESC, node DESC, seq DESC LIMIT $8",
+        )
+        .bind(key)
+        .bind(before.as_ref().map(|b| b.0))
+        .bind(before.as_ref().map(|b| b.1.clone()))
+        .bind(before.as_ref().map(|b| b.2))
+        .bind(after.as_ref().map(|a| a.0))
+        .bind(after.as_ref().map(|a| a.1.clone()))
+        .bind(after.as_ref().map(|a| a.2))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(version_from_row).collect()
+    }
+}
+
+/// What one batch changes in the stored state: the version rows (minted
+/// here, or from other replicas and possibly stored already), the heads
+/// that join the frontier and the stored heads that leave it.
+struct StateChange<'a> {
+    versions: Vec<&'a StoredVersion>,
+    heads: &'a [&'a StoredVersion],
+    superseded: &'a [&'a StoredVersion],
+}
+
+/// The columns of version rows as arrays, for `UNNEST`.
+struct VersionColumns<'a> {
+    keys: Vec<&'a str>,
+    nodes: Vec<&'a str>,
+    seqs: Vec<i64>,
+    hlcs: Vec<i64>,
+    values: Vec<&'a str>,
+    contexts: Vec<String>,
+    idem_keys: Vec<Option<&'a str>>,
+    hashes: Vec<Option<&'a str>>,
+    tokens: Vec<i64>,
+    vhashes: Vec<i64>,
+}
+
+impl<'a> VersionColumns<'a> {
+    fn of(versions: &[&'a StoredVersion]) -> Self {
+        VersionColumns {
+            keys: versions.iter().map(|v| v.key.as_str()).collect(),
+            nodes: versions.iter().map(|v| v.dot.node.as_str()).collect(),
+            seqs: versions.iter().map(|v| v.dot.seq as i64).collect(),
+            hlcs: versions.iter().map(|v| v.hlc.packed() as i64).collect(),
+            values: versions.iter().map(|v| v.value_json.as_str()).collect(),
+            contexts: versions
+                .iter()
+                .map(|v| serde_json::to_string(&v.context).expect("a version vector serializes"))
+                .collect(),
+            idem_keys: versions
+                .iter()
+                .map(|v| v.idempotency.as_ref().map(|i| i.key.as_str()))
+                .collect(),
+            hashes: versions
+                .iter()
+                .map(|v| v.idempotency.as_ref().map(|i| i.body_hash.as_str()))
+                .collect(),
+            tokens: versions.iter().map(|v| tree_token(&v.key)).collect(),
+            vhashes: versions
+                .iter()
+                .map(|v| version_hash(&v.key, &v.dot.node, v.dot.seq))
+                .collect(),
+        }
+    }
+}
+
+/// (key, node, seq) of versions as arrays.
+fn dots<'a>(versions: &[&'a StoredVersion]) -> (Vec<&'a str>, Vec<&'a str>, Vec<i64>) {
+    (
+        versions.iter().map(|v| v.key.as_str()).collect(),
+        versions.iter().map(|v| v.dot.node.as_str()).collect(),
+        versions.iter().map(|v| v.dot.seq as i64).collect(),
+    )
+}
+
+/// The version rows ($1-$10), heads ($11-$13) and superseded heads
+/// ($14-$16) of a state change, as CTEs; `ON CONFLICT` only for merges
+/// (freshly minted dots are new: a speculative insertion per row saved).
+macro_rules! state_ctes {
+    ($conflict:literal) => {
+        concat!(
+            "WITH ins_versions AS (INSERT INTO versions (key, node, seq, hlc, value, context, idempotency_key, body_hash, token, vhash) \
+               SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]::json[], \
+                                    $6::text[]::jsonb[], $7::text[], $8::text[], $9::bigint[], $10::bigint[]) ",
+            $conflict,
+            " RETURNING 1), \
+             ins_heads AS (INSERT INTO heads (key, node, seq) SELECT * FROM UNNEST($11::text[], $12::text[], $13::bigint[]) ",
+            $conflict,
+            "), \
+             del_heads AS (DELETE FROM heads USING UNNEST($14::text[], $15::text[], $16::bigint[]) AS t(k, n, s) \
+               WHERE heads.key = t.k AND heads.node = t.n AND heads.seq = t.s) "
+        )
+    };
+}
+
+impl StateChange<'_> {
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        columns: &'q VersionColumns<'q>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let (head_keys, head_nodes, head_seqs) = dots(self.heads);
+        let (gone_keys, gone_nodes, gone_seqs) = dots(self.superseded);
+        query
+            .bind(&columns.keys)
+            .bind(&columns.nodes)
+            .bind(&columns.seqs)
+            .bind(&columns.hlcs)
+            .bind(&columns.values)
+            .bind(&columns.contexts)
+            .bind(&columns.idem_keys)
+            .bind(&columns.hashes)
+            .bind(&columns.tokens)
+            .bind(&columns.vhashes)
+            .bind(head_keys)
+            .bind(head_nodes)
+            .bind(head_seqs)
+            .bind(gone_keys)
+            .bind(gone_nodes)
+            .bind(gone_seqs)
+    }
+
+    /// Stores freshly minted versions with their outbox entries `(index
+    /// into versions, region)`; returns the entries' ids in that order.
+    async fn mint(
+        &self,
+        store: &VersionStore,
+        outbox: &[(usize, String)],
+    ) -> Result<Vec<u64>, StoreError> {
+        let columns = VersionColumns::of(&self.versions);
+        let outbox_keys: Vec<&str> = outbox.iter().map(|(i, _)| columns.keys[*i]).collect();
+        let outbox_nodes: Vec<&str> = outbox.iter().map(|(i, _)| columns.nodes[*i]).collect();
+        let outbox_seqs: Vec<i64> = outbox.iter().map(|(i, _)| columns.seqs[*i]).collect();
+        let regions: Vec<&str> = outbox.iter().map(|(_, r)| r.as_str()).collect();
+        let query = sqlx::query(concat!(
+            state_ctes!(""),
+            "INSERT INTO outbox (region, key, node, seq) \
+             SELECT r, k, n, s FROM UNNEST($17::text[], $18::text[], $19::bigint[], $20::text[]) AS t(k, n, s, r) \
+             RETURNING id, seq, region"
+        ));
+        let rows = self
+            .bind(query, &columns)
+            .bind(outbox_keys)
+            .bind(outbox_nodes)
+            .bind(&outbox_seqs)
+            .bind(&regions)
+            .fetch_all(&store.pool)
+            .await?;
+        let returned: Vec<(i64, i64, String)> = rows
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        // The versions are this node's own, so (seq, region) names an entry.
+        let ids: HashMap<(i64, &str), u64> = returned
+            .iter()
+            .map(|(id, seq, region)| ((*seq, region.as_str()), *id as u64))
+            .collect();
+        outbox_seqs
+            .iter()
+            .zip(&regions)
+            .map(|(seq, region)| {
+                ids.get(&(*seq, *region)).copied().ok_or_else(|| {
+                    StoreError::Internal("an outbox entry was not returned by its insert".into())
+                })
+            })
+            .collect()
+    }
+
+    /// Stores versions from other replicas (those already stored are
+    /// skipped); returns how many were new.
+    async fn merge(&self, store: &VersionStore) -> Result<u64, StoreError> {
+        let columns = VersionColumns::of(&self.versions);
+        let query = sqlx::query(concat!(
+            state_ctes!("ON CONFLICT DO NOTHING"),
+            "SELECT count(*) FROM ins_versions"
+        ));
+        let row = self.bind(query, &columns).fetch_one(&store.pool).await?;
+        Ok(row.try_get::<i64, _>(0)? as u64)
+    }
+}
