@@ -18,12 +18,14 @@
 //! fails, ask one more local replica when the answer is slow (speculative
 //! read), return the newest version.
 
+mod fanout;
 mod read;
 mod remote;
 
 use crate::SpawnTraced;
+pub use fanout::BatchRecord;
 pub use read::{ReadKind, state_vector_of};
-pub use remote::{apply, mint, outbox_done, replicate, store_hint};
+pub use remote::{apply, mint, outbox_done, replicate, store_hint, store_hints};
 use remote::{is_timeout, region_read};
 
 use crate::replicas::{Replica, ReplicaSet};

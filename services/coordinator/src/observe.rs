@@ -51,19 +51,54 @@ pub async fn observed<T: Acked>(
     );
     let started = Instant::now();
     let result = f.instrument(span.clone()).await;
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(e) if e.code == ErrorCode::Unavailable => "unavailable",
-        Err(e) if e.code == ErrorCode::Timeout => "timeout",
-        Err(e) if e.code.http_status().is_client_error() => "rejected",
-        Err(_) => "error",
-    };
+    let outcome = outcome_of(&result);
     span.record("outcome", outcome);
     if let Ok(answer) = &result {
         let acks = &answer.outcome().acks;
         span.record("acks", acks.received.unwrap_or(0));
         span.record("required", acks.required);
     }
+    record_request(op, level, outcome, started);
+    result
+}
+
+/// [`observed`] for the records of a batch written together: one span for
+/// the batch, each record counted as a write.
+pub async fn observed_batch<T>(
+    region: &str,
+    level: &'static str,
+    records: usize,
+    f: impl Future<Output = Vec<Result<T, GeologError>>>,
+) -> Vec<Result<T, GeologError>> {
+    let span = tracing::info_span!(
+        "coordinator",
+        otel.name = "coordinator write_batch",
+        op = "write_batch",
+        level,
+        region,
+        records,
+        written = tracing::field::Empty,
+    );
+    let started = Instant::now();
+    let results = f.instrument(span.clone()).await;
+    span.record("written", results.iter().filter(|r| r.is_ok()).count());
+    for result in &results {
+        record_request("write", level, outcome_of(result), started);
+    }
+    results
+}
+
+fn outcome_of<T>(result: &Result<T, GeologError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(e) if e.code == ErrorCode::Unavailable => "unavailable",
+        Err(e) if e.code == ErrorCode::Timeout => "timeout",
+        Err(e) if e.code.http_status().is_client_error() => "rejected",
+        Err(_) => "error",
+    }
+}
+
+fn record_request(op: &'static str, level: &'static str, outcome: &'static str, started: Instant) {
     let labels = [
         ("op", op.to_string()),
         ("consistency", level.to_string()),
@@ -75,7 +110,6 @@ pub async fn observed<T: Acked>(
     if op == "write" {
         record_quorum_write(level, outcome);
     }
-    result
 }
 
 /// Describes the coordinator's metrics (`# HELP` lines) and starts the

@@ -2,13 +2,13 @@
 //! encodes outcomes and errors. Errors are logged here, where handled.
 
 use crate::SpawnTraced;
-use crate::engine::{MintOrder, Outcome, QuorumEngine, ReadKind};
-use crate::observe::observed;
+use crate::engine::{BatchRecord, MintOrder, Outcome, QuorumEngine, ReadKind};
+use crate::observe::{observed, observed_batch};
 use crate::outbox::OutboxView;
 use geolog_core::causal::VersionVector;
-use geolog_core::{ErrorCode, GeologError};
+use geolog_core::{ConsistencyLevel, ErrorCode, GeologError};
 use geolog_proto::coordinator as pb;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -93,14 +93,19 @@ async fn write_one(
         ),
     )
     .await?;
-    Ok(pb::WriteResponse {
+    Ok(written(outcome))
+}
+
+/// The answer to a write that met its level.
+fn written(outcome: Outcome) -> pb::WriteResponse {
+    pb::WriteResponse {
         acks: Some(acks(&outcome)),
         consistency: outcome.level.to_string(),
         version: outcome.version,
         context: outcome.context,
         replayed: outcome.replayed,
         hints: outcome.hints,
-    })
+    }
 }
 
 #[tonic::async_trait]
@@ -179,13 +184,50 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             );
             return Err(fail("write_batch", "", err));
         }
-        // Every record is written as if alone, all at once: those bound for
-        // the same replica meet in its batcher (one call, one transaction).
-        // Records of one key mint in batch order (each after the previous).
-        let mut writes = tokio::task::JoinSet::new();
+        // Records fan out per destination (`QuorumEngine::write_batch`),
+        // all but the keys that carry idempotency keys: those records are
+        // written one by one (each needs its own lookup of an earlier
+        // write), still in batch order per key; so are all records at
+        // `ANY` (a record no replica takes is held as hints).
         let count = req.records.len();
+        let idempotent_keys: HashSet<&str> = req
+            .records
+            .iter()
+            .filter(|r| !r.idempotency_key.is_empty())
+            .map(|r| r.key.as_str())
+            .collect();
+        let single: Vec<bool> = req
+            .records
+            .iter()
+            .map(|r| level == ConsistencyLevel::Any || idempotent_keys.contains(r.key.as_str()))
+            .collect();
+        drop(idempotent_keys);
+        let mut results: Vec<Option<Result<pb::WriteResponse, GeologError>>> = vec![None; count];
+        let mut writes = tokio::task::JoinSet::new();
         let mut last_of_key: HashMap<String, oneshot::Receiver<()>> = HashMap::new();
+        let mut batched = Vec::new();
+        let mut batched_at = Vec::new();
         for (index, record) in req.records.into_iter().enumerate() {
+            if !single[index] {
+                let context = if record.context.is_empty() {
+                    None
+                } else {
+                    match VersionVector::from_token(&record.context) {
+                        Ok(context) => Some(context),
+                        Err(err) => {
+                            results[index] = Some(Err(err));
+                            continue;
+                        }
+                    }
+                };
+                batched_at.push(index);
+                batched.push(BatchRecord {
+                    key: record.key,
+                    value_json: record.value_json,
+                    context,
+                });
+                continue;
+            }
             let engine = self.engine.clone();
             let (minted, next) = oneshot::channel();
             let order = MintOrder {
@@ -193,29 +235,42 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 minted: Some(minted),
             };
             writes.spawn_traced(async move {
-                let key = record.key.clone();
                 let result = write_one(&engine, record, level, order).await;
-                (index, key, result)
+                (index, result)
             });
         }
-        let mut results = vec![pb::WriteResult::default(); count];
+        let region = self.engine.region().to_string();
+        let keys: Vec<String> = batched.iter().map(|r| r.key.clone()).collect();
+        let outcomes = observed_batch(
+            &region,
+            level.as_str(),
+            batched.len(),
+            self.engine.write_batch(batched, level),
+        )
+        .await;
+        for ((index, outcome), key) in batched_at.into_iter().zip(outcomes).zip(keys) {
+            results[index] = Some(outcome.map(written).inspect_err(|err| {
+                log_failure("write_batch", &key, err);
+            }));
+        }
         while let Some(done) = writes.join_next().await {
-            let (index, key, result) =
+            let (index, result) =
                 done.map_err(|e| Status::internal(format!("a batch write task failed: {e}")))?;
-            results[index] = match result {
+            results[index] = Some(result);
+        }
+        let results = results
+            .into_iter()
+            .map(|result| match result.expect("every record has a result") {
                 Ok(written) => pb::WriteResult {
                     written: Some(written),
                     error_json: Vec::new(),
                 },
-                Err(err) => {
-                    log_failure("write_batch", &key, &err);
-                    pb::WriteResult {
-                        written: None,
-                        error_json: err.to_json_bytes(),
-                    }
-                }
-            };
-        }
+                Err(err) => pb::WriteResult {
+                    written: None,
+                    error_json: err.to_json_bytes(),
+                },
+            })
+            .collect();
         Ok(Response::new(pb::WriteBatchResponse { results }))
     }
 

@@ -214,7 +214,9 @@ pub fn router(state: AppState, concurrency_limit: usize, request_timeout: Durati
                             geolog_telemetry::trace::continue_from(&span, request.headers());
                             span
                         })
-                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                        // A line per request at DEBUG: at INFO the log costs
+                        // more than the request on a busy gateway.
+                        .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG)),
                 )
                 .layer(PropagateRequestIdLayer::x_request_id())
                 .layer(tower_http::catch_panic::CatchPanicLayer::custom(

@@ -160,23 +160,30 @@ pub async fn outbox_done(replica: &Replica, ids: Vec<u64>) {
 /// missed it; returns whether it is stored. A failure is logged:
 /// anti-entropy is then the safety net.
 pub async fn store_hint(holder: &Replica, target: &str, version: pb::Version) -> bool {
+    store_hints(holder, target, vec![version]).await > 0
+}
+
+/// [`store_hint`] for many versions held on `holder`; returns how many
+/// were stored.
+pub async fn store_hints(holder: &Replica, target: &str, versions: Vec<pb::Version>) -> u32 {
     let mut client = holder.client.clone();
+    let count = versions.len();
     let request = pb::StoreHintsRequest {
         target: target.to_string(),
-        versions: vec![version],
+        versions,
     };
     match client.store_hints(request).await {
-        Ok(answer) if answer.get_ref().stored > 0 => {
-            metrics::counter!("hints_stored_total").increment(1);
-            true
-        }
-        Ok(_) => {
-            tracing::warn!(holder = %holder.node, target, "hint not stored: the holder lacks the version");
-            false
+        Ok(answer) => {
+            let stored = answer.get_ref().stored;
+            metrics::counter!("hints_stored_total").increment(u64::from(stored));
+            if (stored as usize) < count {
+                tracing::warn!(holder = %holder.node, target, stored, count, "hints not stored: the holder lacks the versions");
+            }
+            stored
         }
         Err(status) => {
-            tracing::warn!(holder = %holder.node, target, error = %status.message(), "cannot store hint");
-            false
+            tracing::warn!(holder = %holder.node, target, error = %status.message(), "cannot store hints");
+            0
         }
     }
 }

@@ -1,0 +1,436 @@
+//! The batch write path: a batch fans out per destination, not per record.
+//! Its records are minted on their keys' first alive local replica — one
+//! call per replica for all the records it mints — and the minted
+//! frontiers then go to every other destination as one call each: one
+//! `Apply` per other local replica, one `Replicate` per remote region. One
+//! loop counts every record's acks as the destinations answer, so a batch
+//! of 100 costs a handful of tasks, not hundreds.
+//!
+//! A mint that timed out may have committed: its records are not minted
+//! again elsewhere (that would make two versions of one request) but fail
+//! with `504`, "may have landed". A replica that refused the call outright
+//! is replaced by the key's next alive local replica.
+
+use super::remote::{apply, mint, outbox_done, replicate, store_hints};
+use super::{Miss, Outcome, QuorumEngine, state_vector_of};
+use geolog_core::causal::VersionVector;
+use geolog_core::consistency::Operation;
+use geolog_core::ring::Placement;
+use geolog_core::{AckTracker, ConsistencyLevel, GeologError};
+use geolog_proto::coordinator as cpb;
+use geolog_proto::storage as pb;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// One record of a batch (no idempotency key: those take the single path).
+pub struct BatchRecord {
+    pub key: String,
+    pub value_json: String,
+    pub context: Option<VersionVector>,
+}
+
+/// A record on its way: its placement, candidates and ack count.
+struct InFlight {
+    placement: Arc<Vec<Placement>>,
+    /// Local alive replicas not tried yet for the mint, in order.
+    candidates: Vec<usize>,
+    tracker: AckTracker,
+    minted: Option<(usize, pb::MintResponse)>,
+    result: Option<Result<Outcome, GeologError>>,
+}
+
+/// What a destination answered for the records it was sent.
+enum Answer {
+    /// A local replica: every record's key state applied, or not.
+    Local {
+        node: String,
+        records: Vec<usize>,
+        result: Result<(), Miss>,
+    },
+    /// A remote region: its replicas' acks for the whole call.
+    Region {
+        region: String,
+        records: Vec<usize>,
+        acks: Result<Vec<cpb::ReplicaAck>, Miss>,
+    },
+}
+
+impl QuorumEngine {
+    /// Writes `records` at `level`; one result per record, in order.
+    /// Records of one key are minted in batch order (they go to the same
+    /// replica in one call).
+    pub async fn write_batch(
+        &self,
+        records: Vec<BatchRecord>,
+        level: ConsistencyLevel,
+    ) -> Vec<Result<Outcome, GeologError>> {
+        let requirement = match self.requirement(level, Operation::Write) {
+            Ok(r) => r,
+            Err(err) => return records.iter().map(|_| Err(err.clone())).collect(),
+        };
+        let deadline = tokio::time::Instant::now() + self.write_timeout;
+        let mut flights: Vec<InFlight> = Vec::with_capacity(records.len());
+        for record in &records {
+            let planned = geolog_core::key::validate_key(&record.key)
+                .and_then(|()| self.plan(&record.key, &requirement));
+            let (placement, alive, result) = match planned {
+                Ok((placement, alive)) => (placement, alive, None),
+                Err(err) => (
+                    self.replicas.placement(&record.key),
+                    Vec::new(),
+                    Some(Err(err)),
+                ),
+            };
+            flights.push(InFlight {
+                candidates: alive
+                    .into_iter()
+                    .filter(|&i| placement[i].region == self.region)
+                    .collect(),
+                tracker: Self::tracker(requirement.clone(), &placement),
+                placement,
+                minted: None,
+                result,
+            });
+        }
+        let remote_regions: Vec<String> = self
+            .replicas
+            .remote_regions()
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        let requests: Vec<pb::MintRequest> = records
+            .into_iter()
+            .map(|r| pb::MintRequest {
+                key: r.key,
+                value_json: r.value_json,
+                outbox_regions: remote_regions.clone(),
+                has_context: r.context.is_some(),
+                context: r
+                    .context
+                    .map(|c| c.0.into_iter().collect())
+                    .unwrap_or_default(),
+                ..Default::default()
+            })
+            .collect();
+        self.mint_all(&mut flights, &requests, deadline).await;
+        drop(requests);
+        self.deliver(&mut flights, level, deadline).await;
+        flights
+            .into_iter()
+            .map(|f| f.result.unwrap_or_else(|| Err(f.tracker.failure("write"))))
+            .collect()
+    }
+
+    /// Mints every record not failed yet, one call per minting replica,
+    /// replacing replicas that refused until each record is minted or has
+    /// no candidate left.
+    async fn mint_all(
+        &self,
+        flights: &mut [InFlight],
+        requests: &[pb::MintRequest],
+        deadline: tokio::time::Instant,
+    ) {
+        loop {
+            let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            for (i, f) in flights.iter_mut().enumerate() {
+                if f.result.is_some() || f.minted.is_some() {
+                    continue;
+                }
+                match f.candidates.first() {
+                    Some(&idx) => groups
+                        .entry(f.placement[idx].node.clone())
+                        .or_default()
+                        .push(i),
+                    None => f.result = Some(Err(self.no_minter(&f.tracker))),
+                }
+            }
+            if groups.is_empty() {
+                return;
+            }
+            let mut calls = Vec::new();
+            for (node, members) in groups {
+                let replica = self.local_replica(&node);
+                // Queued in batch order: a key's records mint in that order.
+                let answers: Vec<_> = members
+                    .iter()
+                    .map(|&i| mint(&replica, requests[i].clone()))
+                    .collect();
+                // Spawned so that, past our deadline, the calls still run to
+                // their end and a hung replica gets marked dead by its breaker.
+                let call = crate::spawn_traced(async move {
+                    let mut results = Vec::with_capacity(answers.len());
+                    for answer in answers {
+                        results.push(answer.await);
+                    }
+                    results
+                });
+                calls.push((members, call));
+            }
+            for (members, call) in calls {
+                let results = match tokio::time::timeout_at(deadline, call).await {
+                    Ok(Ok(results)) => results,
+                    Ok(Err(join)) => {
+                        let err = GeologError::internal(format!("mint task failed: {join}"));
+                        for &i in &members {
+                            flights[i].result = Some(Err(err.clone()));
+                        }
+                        continue;
+                    }
+                    Err(_) => {
+                        for &i in &members {
+                            let f = &mut flights[i];
+                            let idx = f.candidates[0];
+                            f.tracker.record_timeout(idx);
+                            f.result = Some(Err(f.tracker.failure("write")));
+                        }
+                        continue;
+                    }
+                };
+                for (&i, result) in members.iter().zip(results) {
+                    let f = &mut flights[i];
+                    let idx = f.candidates.remove(0);
+                    match result {
+                        Ok(minted) => {
+                            f.tracker.record_ok(idx);
+                            f.minted = Some((idx, minted));
+                        }
+                        Err(status) => {
+                            let err = GeologError::from_status(&status);
+                            let miss = Miss::of(&status);
+                            if err.code.http_status().is_client_error() {
+                                f.result = Some(Err(err));
+                            } else if miss == Miss::TimedOut {
+                                // May have committed: never minted twice.
+                                f.tracker.record_timeout(idx);
+                                f.result = Some(Err(f.tracker.failure("write")));
+                            } else {
+                                tracing::warn!(replica = %f.placement[idx].node, error = %err.message, "mint failed, trying next replica");
+                                f.tracker.record_failure(idx);
+                                if f.tracker.is_impossible() {
+                                    f.result = Some(Err(f.tracker.failure("write")));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The error of a record no local replica could mint.
+    fn no_minter(&self, tracker: &AckTracker) -> GeologError {
+        if tracker.received() == 0 && !tracker.is_impossible() {
+            return GeologError::new(
+                geolog_core::ErrorCode::Unavailable,
+                format!(
+                    "no replica of region {} is alive to accept the write; use a gateway of another region",
+                    self.region
+                ),
+            );
+        }
+        tracker.failure("write")
+    }
+
+    /// Sends the minted frontiers to every other destination (one call per
+    /// local replica and per remote region) and counts acks until every
+    /// record's level is met or lost, or the deadline passes. Delivery goes
+    /// on after that; a local replica that misses gets hints on the minting
+    /// nodes, a remote region's outbox entries are deleted once all its
+    /// replicas have the records.
+    async fn deliver(
+        &self,
+        flights: &mut [InFlight],
+        level: ConsistencyLevel,
+        deadline: tokio::time::Instant,
+    ) {
+        let mut to_local: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut to_region: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, f) in flights.iter().enumerate() {
+            let Some((mint_idx, _)) = &f.minted else {
+                continue;
+            };
+            for (idx, p) in f.placement.iter().enumerate() {
+                if idx == *mint_idx {
+                    continue;
+                }
+                if p.region == self.region {
+                    to_local.entry(p.node.clone()).or_default().push(i);
+                } else {
+                    let records = to_region.entry(p.region.clone()).or_default();
+                    if records.last() != Some(&i) {
+                        records.push(i);
+                    }
+                }
+            }
+        }
+        let frontier_of = |i: usize| -> Vec<pb::Version> {
+            flights[i]
+                .minted
+                .as_ref()
+                .map(|(_, m)| m.frontier.clone())
+                .unwrap_or_default()
+        };
+        let minter_of = |i: usize| -> String {
+            let f = &flights[i];
+            let (idx, _) = f.minted.as_ref().expect("only minted records are sent");
+            f.placement[*idx].node.clone()
+        };
+        let (tx, mut rx) = mpsc::channel::<Answer>(to_local.len() + to_region.len() + 1);
+        for (node, records) in to_local {
+            let replica = self.local_replica(&node);
+            let versions: Vec<pb::Version> = records.iter().flat_map(|&i| frontier_of(i)).collect();
+            // Hints for this replica, per minting node, if it misses them.
+            let mut hints: BTreeMap<String, Vec<pb::Version>> = BTreeMap::new();
+            for &i in &records {
+                if let Some((_, m)) = &flights[i].minted
+                    && let Some(v) = &m.version
+                {
+                    hints.entry(minter_of(i)).or_default().push(v.clone());
+                }
+            }
+            let holders: Vec<_> = hints
+                .into_iter()
+                .map(|(minter, versions)| (self.local_replica(&minter), versions))
+                .collect();
+            let tx = tx.clone();
+            crate::spawn_traced(async move {
+                let result = apply(&replica, versions).await.map_err(|s| Miss::of(&s));
+                if result.is_err() {
+                    for (holder, versions) in holders {
+                        store_hints(&holder, &replica.node, versions).await;
+                    }
+                }
+                let _ = tx
+                    .send(Answer::Local {
+                        node,
+                        records,
+                        result,
+                    })
+                    .await;
+            });
+        }
+        for (region, records) in to_region {
+            let Some(remote) = self.replicas.remote(&region).cloned() else {
+                continue;
+            };
+            let versions: Vec<pb::Version> = records.iter().flat_map(|&i| frontier_of(i)).collect();
+            // Outbox entries per minting node, deleted once delivered.
+            let mut outbox: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+            for &i in &records {
+                if let Some((_, m)) = &flights[i].minted {
+                    let ids = m.outbox.iter().filter(|e| e.region == region).map(|e| e.id);
+                    outbox.entry(minter_of(i)).or_default().extend(ids);
+                }
+            }
+            let holders: Vec<_> = outbox
+                .into_iter()
+                .map(|(minter, ids)| (self.local_replica(&minter), ids))
+                .collect();
+            let wanted: usize = {
+                let mut nodes: Vec<&str> = records
+                    .iter()
+                    .flat_map(|&i| flights[i].placement.iter())
+                    .filter(|p| p.region == region)
+                    .map(|p| p.node.as_str())
+                    .collect();
+                nodes.sort_unstable();
+                nodes.dedup();
+                nodes.len()
+            };
+            let tx = tx.clone();
+            crate::spawn_traced(async move {
+                let acks = replicate(&remote, versions).await.map_err(|s| Miss::of(&s));
+                let delivered = acks
+                    .as_ref()
+                    .is_ok_and(|acks| acks.iter().filter(|a| a.ok).count() >= wanted);
+                if delivered {
+                    for (holder, ids) in holders {
+                        outbox_done(&holder, ids).await;
+                    }
+                }
+                let _ = tx
+                    .send(Answer::Region {
+                        region,
+                        records,
+                        acks,
+                    })
+                    .await;
+            });
+        }
+        drop(tx);
+
+        let settled =
+            |f: &InFlight| f.result.is_some() || f.tracker.is_met() || f.tracker.is_impossible();
+        while !flights.iter().all(settled) {
+            let answer = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(answer)) => answer,
+                Ok(None) | Err(_) => break,
+            };
+            match answer {
+                Answer::Local {
+                    node,
+                    records,
+                    result,
+                } => {
+                    for i in records {
+                        let f = &mut flights[i];
+                        let Some(idx) = f.placement.iter().position(|p| p.node == node) else {
+                            continue;
+                        };
+                        match result {
+                            Ok(()) => f.tracker.record_ok(idx),
+                            Err(miss) => miss.record(&mut f.tracker, idx),
+                        }
+                    }
+                }
+                Answer::Region {
+                    region,
+                    records,
+                    acks,
+                } => {
+                    let by_node: HashMap<&str, &cpb::ReplicaAck> = match &acks {
+                        Ok(acks) => acks.iter().map(|a| (a.node.as_str(), a)).collect(),
+                        Err(_) => HashMap::new(),
+                    };
+                    for i in records {
+                        let f = &mut flights[i];
+                        for idx in 0..f.placement.len() {
+                            if f.placement[idx].region != region {
+                                continue;
+                            }
+                            match (&acks, by_node.get(f.placement[idx].node.as_str())) {
+                                (_, Some(ack)) if ack.ok => f.tracker.record_ok(idx),
+                                (_, Some(ack)) if ack.timed_out => f.tracker.record_timeout(idx),
+                                (Err(miss), None) => miss.record(&mut f.tracker, idx),
+                                _ => f.tracker.record_failure(idx),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for f in flights.iter_mut() {
+            if f.result.is_some() {
+                continue;
+            }
+            let Some((_, minted)) = f.minted.take() else {
+                continue;
+            };
+            if !f.tracker.is_met() {
+                f.result = Some(Err(f.tracker.failure("write")));
+                continue;
+            }
+            f.result = Some(Ok(Outcome {
+                context: state_vector_of(&minted.frontier).to_token(),
+                version: minted.version,
+                level,
+                acks: f.tracker.details(),
+                siblings: Vec::new(),
+                repaired: 0,
+                replayed: false,
+                hints: 0,
+            }));
+        }
+    }
+}
