@@ -3,7 +3,7 @@
 # local cluster (3 regions x 3 storage nodes, RF 3, fsync on) it starts
 # itself and stops at the end. Results (JSON, SVG) go to OUT.
 #
-#   load-tests/load-test.sh              # levels + ceiling, ~4 minutes
+#   load-tests/load-test.sh              # levels, mixed, hot key, batches, ~4 minutes
 #   SOAK_SECS=600 load-tests/load-test.sh  # also: 10 minutes of steady load, RSS at start and end
 #
 # Environment: DURATION (s per level, 10), CLIENTS (32), BATCH (records per
