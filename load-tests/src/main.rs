@@ -234,6 +234,15 @@ struct BatchCounts {
 }
 
 impl Worker {
+    /// Whether the next request is a read (80 % of the mixed scenario).
+    fn is_read(&self, rng: &mut fastrand::Rng) -> bool {
+        match self.scenario {
+            Scenario::Read => true,
+            Scenario::Mixed => rng.u8(0..10) < 8,
+            Scenario::Write | Scenario::Batch => false,
+        }
+    }
+
     fn record(&self, rng: &mut fastrand::Rng) -> (String, serde_json::Value) {
         let key = format!("load-{}", rng.u64(0..self.keys));
         let value = serde_json::json!({"payload": &*self.payload, "n": rng.u64(..)});
@@ -248,12 +257,7 @@ impl Worker {
         };
         match &self.target {
             Target::Peer(peer) => {
-                let read = match self.scenario {
-                    Scenario::Read => true,
-                    Scenario::Mixed => rng.u8(0..10) < 8,
-                    Scenario::Write | Scenario::Batch => false,
-                };
-                let result = if read {
+                let result = if self.is_read(rng) {
                     let key = format!("load-{}", rng.u64(0..self.keys));
                     peer.read(&key).await.map(|_| 1)
                 } else {
@@ -289,11 +293,7 @@ impl Worker {
         base: &str,
         rng: &mut fastrand::Rng,
     ) -> Answer {
-        let read = match self.scenario {
-            Scenario::Read => true,
-            Scenario::Mixed => rng.u8(0..10) < 8,
-            Scenario::Write | Scenario::Batch => false,
-        };
+        let read = self.is_read(rng);
         let level = &self.level;
         let request = if read {
             let key = format!("load-{}", rng.u64(0..self.keys));

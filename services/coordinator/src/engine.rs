@@ -194,6 +194,35 @@ impl QuorumEngine {
         )
     }
 
+    /// The other regions, which every minted version must still reach.
+    fn remote_region_names(&self) -> Vec<String> {
+        self.replicas
+            .remote_regions()
+            .iter()
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    /// The error of a write no local replica minted: when none was alive
+    /// to try, the client should use a gateway of another region;
+    /// otherwise what the replicas' answers add up to.
+    fn unminted(&self, tracker: &AckTracker, placement: &[Placement]) -> GeologError {
+        let tried_local = placement
+            .iter()
+            .enumerate()
+            .any(|(i, p)| p.region == self.region && tracker.answered(i));
+        if tracker.received() == 0 && !tried_local {
+            return GeologError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "no replica of region {} is alive to accept the write; use a gateway of another region",
+                    self.region
+                ),
+            );
+        }
+        tracker.failure("write")
+    }
+
     fn local_replica(&self, node: &str) -> Arc<Replica> {
         self.replicas
             .local(node)
@@ -235,12 +264,7 @@ impl QuorumEngine {
         };
         let deadline = tokio::time::Instant::now() + self.write_timeout;
         let mut tracker = Self::tracker(requirement, &placement);
-        let remote_regions: Vec<String> = self
-            .replicas
-            .remote_regions()
-            .iter()
-            .map(|r| r.name.clone())
-            .collect();
+        let remote_regions = self.remote_region_names();
 
         // Mint on the first alive local replica that accepts, after the
         // write this one is ordered after has minted (or failed).
@@ -299,17 +323,7 @@ impl QuorumEngine {
             if level == ConsistencyLevel::Any {
                 return self.write_hinted(request, &placement).await;
             }
-            if tracker.received() == 0 && !alive.iter().any(|&i| placement[i].region == self.region)
-            {
-                return Err(GeologError::new(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "no replica of region {} is alive to accept the write; use a gateway of another region",
-                        self.region
-                    ),
-                ));
-            }
-            return Err(tracker.failure("write"));
+            return Err(self.unminted(&tracker, &placement));
         };
         let version = minted
             .version

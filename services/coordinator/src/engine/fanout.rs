@@ -93,12 +93,7 @@ impl QuorumEngine {
                 result,
             });
         }
-        let remote_regions: Vec<String> = self
-            .replicas
-            .remote_regions()
-            .iter()
-            .map(|r| r.name.clone())
-            .collect();
+        let remote_regions = self.remote_region_names();
         let requests: Vec<pb::MintRequest> = records
             .into_iter()
             .map(|r| pb::MintRequest {
@@ -142,7 +137,7 @@ impl QuorumEngine {
                         .entry(f.placement[idx].node.clone())
                         .or_default()
                         .push(i),
-                    None => f.result = Some(Err(self.no_minter(&f.tracker))),
+                    None => f.result = Some(Err(self.unminted(&f.tracker, &f.placement))),
                 }
             }
             if groups.is_empty() {
@@ -216,20 +211,6 @@ impl QuorumEngine {
                 }
             }
         }
-    }
-
-    /// The error of a record no local replica could mint.
-    fn no_minter(&self, tracker: &AckTracker) -> GeologError {
-        if tracker.received() == 0 && !tracker.is_impossible() {
-            return GeologError::new(
-                geolog_core::ErrorCode::Unavailable,
-                format!(
-                    "no replica of region {} is alive to accept the write; use a gateway of another region",
-                    self.region
-                ),
-            );
-        }
-        tracker.failure("write")
     }
 
     /// Sends the minted frontiers to every other destination (one call per
