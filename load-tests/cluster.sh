@@ -18,7 +18,7 @@ start_cluster() {
   "$BIN/geolog" up --data-dir "$dir" --gateway-port 0 "$@" >"$dir.up.log" 2>&1 &
   CLUSTER_PID=$!
   CLUSTER_DIR="$dir"
-  trap stop_cluster EXIT
+  trap on_exit EXIT
   for _ in $(seq 1 600); do
     if grep -q "press Ctrl-C" "$dir.up.log" 2>/dev/null; then return 0; fi
     if ! kill -0 "$CLUSTER_PID" 2>/dev/null; then
@@ -27,6 +27,14 @@ start_cluster() {
     sleep 0.2
   done
   echo "the cluster did not come up within 120 s" >&2; exit 1
+}
+
+# What runs when a script ends: the cluster stops, then a script's own
+# `extra_cleanup` if it defines one (start_cluster installs this trap, so a
+# script's own `trap ... EXIT` would be replaced).
+on_exit() {
+  stop_cluster
+  if declare -F extra_cleanup >/dev/null; then extra_cleanup; fi
 }
 
 stop_cluster() {

@@ -49,8 +49,8 @@ stop_peer() {
     [ -f "$dir/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null 2>&1 || true
   done
 }
-cleanup() { stop_cluster; stop_peer; }
-trap cleanup EXIT
+extra_cleanup() { stop_peer; }
+trap on_exit EXIT
 
 # Same server settings as geolog's storage nodes get from `geolog up`.
 COMMON=(-c listen_addresses=127.0.0.1 -c unix_socket_directories= -c max_connections=100
