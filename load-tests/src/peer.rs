@@ -26,8 +26,10 @@ pub const READ_KEYS: u64 = 5_000;
 impl PeerTarget {
     /// Connects and (re)creates the table `peer_logs`.
     pub async fn connect(url: &str, connections: u32) -> anyhow::Result<Arc<Self>> {
+        // Configured as geolog's own pools are: no ping before each use.
         let pool = PgPoolOptions::new()
             .max_connections(connections)
+            .test_before_acquire(false)
             .connect(url)
             .await
             .with_context(|| format!("connect to the peer at {url}"))?;

@@ -16,8 +16,9 @@ use tracing::{Instrument, Span};
 type Reply<O> = oneshot::Sender<Result<O, tonic::Status>>;
 
 /// A queued item, its caller's answer channel and span (the batch's trace
-/// continues the callers').
-type Queued<I, O> = (I, Reply<O>, Span);
+/// continues the callers'), counted in its destination's backlog until it
+/// is answered.
+type Queued<I, O> = (I, Reply<O>, Span, Counted);
 
 /// How big a batch may grow and how many may be outstanding.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +43,10 @@ impl BatchLimits {
 /// Queues items for one destination and sends them in batches.
 pub struct Batcher<I, O> {
     queue: mpsc::UnboundedSender<Queued<I, O>>,
+    /// `write_queue_items{kind, to}`: items queued or in a call, not yet
+    /// answered (whether or not their callers still wait) — this
+    /// destination's backlog.
+    backlog: metrics::Gauge,
 }
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
@@ -62,8 +67,10 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         Fut: Future<Output = Result<Vec<O>, tonic::Status>> + Send + 'static,
     {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(kind, to.into(), limits, weigh, Arc::new(send), rx));
-        Batcher { queue }
+        let backlog = metrics::gauge!("write_queue_items", "kind" => kind, "to" => to.to_string());
+        let worker = run(kind, to.into(), limits, weigh, Arc::new(send), rx);
+        tokio::spawn(worker);
+        Batcher { queue, backlog }
     }
 }
 
@@ -106,13 +113,30 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         item: I,
     ) -> impl Future<Output = Result<O, tonic::Status>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
-        let queued = self.queue.send((item, reply, Span::current()));
+        let counted = Counted::new(&self.backlog);
+        let queued = self.queue.send((item, reply, Span::current(), counted));
         async move {
             queued.map_err(|_| tonic::Status::unavailable("the batcher has stopped"))?;
             answer
                 .await
                 .unwrap_or_else(|_| Err(tonic::Status::internal("a batch was dropped unanswered")))
         }
+    }
+}
+
+/// One item in a backlog gauge while it lives.
+struct Counted(metrics::Gauge);
+
+impl Counted {
+    fn new(gauge: &metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 
@@ -165,10 +189,12 @@ async fn run<I, O, W, F, Fut>(
             let mut items = Vec::with_capacity(count);
             let mut replies = Vec::with_capacity(count);
             let mut callers = Vec::with_capacity(count);
-            for (item, reply, caller) in batch {
+            let mut counted = Vec::with_capacity(count);
+            for (item, reply, caller, item_counted) in batch {
                 items.push(item);
                 replies.push(reply);
                 callers.push(caller);
+                counted.push(item_counted);
             }
             let span = geolog_telemetry::trace::batch_span(kind, &to, &callers);
             drop(callers);
@@ -193,6 +219,7 @@ async fn run<I, O, W, F, Fut>(
                     }
                 }
             }
+            drop(counted);
             drop(slot);
         });
     }

@@ -161,6 +161,10 @@ pub fn describe_metrics(local: &[String], remote: &[String]) {
         "hinted versions delivered, by target replica"
     );
     describe_gauge!("hints_pending", "hints waiting, by target replica");
+    describe_gauge!(
+        "write_queue_items",
+        "write items queued or in a call to one destination, not yet answered, by kind and destination"
+    );
     describe_counter!(
         "outbox_replayed_total",
         "cross-region outbox versions delivered late, by region"

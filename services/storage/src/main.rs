@@ -30,6 +30,11 @@ struct Args {
     metrics_listen: Option<String>,
 }
 
+// The services allocate and free small buffers on every request from
+// several threads; glibc's allocator spent a fifth of their CPU there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();

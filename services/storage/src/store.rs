@@ -180,20 +180,28 @@ impl VersionStore {
         connect_deadline: Duration,
     ) -> Result<Self, StoreError> {
         let started = tokio::time::Instant::now();
-        // Statements are prepared once per connection, and PostgreSQL
-        // switches them to a generic plan after a few executions: planned
-        // once, not on every call. Every statement here is a point or
-        // range lookup through an index, and a generic plan built from a
-        // young node's near-empty tables would choose sequential scans and
-        // keep them on that connection forever: sequential scans are only
-        // a last resort. JIT compilation costs milliseconds per statement
+        // Statements are prepared once per connection and always run a
+        // generic plan: planned once, not on every call. Left to choose,
+        // PostgreSQL kept re-planning the write statements (their custom
+        // plans looked cheaper than the generic one), and planning cost
+        // twice their execution. Every statement here is a point or range
+        // lookup through an index, and a generic plan built from a young
+        // node's near-empty tables would choose sequential scans and keep
+        // them on that connection forever: sequential scans are only a
+        // last resort. JIT compilation costs milliseconds per statement
         // and never pays off for statements this small.
-        let options = database_url
-            .parse::<PgConnectOptions>()?
-            .options([("enable_seqscan", "off"), ("jit", "off")]);
+        let options = database_url.parse::<PgConnectOptions>()?.options([
+            ("plan_cache_mode", "force_generic_plan"),
+            ("enable_seqscan", "off"),
+            ("jit", "off"),
+        ]);
         let pool = loop {
+            // A connection is not pinged before each use (one more round
+            // trip per statement): a dead one fails its statement, which
+            // answers `Unavailable`, and the pool drops it.
             let attempt = PgPoolOptions::new()
                 .max_connections(settings.max_connections)
+                .test_before_acquire(false)
                 .acquire_timeout(settings.acquire_timeout)
                 .connect_with(options.clone())
                 .await;

@@ -495,3 +495,47 @@ async fn frontiers_in_memory_match_the_database_after_eviction_and_reopen() {
         assert_eq!(cold.frontier(&key).await.unwrap(), vec![last], "{key}");
     }
 }
+
+/// A merge inserts versions whose dots the key's frontier does not cover
+/// without conflict checks, and everything else with them: versions
+/// merged again, and history the frontier has seen but this node never
+/// stored, are each stored once and counted only when new. Should a
+/// version believed new be stored already (here: written by a second
+/// handle on the same database behind the first one's cache), the merge
+/// still succeeds and counts it as not new.
+#[tokio::test]
+async fn merges_store_each_version_once_whether_or_not_it_looks_new() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let store = open(&pg, "n1").await;
+    let first = version("m", "n2", 5, Hlc::new(10, 0), "1", &[]);
+    assert_eq!(store.merge(std::slice::from_ref(&first)).await.unwrap(), 1);
+    assert_eq!(store.merge(std::slice::from_ref(&first)).await.unwrap(), 0);
+    // A newer version that had seen (n3, 1), which never reached this node.
+    let newer = version("m", "n2", 6, Hlc::new(20, 0), "2", &[("n2", 5), ("n3", 1)]);
+    assert_eq!(store.merge(&[newer]).await.unwrap(), 1);
+    let seen_elsewhere = version("m", "n3", 1, Hlc::new(15, 0), "3", &[]);
+    assert_eq!(
+        store
+            .merge(std::slice::from_ref(&seen_elsewhere))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.merge(&[seen_elsewhere]).await.unwrap(), 0);
+    assert_eq!(store.count_versions("m").await.unwrap(), 3);
+    assert_eq!(store.frontier("m").await.unwrap().len(), 1);
+
+    // The first handle caches "o" as empty; a second one stores a version
+    // of it; the first then merges that version, believing it new.
+    assert!(store.frontier("o").await.unwrap().is_empty());
+    let behind = open(&pg, "n9").await;
+    let hidden = version("o", "n2", 7, Hlc::new(30, 0), "4", &[]);
+    assert_eq!(
+        behind.merge(std::slice::from_ref(&hidden)).await.unwrap(),
+        1
+    );
+    assert_eq!(store.merge(&[hidden]).await.unwrap(), 0);
+    assert_eq!(store.count_versions("o").await.unwrap(), 1);
+    behind.close().await;
+    store.close().await;
+}

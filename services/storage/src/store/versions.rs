@@ -228,9 +228,15 @@ impl VersionStore {
             let mut current = self.frontiers_locked(&guard, group).await?;
             let (mut new, mut heads, mut superseded) = (Vec::new(), Vec::new(), Vec::new());
             let mut merged_of: Vec<(String, Vec<StoredVersion>)> = Vec::new();
+            // Every version stored here is covered by its key's frontier:
+            // a dot the frontier does not cover is certainly new, and the
+            // rows of a group of only new dots need no conflict checks.
+            let mut only_new = true;
             for key in group {
                 let current = current.remove(*key).unwrap_or_default();
                 let incoming = &by_key[key];
+                let seen = causal::state_vector(current.iter());
+                only_new &= incoming.iter().all(|v| !seen.covers(&v.dot));
                 let merged = causal::frontier(
                     current
                         .iter()
@@ -259,7 +265,7 @@ impl VersionStore {
                 heads: &heads,
                 superseded: &superseded.iter().collect::<Vec<_>>(),
             };
-            match write.merge(self).await {
+            match write.merge(self, only_new).await {
                 Ok(n) => inserted += n,
                 Err(err) => {
                     group.iter().for_each(|k| guard.forget(k));
@@ -577,14 +583,35 @@ impl StateChange<'_> {
     }
 
     /// Stores versions from other replicas (those already stored are
-    /// skipped); returns how many were new.
-    async fn merge(&self, store: &VersionStore) -> Result<u64, StoreError> {
-        let columns = VersionColumns::of(&self.versions);
-        let query = sqlx::query(concat!(
+    /// skipped); returns how many were new. When `only_new` (no version's
+    /// dot is covered by its key's stored frontier), the rows are inserted
+    /// without conflict checks — a speculative insertion per row and per
+    /// head saved; should one be stored after all, the statement fails as a
+    /// whole and runs again with them.
+    async fn merge(&self, store: &VersionStore, only_new: bool) -> Result<u64, StoreError> {
+        const NEW: &str = concat!(state_ctes!(""), "SELECT count(*) FROM ins_versions");
+        const ANY: &str = concat!(
             state_ctes!("ON CONFLICT DO NOTHING"),
             "SELECT count(*) FROM ins_versions"
-        ));
-        let row = self.bind(query, &columns).fetch_one(&store.pool).await?;
+        );
+        let columns = VersionColumns::of(&self.versions);
+        if only_new {
+            match self
+                .bind(sqlx::query(NEW), &columns)
+                .fetch_one(&store.pool)
+                .await
+            {
+                Ok(row) => return Ok(row.try_get::<i64, _>(0)? as u64),
+                Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                    tracing::warn!(error = %db, "a version believed new was stored already");
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        let row = self
+            .bind(sqlx::query(ANY), &columns)
+            .fetch_one(&store.pool)
+            .await?;
         Ok(row.try_get::<i64, _>(0)? as u64)
     }
 }
