@@ -121,4 +121,8 @@ EOF
 echo
 echo "load generator (open loop, latency from each request's scheduled time):"
 tail -3 "$OUT/sustained-load.txt"
+achieved=$(tail -1 "$OUT/sustained-load.txt" | awk '{print $4}')
+awk -v o="$RATE" -v a="$achieved" 'BEGIN {
+  printf "offered %d records/s, achieved %d (%.0f %%)%s\n", o, a, 100 * a / o,
+    (a < 0.97 * o ? ": it fell behind (see the latency from schedule)" : "") }'
 echo "samples: $SAMPLES"

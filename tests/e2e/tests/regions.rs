@@ -356,6 +356,25 @@ async fn a_region_cut_off_longer_than_the_outbox_window_is_repaired_by_anti_entr
     // The replay worker drops entries older than the window on its next
     // (failing) attempt.
     a.wait_outbox_empty(Duration::from_secs(40)).await;
+    // And no replication call to b is still queued in a's coordinator (one
+    // queued behind the failing ones would be sent once the link heals).
+    let coordinator_a = geolog_launcher::ClusterFile::read(data_dir)
+        .unwrap()
+        .processes
+        .into_iter()
+        .find(|p| p.id == "a-co1")
+        .and_then(|p| p.metrics_url)
+        .expect("a-co1 serves metrics");
+    wait_until(Duration::from_secs(40), || async {
+        let text = a.http.get(&coordinator_a).send().await.unwrap();
+        let text = text.text().await.unwrap();
+        !text.lines().any(|l| {
+            l.starts_with("write_queue_items{")
+                && l.contains("kind=\"replicate\"")
+                && !l.ends_with(" 0")
+        })
+    })
+    .await;
     cluster.cluster.heal();
     tokio::time::sleep(Duration::from_secs(2)).await;
     // A replication call made during the cut may still land once it heals
