@@ -68,8 +68,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     {
         let (queue, rx) = mpsc::unbounded_channel();
         let backlog = metrics::gauge!("write_queue_items", "kind" => kind, "to" => to.to_string());
-        let worker = run(kind, to.into(), limits, weigh, Arc::new(send), rx);
-        tokio::spawn(worker);
+        tokio::spawn(run(kind, to.into(), limits, weigh, Arc::new(send), rx));
         Batcher { queue, backlog }
     }
 }

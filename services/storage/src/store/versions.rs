@@ -596,20 +596,26 @@ impl StateChange<'_> {
         );
         let columns = VersionColumns::of(&self.versions);
         if only_new {
-            match self
-                .bind(sqlx::query(NEW), &columns)
-                .fetch_one(&store.pool)
-                .await
-            {
-                Ok(row) => return Ok(row.try_get::<i64, _>(0)? as u64),
+            match self.count_merged(store, &columns, NEW).await {
+                Ok(inserted) => return Ok(inserted),
                 Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
                     tracing::warn!(error = %db, "a version believed new was stored already");
                 }
                 Err(err) => return Err(err.into()),
             }
         }
+        Ok(self.count_merged(store, &columns, ANY).await?)
+    }
+
+    /// Runs one of the merge statements; returns how many versions it inserted.
+    async fn count_merged(
+        &self,
+        store: &VersionStore,
+        columns: &VersionColumns<'_>,
+        statement: &'static str,
+    ) -> Result<u64, sqlx::Error> {
         let row = self
-            .bind(sqlx::query(ANY), &columns)
+            .bind(sqlx::query(statement), columns)
             .fetch_one(&store.pool)
             .await?;
         Ok(row.try_get::<i64, _>(0)? as u64)
