@@ -3,7 +3,8 @@
 //! breaker); every remote region is reached through one link to that
 //! region's coordinators (one WAN hop per region), whose health reports tell
 //! which of the remote region's replicas are alive. Also owns key placement
-//! (cached with moka) and the health prober.
+//! (cached with quick_cache: a lookup per record written) and the health
+//! prober.
 
 use crate::batch::{BatchLimits, Batcher};
 use crate::breaker::{
@@ -190,7 +191,7 @@ pub struct ReplicaSet {
     /// Every node id in topology order with its region, for health output.
     topology: Vec<(String, String, String)>,
     ring: Ring,
-    placements: moka::sync::Cache<String, Arc<Vec<Placement>>>,
+    placements: quick_cache::sync::Cache<String, Arc<Vec<Placement>>>,
 }
 
 fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, tonic::transport::Error> {
@@ -290,7 +291,7 @@ impl ReplicaSet {
             remote,
             topology,
             ring: config.ring(),
-            placements: moka::sync::Cache::new(settings.placement_cache_capacity),
+            placements: quick_cache::sync::Cache::new(settings.placement_cache_capacity as usize),
         })
     }
 
