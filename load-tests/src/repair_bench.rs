@@ -91,8 +91,9 @@ async fn run(args: &Args, cluster: &mut RunningCluster) -> anyhow::Result<()> {
 
     // (a) one version missing on the second node.
     let missing = format!("bench-{}", args.versions / 2);
-    sqlx::query("DELETE FROM versions WHERE key = $1")
+    sqlx::query("DELETE FROM versions WHERE token = $2 AND key = $1")
         .bind(&missing)
+        .bind(tree_token(&missing))
         .execute(&pools[1])
         .await?;
     for pool in &pools {
@@ -209,8 +210,8 @@ async fn load(pools: &[PgPool], n: u64, value_bytes: usize) -> anyhow::Result<()
                 "WITH v AS (INSERT INTO versions (key, node, seq, hlc, value, context, token, vhash) \
                  SELECT k, $2, s, $3, $4::json, '{}'::jsonb, t, h \
                  FROM UNNEST($1::text[], $5::bigint[], $6::bigint[], $7::bigint[]) AS u(k, s, t, h) \
-                 RETURNING key, node, seq) \
-                 INSERT INTO heads (key, node, seq) SELECT * FROM v",
+                 RETURNING key, node, seq, hlc) \
+                 INSERT INTO heads (key, node, seq, hlc) SELECT * FROM v",
             )
             .bind(&keys)
             .bind(MINTER)

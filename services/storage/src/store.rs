@@ -274,8 +274,9 @@ impl VersionStore {
     /// How many versions of `key` this node holds (history included).
     pub async fn count_versions(&self, key: &str) -> Result<i64, StoreError> {
         Ok(
-            sqlx::query_scalar("SELECT count(*) FROM versions WHERE key = $1")
+            sqlx::query_scalar("SELECT count(*) FROM versions WHERE token = $2 AND key = $1")
                 .bind(key)
+                .bind(geolog_core::merkle::tree_token(key))
                 .fetch_one(&self.pool)
                 .await?,
         )

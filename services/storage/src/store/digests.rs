@@ -1,5 +1,6 @@
 //! Anti-entropy's view of the versions: digests of tree buckets computed
-//! by aggregation inside PostgreSQL (index-only over `versions_token`),
+//! by aggregation inside PostgreSQL (index-only over `versions_place`, which
+//! leads with the tree token),
 //! and the versions of whole token ranges.
 
 use super::{StoreError, StoredVersion, VersionStore, version_from_row};
@@ -60,40 +61,69 @@ impl VersionStore {
 }
 
 /// Fills the tree columns of rows written before they existed (migration
-/// 0007), a batch at a time.
+/// 0007), a batch at a time — versions (found, and updated, through the
+/// `token IS NULL` end of their index), then the hints and outbox entries
+/// that name them (migration 0010 copied the tokens that existed).
 pub(super) async fn fill_tree_columns(pool: &PgPool) -> Result<(), StoreError> {
     loop {
-        let rows: Vec<(String, String, i64)> =
-            sqlx::query_as("SELECT key, node, seq FROM versions WHERE token IS NULL LIMIT 5000")
-                .fetch_all(pool)
-                .await?;
+        let rows: Vec<(String, i64, String, i64)> = sqlx::query_as(
+            "SELECT key, hlc, node, seq FROM versions WHERE token IS NULL \
+             ORDER BY token, key, hlc, node, seq LIMIT 5000",
+        )
+        .fetch_all(pool)
+        .await?;
         if rows.is_empty() {
-            return Ok(());
+            break;
         }
-        let tokens: Vec<i64> = rows.iter().map(|(k, _, _)| tree_token(k)).collect();
+        let tokens: Vec<i64> = rows.iter().map(|(k, _, _, _)| tree_token(k)).collect();
         let vhashes: Vec<i64> = rows
             .iter()
-            .map(|(k, n, q)| version_hash(k, n, *q as u64))
+            .map(|(k, _, n, q)| version_hash(k, n, *q as u64))
             .collect();
-        let (keys, nodes, seqs): (Vec<String>, Vec<String>, Vec<i64>) =
-            rows.into_iter()
-                .fold(Default::default(), |mut acc, (k, n, q)| {
-                    acc.0.push(k);
-                    acc.1.push(n);
-                    acc.2.push(q);
-                    acc
-                });
+        let mut columns: (Vec<String>, Vec<i64>, Vec<String>, Vec<i64>) = Default::default();
+        for (k, h, n, q) in rows {
+            columns.0.push(k);
+            columns.1.push(h);
+            columns.2.push(n);
+            columns.3.push(q);
+        }
         sqlx::query(
             "UPDATE versions v SET token = t.tk, vhash = t.vh \
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) AS t(k, n, s, tk, vh) \
-             WHERE v.key = t.k AND v.node = t.n AND v.seq = t.s",
+             FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) \
+                  AS t(k, h, n, s, tk, vh) \
+             WHERE v.token IS NULL AND v.key = t.k AND v.hlc = t.h AND v.node = t.n AND v.seq = t.s",
         )
-        .bind(keys)
-        .bind(nodes)
-        .bind(seqs)
+        .bind(columns.0)
+        .bind(columns.1)
+        .bind(columns.2)
+        .bind(columns.3)
         .bind(tokens)
         .bind(vhashes)
         .execute(pool)
         .await?;
     }
+    const QUEUES: [(&str, &str); 2] = [
+        (
+            "SELECT DISTINCT key FROM hints WHERE token IS NULL",
+            "UPDATE hints q SET token = t.tk FROM UNNEST($1::text[], $2::bigint[]) AS t(k, tk) \
+             WHERE q.token IS NULL AND q.key = t.k",
+        ),
+        (
+            "SELECT DISTINCT key FROM outbox WHERE token IS NULL",
+            "UPDATE outbox q SET token = t.tk FROM UNNEST($1::text[], $2::bigint[]) AS t(k, tk) \
+             WHERE q.token IS NULL AND q.key = t.k",
+        ),
+    ];
+    for (select, update) in QUEUES {
+        let keys: Vec<String> = sqlx::query_scalar(select).fetch_all(pool).await?;
+        for chunk in keys.chunks(5_000) {
+            let tokens: Vec<i64> = chunk.iter().map(|k| tree_token(k)).collect();
+            sqlx::query(update)
+                .bind(chunk)
+                .bind(tokens)
+                .execute(pool)
+                .await?;
+        }
+    }
+    Ok(())
 }

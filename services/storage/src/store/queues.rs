@@ -5,6 +5,7 @@
 //! key's current frontier, so receivers merge whole states.
 
 use super::{Queue, StoreError, StoredVersion, VersionStore, version_from_row};
+use geolog_core::merkle::tree_token;
 use sqlx::Row;
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -24,7 +25,8 @@ impl VersionStore {
         }
         let rows = sqlx::query(
             "SELECT o.id, v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
-             FROM outbox o JOIN versions v ON (v.key, v.node, v.seq) = (o.key, o.node, o.seq) \
+             FROM outbox o JOIN versions v \
+               ON v.token = o.token AND (v.key, v.hlc, v.node, v.seq) = (o.key, o.hlc, o.node, o.seq) \
              WHERE o.region = $1 AND o.created_at <= now() - make_interval(secs => $3) \
              ORDER BY o.id LIMIT $2",
         )
@@ -71,16 +73,22 @@ impl VersionStore {
         let keys: Vec<&str> = versions.iter().map(|v| v.key.as_str()).collect();
         let nodes: Vec<&str> = versions.iter().map(|v| v.dot.node.as_str()).collect();
         let seqs: Vec<i64> = versions.iter().map(|v| v.dot.seq as i64).collect();
-        // Only versions this node holds can be hinted (the foreign key).
+        let hlcs: Vec<i64> = versions.iter().map(|v| v.hlc.packed() as i64).collect();
+        let tokens: Vec<i64> = versions.iter().map(|v| tree_token(&v.key)).collect();
+        // Only versions this node holds can be hinted.
         let result = sqlx::query(
-            "INSERT INTO hints (target, key, node, seq) \
-             SELECT $1, t.k, t.n, t.s FROM UNNEST($2::text[], $3::text[], $4::bigint[]) AS t(k, n, s) \
-             WHERE EXISTS (SELECT 1 FROM versions v WHERE (v.key, v.node, v.seq) = (t.k, t.n, t.s))",
+            "INSERT INTO hints (target, key, node, seq, hlc, token) \
+             SELECT $1, t.k, t.n, t.s, t.h, t.tk \
+             FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) AS t(k, n, s, h, tk) \
+             WHERE EXISTS (SELECT 1 FROM versions v \
+                           WHERE v.token = t.tk AND (v.key, v.hlc, v.node, v.seq) = (t.k, t.h, t.n, t.s))",
         )
         .bind(target)
         .bind(keys)
         .bind(nodes)
         .bind(seqs)
+        .bind(hlcs)
+        .bind(tokens)
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected())
@@ -98,7 +106,8 @@ impl VersionStore {
         let rows = sqlx::query(
             "SELECT h.id, v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, \
                     v.idempotency_key, v.body_hash \
-             FROM hints h JOIN versions v ON (v.key, v.node, v.seq) = (h.key, h.node, h.seq) \
+             FROM hints h JOIN versions v \
+               ON v.token = h.token AND (v.key, v.hlc, v.node, v.seq) = (h.key, h.hlc, h.node, h.seq) \
              WHERE h.target = $1 ORDER BY h.id LIMIT $2",
         )
         .bind(target)

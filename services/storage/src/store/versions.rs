@@ -346,13 +346,16 @@ impl VersionStore {
     /// planner may hash-join a whole-table scan of `versions`, whose cost
     /// grows with the history, not with the batch.
     async fn load_frontiers(&self, keys: &[&str]) -> Result<Frontiers, StoreError> {
+        let tokens: Vec<i64> = keys.iter().map(|k| tree_token(k)).collect();
         let rows = sqlx::query(
             "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
-             FROM heads h CROSS JOIN LATERAL (SELECT * FROM versions v \
-                  WHERE (v.key, v.node, v.seq) = (h.key, h.node, h.seq) LIMIT 1) v \
-             WHERE h.key = ANY($1) ORDER BY v.key, v.node, v.seq",
+             FROM UNNEST($1::text[], $2::bigint[]) AS t(k, tk) JOIN heads h ON h.key = t.k \
+             CROSS JOIN LATERAL (SELECT * FROM versions v \
+                  WHERE v.token = t.tk AND (v.key, v.hlc, v.node, v.seq) = (h.key, h.hlc, h.node, h.seq) LIMIT 1) v \
+             ORDER BY v.key, v.node, v.seq",
         )
         .bind(keys)
+        .bind(tokens)
         .fetch_all(&self.pool)
         .await?;
         let mut frontiers = Frontiers::new();
@@ -409,7 +412,7 @@ impl VersionStore {
         let (before, after) = (bound(before), bound(after));
         let rows = sqlx::query(
             "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash FROM versions \
-             WHERE key = $1 \
+             WHERE token = $9 AND key = $1 \
                AND ($2::bigint IS NULL OR (hlc, node, seq) < ($2, $3::text, $4::bigint)) \
                AND ($5::bigint IS NULL OR (hlc, node, seq) > ($5, $6::text, $7::bigint)) \
              ORDER BY hlc DESC, node DESC, seq DESC LIMIT $8",
@@ -422,6 +425,7 @@ impl VersionStore {
         .bind(after.as_ref().map(|a| a.1.clone()))
         .bind(after.as_ref().map(|a| a.2))
         .bind(i64::from(limit))
+        .bind(tree_token(key))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(version_from_row).collect()
@@ -489,9 +493,15 @@ fn dots<'a>(versions: &[&'a StoredVersion]) -> (Vec<&'a str>, Vec<&'a str>, Vec<
     )
 }
 
-/// The version rows ($1-$10), heads ($11-$13) and superseded heads
-/// ($14-$16) of a state change, as CTEs; `ON CONFLICT` only for merges
-/// (freshly minted dots are new: a speculative insertion per row saved).
+/// The timestamps of versions as an array.
+fn hlcs(versions: &[&StoredVersion]) -> Vec<i64> {
+    versions.iter().map(|v| v.hlc.packed() as i64).collect()
+}
+
+/// The version rows ($1-$10), heads ($11-$14, with their timestamps) and
+/// superseded heads ($15-$17) of a state change, as CTEs; `ON CONFLICT`
+/// only for merges (freshly minted dots are new: a speculative insertion
+/// per row saved).
 macro_rules! state_ctes {
     ($conflict:literal) => {
         concat!(
@@ -500,10 +510,10 @@ macro_rules! state_ctes {
                                     $6::text[]::jsonb[], $7::text[], $8::text[], $9::bigint[], $10::bigint[]) ",
             $conflict,
             " RETURNING 1), \
-             ins_heads AS (INSERT INTO heads (key, node, seq) SELECT * FROM UNNEST($11::text[], $12::text[], $13::bigint[]) ",
+             ins_heads AS (INSERT INTO heads (key, node, seq, hlc) SELECT * FROM UNNEST($11::text[], $12::text[], $13::bigint[], $14::bigint[]) ",
             $conflict,
             "), \
-             del_heads AS (DELETE FROM heads USING UNNEST($14::text[], $15::text[], $16::bigint[]) AS t(k, n, s) \
+             del_heads AS (DELETE FROM heads USING UNNEST($15::text[], $16::text[], $17::bigint[]) AS t(k, n, s) \
                WHERE heads.key = t.k AND heads.node = t.n AND heads.seq = t.s) "
         )
     };
@@ -531,6 +541,7 @@ impl StateChange<'_> {
             .bind(head_keys)
             .bind(head_nodes)
             .bind(head_seqs)
+            .bind(hlcs(self.heads))
             .bind(gone_keys)
             .bind(gone_nodes)
             .bind(gone_seqs)
@@ -547,11 +558,14 @@ impl StateChange<'_> {
         let outbox_keys: Vec<&str> = outbox.iter().map(|(i, _)| columns.keys[*i]).collect();
         let outbox_nodes: Vec<&str> = outbox.iter().map(|(i, _)| columns.nodes[*i]).collect();
         let outbox_seqs: Vec<i64> = outbox.iter().map(|(i, _)| columns.seqs[*i]).collect();
+        let outbox_hlcs: Vec<i64> = outbox.iter().map(|(i, _)| columns.hlcs[*i]).collect();
+        let outbox_tokens: Vec<i64> = outbox.iter().map(|(i, _)| columns.tokens[*i]).collect();
         let regions: Vec<&str> = outbox.iter().map(|(_, r)| r.as_str()).collect();
         let query = sqlx::query(concat!(
             state_ctes!(""),
-            "INSERT INTO outbox (region, key, node, seq) \
-             SELECT r, k, n, s FROM UNNEST($17::text[], $18::text[], $19::bigint[], $20::text[]) AS t(k, n, s, r) \
+            "INSERT INTO outbox (region, key, node, seq, hlc, token) \
+             SELECT r, k, n, s, h, tk FROM UNNEST($18::text[], $19::text[], $20::bigint[], $21::text[], $22::bigint[], $23::bigint[]) \
+                  AS t(k, n, s, r, h, tk) \
              RETURNING id, seq, region"
         ));
         let rows = self
@@ -560,6 +574,8 @@ impl StateChange<'_> {
             .bind(outbox_nodes)
             .bind(&outbox_seqs)
             .bind(&regions)
+            .bind(outbox_hlcs)
+            .bind(outbox_tokens)
             .fetch_all(&store.pool)
             .await?;
         let returned: Vec<(i64, i64, String)> = rows
