@@ -224,6 +224,13 @@ pub struct GatewaySettings {
     pub max_batch_bytes: usize,
     /// Most records in one batch (more → 413).
     pub max_batch_records: usize,
+    /// Single writes (and reads) arriving while earlier ones are in flight
+    /// are sent to the coordinators together, as one batch call per level:
+    /// at most this many per call (1: every request alone).
+    pub coalesce_max: usize,
+    /// Such calls outstanding at once, per level (and for writes and reads
+    /// each).
+    pub coalesce_in_flight: usize,
 }
 
 impl Default for GatewaySettings {
@@ -234,6 +241,8 @@ impl Default for GatewaySettings {
             concurrency_limit: 1024,
             max_batch_bytes: 16 * 1024 * 1024,
             max_batch_records: 10_000,
+            coalesce_max: 256,
+            coalesce_in_flight: 2,
         }
     }
 }
@@ -395,8 +404,10 @@ impl GeologConfig {
             || self.gateway.concurrency_limit == 0
             || self.gateway.max_batch_bytes == 0
             || !(1..=10_000).contains(&self.gateway.max_batch_records)
+            || !(1..=10_000).contains(&self.gateway.coalesce_max)
+            || self.gateway.coalesce_in_flight == 0
         {
-            return invalid("ring.vnodes, gateway.max_body_bytes, gateway.concurrency_limit and gateway.max_batch_bytes must be greater than 0, gateway.max_batch_records 1 to 10000".into());
+            return invalid("ring.vnodes, gateway.max_body_bytes, gateway.concurrency_limit, gateway.max_batch_bytes and gateway.coalesce_in_flight must be greater than 0, gateway.max_batch_records and gateway.coalesce_max 1 to 10000".into());
         }
         if self.storage.pool_max_connections == 0 {
             return invalid("storage.pool_max_connections must be greater than 0".into());

@@ -133,6 +133,12 @@ pub fn prometheus() -> PrometheusHandle {
                     10.0,
                 ])
                 .expect("bucket list is not empty")
+                // Counts, not seconds: records per group-commit batch.
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full("write_batch_records".into()),
+                    &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
+                )
+                .expect("bucket list is not empty")
                 .install_recorder()
                 .expect("no other metrics recorder is installed in this process");
             let upkeep = handle.clone();

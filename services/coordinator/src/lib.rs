@@ -2,7 +2,6 @@
 //! places keys on replicas, fans writes and reads out, counts answers per
 //! region and detects dead replicas. It stores nothing itself.
 
-pub mod batch;
 pub mod breaker;
 pub mod engine;
 pub mod observe;

@@ -6,10 +6,10 @@
 //! (cached with quick_cache: a lookup per record written) and the health
 //! prober.
 
-use crate::batch::{BatchLimits, Batcher};
 use crate::breaker::{
     CircuitBreaker, CircuitBreakerLayer, HealthBoard, ReplicaHealth, ReplicaState,
 };
+use geolog_batch::{BatchLimits, Batcher};
 use geolog_config::GeologConfig;
 use geolog_core::Ring;
 use geolog_core::ring::Placement;
@@ -45,7 +45,7 @@ pub struct Replica {
     pub batches: ReplicaBatches,
 }
 
-/// The write path's calls to one local node, batched (see [`crate::batch`]).
+/// The write path's calls to one local node, batched (see [`geolog_batch`]).
 pub struct ReplicaBatches {
     /// One `MintBatch` call (one transaction) for the queued records.
     pub mint: Batcher<pb::MintRequest, pb::MintResult>,
@@ -209,7 +209,12 @@ impl ReplicaSet {
     pub fn new(config: &GeologConfig, local_region: &str) -> Result<Self, tonic::transport::Error> {
         let settings = &config.coordinator;
         let board = HealthBoard::new(settings.circuit_open());
-        let limits = BatchLimits::from(settings);
+        let limits = BatchLimits {
+            max_items: settings.write_batch_max as usize,
+            // Well under the gRPC message limit, whatever the items.
+            max_bytes: MAX_MESSAGE_BYTES / 4,
+            in_flight: settings.write_batch_in_flight as usize,
+        };
         let breaker_stack = |state: &Arc<ReplicaState>, channel: Channel, timeout: Duration| {
             tower::ServiceBuilder::new()
                 .layer(GrpcClientLayer::new(&state.node))

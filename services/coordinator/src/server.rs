@@ -66,6 +66,33 @@ fn log_failure(op: &'static str, key: &str, err: &GeologError) {
 /// Records per `WriteBatch` call.
 pub const MAX_WRITE_BATCH: usize = 10_000;
 
+/// Reads per `ReadBatch` call.
+pub const MAX_READ_BATCH: usize = 10_000;
+
+/// One read of `key`'s current value at `level`, in its own request span.
+async fn read_one(
+    engine: &QuorumEngine,
+    key: &str,
+    level: ConsistencyLevel,
+) -> Result<pb::ReadResponse, GeologError> {
+    let outcome = observed(
+        "read",
+        engine.region(),
+        key,
+        level.as_str(),
+        engine.read(key, level),
+    )
+    .await?;
+    Ok(pb::ReadResponse {
+        acks: Some(acks(&outcome)),
+        consistency: outcome.level.to_string(),
+        version: outcome.version,
+        siblings: outcome.siblings,
+        context: outcome.context,
+        repaired: outcome.repaired,
+    })
+}
+
 /// One write, at `level` (the record's own level is ignored).
 async fn write_one(
     engine: &QuorumEngine,
@@ -188,7 +215,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         // all but the keys that carry idempotency keys: those records are
         // written one by one (each needs its own lookup of an earlier
         // write), still in batch order per key; so are all records at
-        // `ANY` (a record no replica takes is held as hints).
+        // `ANY` (a record no replica takes is held as hints), and a batch of
+        // one — how a gateway sends a lone single write — which keeps its
+        // own request span (key, acks) and needs no batch bookkeeping.
         let count = req.records.len();
         let idempotent_keys: HashSet<&str> = req
             .records
@@ -199,7 +228,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let single: Vec<bool> = req
             .records
             .iter()
-            .map(|r| level == ConsistencyLevel::Any || idempotent_keys.contains(r.key.as_str()))
+            .map(|r| {
+                count == 1
+                    || level == ConsistencyLevel::Any
+                    || idempotent_keys.contains(r.key.as_str())
+            })
             .collect();
         drop(idempotent_keys);
         let mut results: Vec<Option<Result<pb::WriteResponse, GeologError>>> = vec![None; count];
@@ -283,23 +316,61 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .engine
             .level(&req.consistency)
             .map_err(|e| fail("read", &req.key, e))?;
-        let outcome = observed(
-            "read",
-            self.engine.region(),
-            &req.key,
-            level.as_str(),
-            self.engine.read(&req.key, level),
-        )
-        .await
-        .map_err(|e| fail("read", &req.key, e))?;
-        Ok(Response::new(pb::ReadResponse {
-            acks: Some(acks(&outcome)),
-            consistency: outcome.level.to_string(),
-            version: outcome.version,
-            siblings: outcome.siblings,
-            context: outcome.context,
-            repaired: outcome.repaired,
-        }))
+        let read = read_one(&self.engine, &req.key, level)
+            .await
+            .map_err(|e| fail("read", &req.key, e))?;
+        Ok(Response::new(read))
+    }
+
+    async fn read_batch(
+        &self,
+        request: Request<pb::ReadBatchRequest>,
+    ) -> Result<Response<pb::ReadBatchResponse>, Status> {
+        let req = request.into_inner();
+        let level = self
+            .engine
+            .level(&req.consistency)
+            .map_err(|e| fail("read_batch", "", e))?;
+        if req.reads.len() > MAX_READ_BATCH {
+            let err = GeologError::new(
+                ErrorCode::InvalidRequest,
+                format!("at most {MAX_READ_BATCH} reads per batch"),
+            );
+            return Err(fail("read_batch", "", err));
+        }
+        // Every read runs at once, each as if alone: the batch only saves
+        // the calls between gateway and coordinator.
+        let mut results: Vec<Option<pb::ReadResult>> = vec![None; req.reads.len()];
+        let mut reads = tokio::task::JoinSet::new();
+        for (index, read) in req.reads.into_iter().enumerate() {
+            let engine = self.engine.clone();
+            reads.spawn_traced(async move {
+                let result = read_one(&engine, &read.key, level).await;
+                if let Err(err) = &result {
+                    log_failure("read_batch", &read.key, err);
+                }
+                (index, result)
+            });
+        }
+        while let Some(done) = reads.join_next().await {
+            let (index, result) =
+                done.map_err(|e| Status::internal(format!("a batch read task failed: {e}")))?;
+            results[index] = Some(match result {
+                Ok(read) => pb::ReadResult {
+                    read: Some(read),
+                    error_json: Vec::new(),
+                },
+                Err(err) => pb::ReadResult {
+                    read: None,
+                    error_json: err.to_json_bytes(),
+                },
+            });
+        }
+        let results = results
+            .into_iter()
+            .map(|r| r.expect("every read has a result"))
+            .collect();
+        Ok(Response::new(pb::ReadBatchResponse { results }))
     }
 
     async fn history(

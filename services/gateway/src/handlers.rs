@@ -239,15 +239,8 @@ pub async fn write(
         ErrorCode::InvalidRequest,
     )?;
     let key = body.key.clone();
-    let mut client = state.coordinator.clone();
-    let mut request = tonic::Request::new(write_request(
-        body,
-        context,
-        idempotency_key,
-        level_name(&query),
-    )?);
-    request.set_timeout(state.request_timeout);
-    let answer = client.write(request).await?.into_inner();
+    let request = write_request(body, context, idempotency_key, level_name(&query))?;
+    let answer = state.writes.call(request).await?;
     Ok((StatusCode::CREATED, Json(write_answer(key, answer)?)).into_response())
 }
 
@@ -424,13 +417,13 @@ pub async fn read_batch_key(
 
 async fn read_key(state: AppState, key: String, raw: Option<String>) -> Result<Response, ApiError> {
     let query = extract::parse_query(raw.as_deref(), extract::LOG_PARAMS)?;
-    let mut client = state.coordinator.clone();
-    let mut request = tonic::Request::new(cpb::ReadRequest {
-        key: key.clone(),
-        consistency: level_name(&query),
-    });
-    request.set_timeout(state.request_timeout);
-    let answer = client.read(request).await?.into_inner();
+    let answer = state
+        .reads
+        .call(cpb::ReadRequest {
+            key: key.clone(),
+            consistency: level_name(&query),
+        })
+        .await?;
     let Some(version) = answer.version.as_ref() else {
         return Err(ApiError::new(
             ErrorCode::NotFound,

@@ -3,6 +3,7 @@
 //! health, and forwards to its region's coordinators over gRPC, balancing
 //! across them. It holds no data.
 
+pub mod coalesce;
 pub mod error;
 pub mod extract;
 pub mod handlers;
@@ -16,10 +17,12 @@ use axum::routing::{get, post};
 use error::ApiError;
 use geolog_config::GeologConfig;
 use geolog_core::ErrorCode;
+use geolog_proto::coordinator as cpb;
 use geolog_proto::coordinator::coordinator_client::CoordinatorClient;
 use geolog_telemetry::trace::{GrpcClient, GrpcClientLayer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tower::{BoxError, Layer, ServiceBuilder};
@@ -34,6 +37,10 @@ pub struct AppState {
     /// Balanced across the region's coordinators (traced and timed as
     /// peer `coordinators:REGION`).
     pub coordinator: CoordinatorClient<GrpcClient<Channel>>,
+    /// Single writes and reads, coalesced into `WriteBatch` and
+    /// `ReadBatch` calls on `coordinator`.
+    pub writes: Arc<coalesce::Coalescer<cpb::WriteRequest>>,
+    pub reads: Arc<coalesce::Coalescer<cpb::ReadRequest>>,
     /// One client per coordinator, for health.
     pub coordinator_probes: Vec<(String, String, CoordinatorClient<Channel>)>,
     pub max_body_bytes: usize,
@@ -85,15 +92,34 @@ impl AppState {
                 ))
             })
             .collect::<Result<Vec<_>, BoxError>>()?;
+        let request_timeout = Duration::from_millis(config.gateway.request_timeout_ms);
+        fn coalescer<R: coalesce::Coalesced>(
+            client: &CoordinatorClient<GrpcClient<Channel>>,
+            region: &str,
+            settings: &geolog_config::GatewaySettings,
+            timeout: Duration,
+        ) -> Arc<coalesce::Coalescer<R>> {
+            Arc::new(coalesce::Coalescer::new(
+                client.clone(),
+                region,
+                settings.coalesce_max,
+                settings.coalesce_in_flight,
+                timeout,
+            ))
+        }
+        let writes = coalescer(&coordinator, &region.name, &config.gateway, request_timeout);
+        let reads = coalescer(&coordinator, &region.name, &config.gateway, request_timeout);
         Ok(AppState {
             id: id.to_string(),
             region: region.name.clone(),
             coordinator,
+            writes,
+            reads,
             coordinator_probes,
             max_body_bytes: config.gateway.max_body_bytes,
             max_batch_bytes: config.gateway.max_batch_bytes,
             max_batch_records: config.gateway.max_batch_records,
-            request_timeout: Duration::from_millis(config.gateway.request_timeout_ms),
+            request_timeout,
             prometheus,
             anti_entropy: region
                 .anti_entropy

@@ -26,7 +26,7 @@ impl StorageService {
 pub fn to_proto(v: StoredVersion) -> pb::Version {
     pb::Version {
         key: v.key,
-        value_json: v.value_json,
+        value_json: v.value_json.to_string(),
         timestamp: Some(pb::Hlc {
             packed: v.hlc.packed(),
         }),
@@ -70,7 +70,7 @@ pub fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
     }
     Ok(StoredVersion {
         key: v.key,
-        value_json: v.value_json,
+        value_json: v.value_json.into(),
         hlc: Hlc::from_packed(ts.packed),
         dot: Dot::new(dot.node, dot.seq),
         context: VersionVector(v.context.into_iter().collect()),

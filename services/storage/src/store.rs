@@ -20,6 +20,7 @@ use geolog_core::causal::{Causal, Dot, VersionVector};
 use geolog_core::{ErrorCode, GeologError, Hlc, HlcClock};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -27,7 +28,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredVersion {
     pub key: String,
-    pub value_json: String,
+    /// Shared, not copied: a version's value is held by the cache, the
+    /// frontiers computed from it and the statement that stores it.
+    pub value_json: Arc<str>,
     pub hlc: Hlc,
     pub dot: Dot,
     /// What the writer had seen; the version supersedes what this covers.
@@ -302,7 +305,7 @@ pub(crate) fn version_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredVers
     })?;
     Ok(StoredVersion {
         key: row.try_get("key")?,
-        value_json: row.try_get("value")?,
+        value_json: row.try_get::<String, _>("value")?.into(),
         hlc: Hlc::from_packed(row.try_get::<i64, _>("hlc")? as u64),
         dot: Dot::new(
             row.try_get::<String, _>("node")?,

@@ -64,7 +64,7 @@ async fn sequential_mints_replace_and_every_version_is_kept() {
     );
     // The JSON comes back byte for byte, whitespace included.
     assert_eq!(
-        store.frontier("k").await.unwrap()[0].value_json,
+        &*store.frontier("k").await.unwrap()[0].value_json,
         "[1, 2,  3]"
     );
     assert!(store.frontier("absent").await.unwrap().is_empty());

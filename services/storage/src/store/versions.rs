@@ -135,7 +135,7 @@ impl VersionStore {
                     .context
                     .unwrap_or_else(|| causal::state_vector(current.iter())),
                 key: input.key,
-                value_json: input.value_json,
+                value_json: input.value_json.into(),
                 hlc: self.clock.now(),
                 dot: Dot::new(self.node.clone(), seq),
                 idempotency: input.idempotency,
@@ -462,7 +462,7 @@ impl<'a> VersionColumns<'a> {
             nodes: versions.iter().map(|v| v.dot.node.as_str()).collect(),
             seqs: versions.iter().map(|v| v.dot.seq as i64).collect(),
             hlcs: versions.iter().map(|v| v.hlc.packed() as i64).collect(),
-            values: versions.iter().map(|v| v.value_json.as_str()).collect(),
+            values: versions.iter().map(|v| &*v.value_json).collect(),
             contexts: versions
                 .iter()
                 .map(|v| serde_json::to_string(&v.context).expect("a version vector serializes"))

@@ -1,7 +1,7 @@
-//! Group commit on the write path. Every destination a write touches — a
-//! local replica (mint, apply, outbox cleanup) or a remote region
-//! (replicate) — has a [`Batcher`]: callers queue one item each and await
-//! its answer; a worker sends whatever is queued as one call (one gRPC
+//! Group commit on the write path. Every destination a write touches — the
+//! gateway's calls to its coordinators, a coordinator's to a local replica
+//! (mint, apply, outbox cleanup) or a remote region (replicate) — has a
+//! [`Batcher`]: callers queue one item each and await its answer; a worker sends whatever is queued as one call (one gRPC
 //! message, one PostgreSQL transaction on the node), with at most
 //! `in_flight` calls outstanding per destination. Nothing waits for a batch
 //! to fill: an idle destination sends a lone item at once, a busy one
@@ -27,17 +27,6 @@ pub struct BatchLimits {
     /// Payload bytes per batch (a lone larger item still goes alone).
     pub max_bytes: usize,
     pub in_flight: usize,
-}
-
-impl BatchLimits {
-    pub fn from(settings: &geolog_config::CoordinatorSettings) -> Self {
-        BatchLimits {
-            max_items: settings.write_batch_max as usize,
-            // Well under the gRPC message limit, whatever the items.
-            max_bytes: crate::replicas::MAX_MESSAGE_BYTES / 4,
-            in_flight: settings.write_batch_in_flight as usize,
-        }
-    }
 }
 
 /// Queues items for one destination and sends them in batches.
