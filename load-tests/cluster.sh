@@ -31,10 +31,20 @@ start_cluster() {
 
 # What runs when a script ends: the cluster stops, then a script's own
 # `extra_cleanup` if it defines one (start_cluster installs this trap, so a
-# script's own `trap ... EXIT` would be replaced).
+# script's own `trap ... EXIT` would be replaced); then the script's
+# scratch directory `WORK` (clusters' data: gigabytes after a load run)
+# goes, unless the script failed or KEEP_WORK=1 — then it is kept and named.
 on_exit() {
+  local status=$?
   stop_cluster
   if declare -F extra_cleanup >/dev/null; then extra_cleanup; fi
+  if [ -n "${WORK:-}" ] && [ -d "$WORK" ]; then
+    if [ "$status" = 0 ] && [ "${KEEP_WORK:-0}" != 1 ]; then
+      rm -rf "$WORK"
+    else
+      echo "data and logs kept in $WORK" >&2
+    fi
+  fi
 }
 
 stop_cluster() {
