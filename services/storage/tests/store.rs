@@ -539,3 +539,67 @@ async fn merges_store_each_version_once_whether_or_not_it_looks_new() {
     behind.close().await;
     store.close().await;
 }
+
+#[tokio::test]
+async fn rows_without_tree_tokens_are_filled_at_open_and_found_again() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let store = open(&pg, "n1").await;
+    let hinted = store.mint("k1", "1").await.unwrap();
+    assert_eq!(
+        store
+            .store_hints("n2", std::slice::from_ref(&hinted))
+            .await
+            .unwrap(),
+        1
+    );
+    let sent = store
+        .mint_full("k2", "2", None, &["b".to_string()], None)
+        .await
+        .unwrap()
+        .version;
+    store.close().await;
+    // As rows written before the tree columns existed (migration 0007).
+    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    for statement in [
+        "UPDATE versions SET token = NULL, vhash = NULL",
+        "UPDATE hints SET token = NULL",
+        "UPDATE outbox SET token = NULL",
+    ] {
+        sqlx::query(statement).execute(&db).await.unwrap();
+    }
+
+    let store = open(&pg, "n1").await;
+    for table in ["versions", "hints", "outbox"] {
+        let statement = match table {
+            "versions" => "SELECT count(*) FROM versions WHERE token IS NULL OR vhash IS NULL",
+            "hints" => "SELECT count(*) FROM hints WHERE token IS NULL",
+            _ => "SELECT count(*) FROM outbox WHERE token IS NULL",
+        };
+        let left: i64 = sqlx::query_scalar(statement).fetch_one(&db).await.unwrap();
+        assert_eq!(left, 0, "{table} rows left without a token");
+    }
+    // Found through the one version index again: frontier (not cached in
+    // this new store), history, hints, outbox and digests.
+    assert_eq!(store.frontier("k1").await.unwrap(), vec![hinted.clone()]);
+    assert_eq!(
+        store.history("k2", 10, None, None).await.unwrap(),
+        vec![sent.clone()]
+    );
+    let hints = store
+        .hint_pending("n2", 10, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(hints.len(), 1);
+    assert_eq!(hints[0].1, hinted);
+    let outbox = store
+        .outbox_pending("b", 10, Duration::ZERO, None)
+        .await
+        .unwrap();
+    assert_eq!(outbox.len(), 1);
+    assert_eq!(outbox[0].1, sent);
+    let digests = store
+        .digests(&[(i64::MIN, i64::MAX)], 0, None)
+        .await
+        .unwrap();
+    assert_eq!(digests.iter().map(|(_, _, n)| n).sum::<u64>(), 2);
+}
