@@ -1,9 +1,10 @@
 //! Group commit on the write path. Every destination a write touches — the
 //! gateway's calls to its coordinators, a coordinator's to a local replica
 //! (mint, apply, outbox cleanup) or a remote region (replicate) — has a
-//! [`Batcher`]: callers queue one item each and await its answer; a worker sends whatever is queued as one call (one gRPC
-//! message, one PostgreSQL transaction on the node), with at most
-//! `in_flight` calls outstanding per destination. Nothing waits for a batch
+//! [`Batcher`]: callers queue one item each and await its answer; a worker
+//! sends whatever is queued as one call (one gRPC message; on a storage
+//! node, one PostgreSQL transaction), with at most `in_flight` calls
+//! outstanding per destination. Nothing waits for a batch
 //! to fill: an idle destination sends a lone item at once, a busy one
 //! gathers the items that arrive while its calls are in flight, so batches
 //! grow with the load and per-record round trips and commits shrink.
