@@ -69,6 +69,36 @@ pub const MAX_WRITE_BATCH: usize = 10_000;
 /// Reads per `ReadBatch` call.
 pub const MAX_READ_BATCH: usize = 10_000;
 
+/// The level of a batch call `op` of `count` items, refused beyond `max`
+/// (`items` names them in the error).
+fn batch_level(
+    engine: &QuorumEngine,
+    op: &'static str,
+    consistency: &str,
+    count: usize,
+    max: usize,
+    items: &str,
+) -> Result<ConsistencyLevel, Status> {
+    let level = engine.level(consistency).map_err(|e| fail(op, "", e))?;
+    if count > max {
+        let err = GeologError::new(
+            ErrorCode::InvalidRequest,
+            format!("at most {max} {items} per batch"),
+        );
+        return Err(fail(op, "", err));
+    }
+    Ok(level)
+}
+
+/// One item's outcome in a batch answer: its answer, or the error as JSON
+/// (the form of a gRPC status's details).
+fn answer_or_error<T>(result: Result<T, GeologError>) -> (Option<T>, Vec<u8>) {
+    match result {
+        Ok(answer) => (Some(answer), Vec::new()),
+        Err(err) => (None, err.to_json_bytes()),
+    }
+}
+
 /// One read of `key`'s current value at `level`, in its own request span.
 async fn read_one(
     engine: &QuorumEngine,
@@ -200,17 +230,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::WriteBatchRequest>,
     ) -> Result<Response<pb::WriteBatchResponse>, Status> {
         let req = request.into_inner();
-        let level = self
-            .engine
-            .level(&req.consistency)
-            .map_err(|e| fail("write_batch", "", e))?;
-        if req.records.len() > MAX_WRITE_BATCH {
-            let err = GeologError::new(
-                ErrorCode::InvalidRequest,
-                format!("at most {MAX_WRITE_BATCH} records per batch"),
-            );
-            return Err(fail("write_batch", "", err));
-        }
+        let level = batch_level(
+            &self.engine,
+            "write_batch",
+            &req.consistency,
+            req.records.len(),
+            MAX_WRITE_BATCH,
+            "records",
+        )?;
         // Records fan out per destination (`QuorumEngine::write_batch`),
         // all but the keys that carry idempotency keys: those records are
         // written one by one (each needs its own lookup of an earlier
@@ -293,15 +320,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         }
         let results = results
             .into_iter()
-            .map(|result| match result.expect("every record has a result") {
-                Ok(written) => pb::WriteResult {
-                    written: Some(written),
-                    error_json: Vec::new(),
-                },
-                Err(err) => pb::WriteResult {
-                    written: None,
-                    error_json: err.to_json_bytes(),
-                },
+            .map(|result| {
+                let (written, error_json) =
+                    answer_or_error(result.expect("every record has a result"));
+                pb::WriteResult {
+                    written,
+                    error_json,
+                }
             })
             .collect();
         Ok(Response::new(pb::WriteBatchResponse { results }))
@@ -327,17 +352,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::ReadBatchRequest>,
     ) -> Result<Response<pb::ReadBatchResponse>, Status> {
         let req = request.into_inner();
-        let level = self
-            .engine
-            .level(&req.consistency)
-            .map_err(|e| fail("read_batch", "", e))?;
-        if req.reads.len() > MAX_READ_BATCH {
-            let err = GeologError::new(
-                ErrorCode::InvalidRequest,
-                format!("at most {MAX_READ_BATCH} reads per batch"),
-            );
-            return Err(fail("read_batch", "", err));
-        }
+        let level = batch_level(
+            &self.engine,
+            "read_batch",
+            &req.consistency,
+            req.reads.len(),
+            MAX_READ_BATCH,
+            "reads",
+        )?;
         // Every read runs at once, each as if alone: the batch only saves
         // the calls between gateway and coordinator.
         let mut results: Vec<Option<pb::ReadResult>> = vec![None; req.reads.len()];
@@ -355,16 +377,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         while let Some(done) = reads.join_next().await {
             let (index, result) =
                 done.map_err(|e| Status::internal(format!("a batch read task failed: {e}")))?;
-            results[index] = Some(match result {
-                Ok(read) => pb::ReadResult {
-                    read: Some(read),
-                    error_json: Vec::new(),
-                },
-                Err(err) => pb::ReadResult {
-                    read: None,
-                    error_json: err.to_json_bytes(),
-                },
-            });
+            let (read, error_json) = answer_or_error(result);
+            results[index] = Some(pb::ReadResult { read, error_json });
         }
         let results = results
             .into_iter()

@@ -2,6 +2,7 @@
 //! coordinator over gRPC, and renders the answer; no quorum logic here.
 
 use crate::AppState;
+use crate::coalesce;
 use crate::error::ApiError;
 use crate::extract::{self, LogQuery};
 use axum::Json;
@@ -340,22 +341,21 @@ pub async fn write_batch(
             ));
         }
         for ((index, key), result) in sent.into_iter().zip(answer.results) {
-            results[index] = Some(match result.written {
-                Some(written) if result.error_json.is_empty() => {
-                    let written = write_answer(key, written)?;
-                    consistency.clone_from(&written.consistency);
-                    BatchRecordAnswer {
-                        index,
-                        status: StatusCode::CREATED.as_u16(),
-                        written: Some(written),
-                        error: None,
+            results[index] = Some(
+                match coalesce::item_outcome(result.written, &result.error_json) {
+                    Ok(written) => {
+                        let written = write_answer(key, written)?;
+                        consistency.clone_from(&written.consistency);
+                        BatchRecordAnswer {
+                            index,
+                            status: StatusCode::CREATED.as_u16(),
+                            written: Some(written),
+                            error: None,
+                        }
                     }
-                }
-                _ => BatchRecordAnswer::failed(
-                    index,
-                    geolog_core::GeologError::from_json_bytes(&result.error_json),
-                ),
-            });
+                    Err(err) => BatchRecordAnswer::failed(index, err),
+                },
+            );
         }
     }
     let results: Vec<BatchRecordAnswer> = results
