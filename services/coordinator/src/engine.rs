@@ -532,9 +532,8 @@ impl QuorumEngine {
             .iter()
             .filter(|p| p.region == self.region && self.replicas.is_alive(p))
         {
-            let (replica, kind, key) = (self.local_replica(&p.node), kind.clone(), key.to_string());
-            lookups
-                .spawn_traced(async move { kind.query(&replica, key).await.unwrap_or_default() });
+            let query = kind.query(self.local_replica(&p.node), key.to_string());
+            lookups.spawn_traced(async move { query.await.unwrap_or_default() });
         }
         for remote in self
             .replicas

@@ -53,6 +53,8 @@ pub struct ReplicaBatches {
     pub apply: Batcher<Vec<pb::Version>, ()>,
     /// One `OutboxDone` call for the queued outbox entry ids.
     pub outbox_done: Batcher<Vec<u64>, ()>,
+    /// One `ReadMany` call for the queued frontier reads (keys).
+    pub read: Batcher<String, Vec<pb::Version>>,
 }
 
 /// Every message of a response stream, or the error that cut it.
@@ -110,12 +112,50 @@ impl ReplicaBatches {
                 }
             },
         );
+        let c = client.clone();
+        let read = Batcher::new(
+            "read",
+            node,
+            limits,
+            |key: &String| key.len() + 16,
+            move |keys| read_many(c.clone(), keys),
+        );
         ReplicaBatches {
             mint,
             apply,
             outbox_done,
+            read,
         }
     }
+}
+
+/// The frontiers of `keys` on one node, in order: one `ReadMany` call, and
+/// one `Read` for each key whose frontier did not fit that call's answer.
+async fn read_many(
+    mut client: ReplicaClient,
+    keys: Vec<String>,
+) -> Result<Vec<Vec<pb::Version>>, tonic::Status> {
+    let answer = client
+        .read_many(pb::ReadManyRequest { keys: keys.clone() })
+        .await?
+        .into_inner();
+    if answer.frontiers.len() != keys.len() {
+        return Err(tonic::Status::internal(format!(
+            "ReadMany answered {} frontiers for {} keys",
+            answer.frontiers.len(),
+            keys.len()
+        )));
+    }
+    let mut frontiers = Vec::with_capacity(keys.len());
+    for (frontier, key) in answer.frontiers.into_iter().zip(keys) {
+        frontiers.push(if frontier.ask_alone {
+            let request = pb::ReadRequest { key };
+            client.read(request).await?.into_inner().versions
+        } else {
+            frontier.versions
+        });
+    }
+    Ok(frontiers)
 }
 
 impl Replica {

@@ -129,6 +129,13 @@ fn observe(op: &'static str, started: Instant, ok: bool) {
 /// Records per `MintBatch` call.
 const MAX_MINT_BATCH: usize = 10_000;
 
+/// Keys per `ReadMany` call.
+const MAX_READ_MANY: usize = 10_000;
+
+/// Value bytes a `ReadMany` answer carries at most (well under the message
+/// limit); the keys past it are answered `ask_alone`.
+const READ_MANY_BYTES: usize = crate::MAX_MESSAGE_BYTES / 4;
+
 /// One record's failure inside a batch answer.
 fn record_error(err: &GeologError) -> pb::MintResult {
     pb::MintResult {
@@ -245,6 +252,50 @@ impl pb::storage_server::Storage for StorageService {
         Ok(Response::new(pb::ReadResponse {
             versions: frontier.into_iter().map(to_proto).collect(),
         }))
+    }
+
+    async fn read_many(
+        &self,
+        request: Request<pb::ReadManyRequest>,
+    ) -> Result<Response<pb::ReadManyResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        if req.keys.len() > MAX_READ_MANY {
+            return Err(GeologError::new(
+                ErrorCode::InvalidRequest,
+                format!("at most {MAX_READ_MANY} keys per ReadMany"),
+            )
+            .to_status());
+        }
+        for key in &req.keys {
+            geolog_core::key::validate_key(key)?;
+        }
+        let keys: Vec<&str> = req.keys.iter().map(String::as_str).collect();
+        let result = self.store.frontiers(&keys).await;
+        observe("read_many", started, result.is_ok());
+        let found = result.map_err(|e| fail("read_many", e))?;
+        let mut budget = READ_MANY_BYTES;
+        let frontiers = keys
+            .iter()
+            .map(|key| {
+                // A repeated key is answered at each place it was asked.
+                let frontier = found.get(*key).cloned().unwrap_or_default();
+                let bytes: usize = frontier.iter().map(|v| v.value_json.len() + 64).sum();
+                // The first frontier always goes (Read would answer it).
+                if bytes > budget && budget < READ_MANY_BYTES {
+                    return pb::KeyFrontier {
+                        versions: Vec::new(),
+                        ask_alone: true,
+                    };
+                }
+                budget = budget.saturating_sub(bytes);
+                pb::KeyFrontier {
+                    versions: frontier.into_iter().map(to_proto).collect(),
+                    ask_alone: false,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ReadManyResponse { frontiers }))
     }
 
     async fn history(

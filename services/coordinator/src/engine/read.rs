@@ -8,6 +8,8 @@ use super::remote::{apply, region_read, replicate};
 use super::{Miss, Outcome, QuorumEngine};
 use crate::SpawnTraced;
 use crate::replicas::Replica;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use geolog_core::causal::{self, Causal, Dot, VersionVector};
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
@@ -15,6 +17,7 @@ use geolog_core::{ConsistencyLevel, GeologError, Requirement};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -35,30 +38,31 @@ pub enum ReadKind {
 }
 
 impl ReadKind {
-    pub(super) async fn query(
+    /// Asks `replica` for this kind of `key` (the call outlives `self`).
+    pub(super) fn query(
         &self,
-        replica: &Replica,
+        replica: Arc<Replica>,
         key: String,
-    ) -> Result<Vec<pb::Version>, tonic::Status> {
-        let mut client = replica.client.clone();
-        match self {
-            ReadKind::Frontier => Ok(client
-                .read(pb::ReadRequest { key })
-                .await?
-                .into_inner()
-                .versions),
-            ReadKind::History { .. } => {
-                let request = self
-                    .history_request(&key)
-                    .expect("history kind has a request");
-                Ok(client.history(request).await?.into_inner().versions)
-            }
-            ReadKind::Idempotent { idempotency_key } => {
-                let request = pb::FindIdempotentRequest {
-                    key,
-                    idempotency_key: idempotency_key.clone(),
-                };
-                Ok(client.find_idempotent(request).await?.into_inner().versions)
+    ) -> impl Future<Output = Result<Vec<pb::Version>, tonic::Status>> + Send + 'static {
+        let kind = self.clone();
+        async move {
+            let mut client = replica.client.clone();
+            match kind {
+                // Concurrent frontier reads of one node share one call.
+                ReadKind::Frontier => replica.batches.read.call(key).await,
+                ReadKind::History { .. } => {
+                    let request = kind
+                        .history_request(&key)
+                        .expect("history kind has a request");
+                    Ok(client.history(request).await?.into_inner().versions)
+                }
+                ReadKind::Idempotent { idempotency_key } => {
+                    let request = pb::FindIdempotentRequest {
+                        key,
+                        idempotency_key,
+                    };
+                    Ok(client.find_idempotent(request).await?.into_inner().versions)
+                }
             }
         }
     }
@@ -193,19 +197,19 @@ impl QuorumEngine {
         // a remote region reports failed replicas it then replaces).
         type Answer = (usize, Result<Vec<pb::Version>, Miss>, bool);
         let (tx, mut rx) = mpsc::unbounded_channel::<Answer>();
-        let send_local = |idx: usize| {
+        // Local replicas are asked in this task (their calls are batched
+        // per node, see `ReplicaBatches::read`); remote regions in tasks.
+        let mut local = FuturesUnordered::new();
+        let send_local = |local: &mut FuturesUnordered<_>, idx: usize| {
             let replica = self.local_replica(&placement[idx].node);
-            let (tx, key, kind) = (tx.clone(), key.to_string(), kind.clone());
-            crate::spawn_traced(async move {
-                let result = kind.query(&replica, key).await.map_err(|s| Miss::of(&s));
-                let _ = tx.send((idx, result, true));
-            });
+            let query = kind.query(replica, key.to_string());
+            local.push(async move { (idx, query.await.map_err(|s| Miss::of(&s))) });
         };
         let mut in_flight = 0;
         let mut remote_counts: HashMap<&str, Vec<usize>> = HashMap::new();
         for &idx in &initial {
             if placement[idx].region == self.region {
-                send_local(idx);
+                send_local(&mut local, idx);
             } else {
                 remote_counts
                     .entry(placement[idx].region.as_str())
@@ -282,11 +286,13 @@ impl QuorumEngine {
             }
             let speculate_at = started + self.speculative_read;
             let received = tokio::select! {
-                received = tokio::time::timeout_at(deadline, rx.recv()) => received,
+                Some((idx, result)) = local.next() => Ok(Some((idx, result, true))),
+                received = rx.recv() => Ok(received),
+                _ = tokio::time::sleep_until(deadline) => Err(()),
                 _ = tokio::time::sleep_until(speculate_at), if !speculated && !untried.is_empty() => {
                     speculated = true;
                     metrics::counter!("speculative_reads_total").increment(1);
-                    send_local(untried.remove(0));
+                    send_local(&mut local, untried.remove(0));
                     in_flight += 1;
                     continue;
                 }
@@ -305,7 +311,7 @@ impl QuorumEngine {
                     miss.record(&mut tracker, idx);
                     // Replace a failed local replica with the next alive one.
                     if placement[idx].region == self.region && !untried.is_empty() {
-                        send_local(untried.remove(0));
+                        send_local(&mut local, untried.remove(0));
                         in_flight += 1;
                     }
                 }

@@ -83,10 +83,9 @@ impl QuorumEngine {
                     .collect();
                 let mut calls = tokio::task::JoinSet::new();
                 for replica in batch {
-                    let (key, kind) = (key.clone(), kind.clone());
-                    calls.spawn_traced(async move {
-                        (replica.node.clone(), kind.query(&replica, key).await)
-                    });
+                    let node = replica.node.clone();
+                    let query = kind.query(replica, key.clone());
+                    calls.spawn_traced(async move { (node, query.await) });
                 }
                 while let Some(Ok((node, result))) = calls.join_next().await {
                     let answer = match result {

@@ -290,7 +290,7 @@ impl VersionStore {
 
     /// The frontiers of `keys` (keys without versions are absent): from
     /// memory, loading the keys not cached under their writer locks.
-    pub(super) async fn frontiers(&self, keys: &[&str]) -> Result<Frontiers, StoreError> {
+    pub async fn frontiers(&self, keys: &[&str]) -> Result<Frontiers, StoreError> {
         let mut found = Frontiers::new();
         let mut missing = Vec::new();
         for key in keys {

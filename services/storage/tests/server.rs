@@ -1,0 +1,81 @@
+//! The storage node's gRPC service against a real PostgreSQL, called in
+//! process (what a coordinator's client would receive).
+
+use geolog_proto::storage as pb;
+use geolog_proto::storage::storage_server::Storage;
+use geolog_storage::server::StorageService;
+use geolog_storage::store::{StoreSettings, VersionStore};
+use geolog_testkit::TestPostgres;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::Request;
+
+#[tokio::test]
+async fn read_many_answers_every_key_in_order_and_defers_what_does_not_fit() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let settings = StoreSettings {
+        max_connections: 4,
+        acquire_timeout: Duration::from_secs(2),
+        frontier_cache_bytes: 64 << 20,
+    };
+    let store = VersionStore::open(&pg.url(), "n1", &settings, Duration::from_secs(10))
+        .await
+        .expect("open store");
+    let store = Arc::new(store);
+    // Three keys of 1.5 MB each: two fit the answer's 4 MiB, the third is
+    // answered "ask alone", and so is the first key asked again.
+    let big = format!("\"{}\"", "x".repeat(1_500_000));
+    for key in ["big1", "big2", "big3"] {
+        store.mint(key, &big).await.unwrap();
+    }
+    let small = store.mint("small", r#"{"n": 1}"#).await.unwrap();
+    let service = StorageService::new(store.clone(), "r1".into());
+    let keys = [
+        "big1",
+        "small",
+        "big2",
+        "never-written",
+        "big3",
+        "big1",
+        "small",
+    ];
+    let answer = service
+        .read_many(Request::new(pb::ReadManyRequest {
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+        }))
+        .await
+        .expect("read many")
+        .into_inner();
+    let seen: Vec<(usize, bool)> = answer
+        .frontiers
+        .iter()
+        .map(|f| (f.versions.len(), f.ask_alone))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (1, false),
+            (1, false),
+            (1, false),
+            (0, false),
+            (0, true),
+            (0, true),
+            (1, false)
+        ]
+    );
+    for (frontier, key) in answer.frontiers.iter().zip(keys) {
+        assert!(frontier.versions.iter().all(|v| v.key == key));
+    }
+    assert_eq!(
+        answer.frontiers[1].versions[0].value_json,
+        small.value_json.as_ref()
+    );
+
+    let refused = service
+        .read_many(Request::new(pb::ReadManyRequest {
+            keys: vec![String::new()],
+        }))
+        .await
+        .expect_err("an empty key is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+}
