@@ -263,6 +263,14 @@ pub struct StorageSettings {
     /// key not cached is loaded from the database on first use. Default
     /// 64 MiB.
     pub frontier_cache_bytes: u64,
+    /// How often the keys' stored heads (their frontiers) are checkpointed.
+    /// A key changed since the last checkpoint is held in memory until the
+    /// next; after a crash, the node merges the versions stored since the
+    /// last checkpoint into the heads when it starts (longer intervals:
+    /// fewer head rows written, more to merge at start). Default 5,000 ms.
+    pub heads_checkpoint_ms: u64,
+    /// Checkpoint sooner once this many keys are unsaved. Default 200,000.
+    pub heads_checkpoint_keys: u64,
 }
 
 /// 2 connections per core plus 2, between 4 and 32.
@@ -277,6 +285,8 @@ impl Default for StorageSettings {
             pool_max_connections: default_pool_size(),
             pool_acquire_timeout_ms: 3_000,
             frontier_cache_bytes: 64 << 20,
+            heads_checkpoint_ms: 5_000,
+            heads_checkpoint_keys: 200_000,
         }
     }
 }

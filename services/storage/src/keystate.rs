@@ -8,10 +8,20 @@
 //! is bounded by bytes (quick_cache: a get and an insert per key written, so
 //! its overhead counts — moka's was a fifth of this process's time on
 //! batches); evicting a key only means loading it again.
+//!
+//! The stored heads are a checkpoint, not written with every version: a key
+//! changed since the last checkpoint is *unsaved* and held here (never
+//! evicted) until a checkpoint stores its heads. Each change is numbered in
+//! arrival order (its version rows carry the number); a checkpoint records
+//! the number up to which every change is in the heads — the lowest change
+//! still in flight, or of a key whose outcome is unknown, bounds it — and a
+//! restart merges the rows that arrived after it.
 //! It must never be written to except through a [`KeyGuard`].
 
 use crate::store::StoredVersion;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Mutex, MutexGuard};
 
 /// Writer lock stripes: with 16,384, two batches of 100 random keys share
@@ -24,6 +34,30 @@ pub type Frontier = Arc<Vec<StoredVersion>>;
 pub struct KeyStates {
     stripes: Box<[Mutex<()>]>,
     frontiers: quick_cache::sync::Cache<String, Frontier, FrontierBytes>,
+    unsaved: std::sync::Mutex<Unsaved>,
+    /// The number the next change gets.
+    next_change: AtomicU64,
+}
+
+/// The keys whose state is not in the stored heads yet.
+#[derive(Default)]
+struct Unsaved {
+    /// Changed since the last checkpoint began: key -> committed frontier.
+    dirty: HashMap<String, Frontier>,
+    /// Being stored by the running checkpoint (still served from here).
+    saving: Arc<HashMap<String, Frontier>>,
+    /// Changes in flight: number -> how many guards hold it.
+    in_flight: BTreeMap<u64, usize>,
+    /// Keys whose last change may or may not have committed, with that
+    /// change's number: loaded from their whole history, not their heads.
+    suspect: HashMap<String, u64>,
+}
+
+/// What a checkpoint stores: the unsaved keys' frontiers, and the change
+/// number up to which every change is reflected by them and the heads.
+pub struct Checkpoint {
+    pub frontiers: Arc<HashMap<String, Frontier>>,
+    pub through: u64,
 }
 
 /// Weighs a cached frontier by the rough bytes it holds.
@@ -44,8 +78,9 @@ impl quick_cache::Weighter<String, Frontier> for FrontierBytes {
 const TYPICAL_WEIGHT: u64 = 512;
 
 impl KeyStates {
-    /// Keeps up to about `cache_bytes` of frontiers.
-    pub fn new(cache_bytes: u64) -> Self {
+    /// Keeps up to about `cache_bytes` of frontiers (and every unsaved
+    /// one); changes are numbered from `next_change`.
+    pub fn new(cache_bytes: u64, next_change: u64) -> Self {
         KeyStates {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             frontiers: quick_cache::sync::Cache::with_weighter(
@@ -53,6 +88,8 @@ impl KeyStates {
                 cache_bytes,
                 FrontierBytes,
             ),
+            unsaved: std::sync::Mutex::new(Unsaved::default()),
+            next_change: AtomicU64::new(next_change.max(1)),
         }
     }
 
@@ -60,7 +97,12 @@ impl KeyStates {
         (xxhash_rust::xxh3::xxh3_64(key.as_bytes()) % STRIPES as u64) as usize
     }
 
-    /// Takes the writer locks of `keys` (in stripe order).
+    fn unsaved(&self) -> std::sync::MutexGuard<'_, Unsaved> {
+        self.unsaved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the writer locks of `keys` (in stripe order) for one change,
+    /// numbered in arrival order ([`KeyGuard::change`]).
     pub async fn lock<'a, K: AsRef<str>>(&'a self, keys: &[K]) -> KeyGuard<'a> {
         let mut stripes: Vec<usize> = keys.iter().map(|k| Self::stripe(k.as_ref())).collect();
         stripes.sort_unstable();
@@ -69,40 +111,152 @@ impl KeyStates {
         for s in stripes {
             held.push(self.stripes[s].lock().await);
         }
+        let change = self.next_change.fetch_add(1, Ordering::Relaxed);
+        *self.unsaved().in_flight.entry(change).or_default() += 1;
         KeyGuard {
             states: self,
+            change,
             _held: held,
         }
     }
 
-    /// The cached frontier of `key`, if cached (no lock needed: it is the
-    /// last committed state).
+    /// The committed frontier of `key`, if held in memory (no lock needed:
+    /// it is the last committed state).
     pub fn cached(&self, key: &str) -> Option<Frontier> {
-        self.frontiers.get(key)
+        if let Some(frontier) = self.frontiers.get(key) {
+            return Some(frontier);
+        }
+        let unsaved = self.unsaved();
+        if unsaved.suspect.contains_key(key) {
+            return None;
+        }
+        unsaved
+            .dirty
+            .get(key)
+            .or_else(|| unsaved.saving.get(key))
+            .cloned()
+    }
+
+    /// True when `key`'s state must be loaded from its whole history: its
+    /// last change may or may not have committed.
+    pub fn is_suspect(&self, key: &str) -> bool {
+        self.unsaved().suspect.contains_key(key)
+    }
+
+    /// The keys whose last change may or may not have committed.
+    pub fn suspects(&self) -> Vec<String> {
+        self.unsaved().suspect.keys().cloned().collect()
     }
 
     /// How many keys are cached (for metrics).
     pub fn cached_keys(&self) -> u64 {
         self.frontiers.len() as u64
     }
+
+    /// How many keys' states are not in the stored heads yet (for metrics).
+    pub fn unsaved_keys(&self) -> u64 {
+        let unsaved = self.unsaved();
+        (unsaved.dirty.len() + unsaved.saving.len()) as u64
+    }
+
+    /// Starts a checkpoint: the unsaved keys move to `saving` (served from
+    /// there until [`KeyStates::saved`] or [`KeyStates::not_saved`]). `None`
+    /// while another checkpoint runs.
+    pub fn begin_checkpoint(&self) -> Option<Checkpoint> {
+        let mut unsaved = self.unsaved();
+        if !unsaved.saving.is_empty() {
+            return None;
+        }
+        // Every change numbered up to `through` has ended (its keys are in
+        // `dirty` or were saved before) — except those of suspect keys,
+        // which hold the mark back until they are loaded again.
+        let lowest_open = unsaved
+            .in_flight
+            .keys()
+            .next()
+            .copied()
+            .into_iter()
+            .chain(unsaved.suspect.values().copied())
+            .min()
+            .unwrap_or_else(|| self.next_change.load(Ordering::Relaxed));
+        let frontiers = Arc::new(std::mem::take(&mut unsaved.dirty));
+        unsaved.saving = frontiers.clone();
+        Some(Checkpoint {
+            frontiers,
+            through: lowest_open.saturating_sub(1),
+        })
+    }
+
+    /// The running checkpoint is stored.
+    pub fn saved(&self) {
+        self.unsaved().saving = Arc::default();
+    }
+
+    /// The running checkpoint failed: its keys are unsaved again (newer
+    /// changes since it began win).
+    pub fn not_saved(&self) {
+        let mut unsaved = self.unsaved();
+        let saving = std::mem::take(&mut unsaved.saving);
+        for (key, frontier) in saving.iter() {
+            if !unsaved.dirty.contains_key(key) {
+                unsaved.dirty.insert(key.clone(), frontier.clone());
+            }
+        }
+    }
 }
 
 /// Proof that the writer locks of some keys are held: the only way to
-/// change what is cached for them.
+/// change what is held for them.
 pub struct KeyGuard<'a> {
     states: &'a KeyStates,
+    change: u64,
     _held: Vec<MutexGuard<'a, ()>>,
 }
 
 impl KeyGuard<'_> {
-    /// Records `key`'s committed frontier.
+    /// This change's number: the version rows it stores carry it.
+    pub fn change(&self) -> u64 {
+        self.change
+    }
+
+    /// Records `key`'s committed frontier, changed by this guard's change
+    /// (unsaved until a checkpoint stores it).
     pub fn set(&self, key: String, frontier: Vec<StoredVersion>) {
+        let frontier = Arc::new(frontier);
+        {
+            let mut unsaved = self.states.unsaved();
+            unsaved.suspect.remove(&key);
+            unsaved.dirty.insert(key.clone(), frontier.clone());
+        }
+        self.states.frontiers.insert(key, frontier);
+    }
+
+    /// Records `key`'s frontier as loaded from the database, unchanged.
+    pub fn loaded(&self, key: String, frontier: Vec<StoredVersion>) {
         self.states.frontiers.insert(key, Arc::new(frontier));
     }
 
-    /// Forgets `key` (its statement may or may not have committed): the
-    /// next access loads it from the database.
+    /// Forgets `key` (its change may or may not have committed): it is
+    /// loaded again from its whole history, and until then the checkpoint
+    /// mark stays below this change.
     pub fn forget(&self, key: &str) {
+        {
+            let mut unsaved = self.states.unsaved();
+            unsaved.dirty.remove(key);
+            unsaved.suspect.insert(key.to_string(), self.change);
+        }
         self.states.frontiers.remove(key);
+    }
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        let mut unsaved = self.states.unsaved();
+        if let Some(count) = unsaved.in_flight.get_mut(&self.change) {
+            *count -= 1;
+            if *count == 0 {
+                unsaved.in_flight.remove(&self.change);
+            }
+        }
     }
 }

@@ -15,15 +15,29 @@ use store::VersionStore;
 /// Largest gRPC message a storage node accepts (a batch of versions).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// How often a node checkpoints its keys' heads, and how many unsaved
+/// keys make it checkpoint sooner.
+#[derive(Debug, Clone, Copy)]
+pub struct Checkpoints {
+    pub interval: std::time::Duration,
+    pub max_unsaved_keys: u64,
+}
+
 /// Serves `store` on `addr` until `shutdown` resolves, then drains in-flight
-/// requests and closes the pool.
+/// requests, checkpoints the heads and closes the pool.
 pub async fn serve(
     addr: SocketAddr,
     store: Arc<VersionStore>,
     region: String,
+    checkpoints: Checkpoints,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     describe_metrics();
+    let checkpointer = tokio::spawn(
+        store
+            .clone()
+            .run_checkpoints(checkpoints.interval, checkpoints.max_unsaved_keys),
+    );
     let traced = (store.node().to_string(), region.clone());
     let service = StorageServer::new(server::StorageService::new(store.clone(), region))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -36,6 +50,10 @@ pub async fn serve(
         .add_service(service)
         .serve_with_shutdown(addr, shutdown)
         .await;
+    checkpointer.abort();
+    if let Err(err) = store.checkpoint().await {
+        tracing::warn!(error = %err, "last heads checkpoint failed; the next start recovers them");
+    }
     store.close().await;
     result
 }
@@ -54,6 +72,14 @@ fn describe_metrics() {
         "PostgreSQL pool connections by state (in_use, idle)"
     );
     describe_gauge!("db_pool_max_connections", "PostgreSQL pool size limit");
+    describe_gauge!(
+        "frontier_unsaved_keys",
+        "keys changed since their heads were last checkpointed"
+    );
+    describe_counter!(
+        "heads_checkpoints_total",
+        "checkpoints of the keys' heads stored"
+    );
     describe_gauge!(
         "frontier_cache_keys",
         "keys whose current versions (frontier) this node holds in memory"

@@ -69,10 +69,15 @@ async fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot serve metrics on {metrics}"))?;
     }
+    let checkpoints = geolog_storage::Checkpoints {
+        interval: Duration::from_millis(config.storage.heads_checkpoint_ms),
+        max_unsaved_keys: config.storage.heads_checkpoint_keys,
+    };
     geolog_storage::serve(
         addr,
         store,
         region.name.clone(),
+        checkpoints,
         geolog_telemetry::shutdown_signal(),
     )
     .await?;

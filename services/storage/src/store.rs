@@ -8,10 +8,12 @@
 //! causal frontier of everything stored for the key. It never decides
 //! anything about quorums.
 //!
-//! By concern: `versions` (minting, merging, reads), `queues` (outbox and
-//! hints), `digests` (anti-entropy).
+//! By concern: `versions` (minting, merging, reads), `heads` (checkpoints
+//! of the keys' frontiers and their recovery), `queues` (outbox and hints),
+//! `digests` (anti-entropy).
 
 mod digests;
+mod heads;
 mod queues;
 mod versions;
 
@@ -223,6 +225,7 @@ impl VersionStore {
             .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
 
         digests::fill_tree_columns(&pool).await?;
+        let next_change = heads::recover(&pool).await?;
 
         // One scan at start: this node's newest dot and the newest clock seen.
         let (own_seq, newest_hlc): (Option<i64>, Option<i64>) =
@@ -253,7 +256,7 @@ impl VersionStore {
             node: node.to_string(),
             clock: HlcClock::new(floor),
             next_seq: AtomicU64::new(seq_floor as u64 + 1),
-            keys: KeyStates::new(settings.frontier_cache_bytes),
+            keys: KeyStates::new(settings.frontier_cache_bytes, next_change),
         })
     }
 
@@ -272,6 +275,7 @@ impl VersionStore {
         metrics::gauge!("db_pool_max_connections")
             .set(self.pool.options().get_max_connections() as f64);
         metrics::gauge!("frontier_cache_keys").set(self.keys.cached_keys() as f64);
+        metrics::gauge!("frontier_unsaved_keys").set(self.keys.unsaved_keys() as f64);
     }
 
     /// How many versions of `key` this node holds (history included).

@@ -603,3 +603,47 @@ async fn rows_without_tree_tokens_are_filled_at_open_and_found_again() {
         .unwrap();
     assert_eq!(digests.iter().map(|(_, _, n)| n).sum::<u64>(), 2);
 }
+
+#[tokio::test]
+async fn heads_not_checkpointed_before_a_crash_are_recovered_exactly() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let hlc = |ms| Hlc::new(ms, 0);
+    let (first, second, other);
+    {
+        let crashed = open(&pg, "n1").await;
+        let v1 = crashed.mint("k1", "1").await.unwrap();
+        let v2 = crashed.mint("k1", "2").await.unwrap();
+        assert!(v2.context.covers(&v1.dot));
+        first = crashed.mint("k2", "\"a\"").await.unwrap();
+        // A version of k2 from another replica, concurrent with `first`.
+        other = version("k2", "n9", 7, hlc(1_000), "\"b\"", &[]);
+        crashed.merge(std::slice::from_ref(&other)).await.unwrap();
+        second = v2;
+        // Dropped without a checkpoint: as if the process were killed.
+    }
+    let store = open(&pg, "n1").await;
+    assert_eq!(store.frontier("k1").await.unwrap(), vec![second.clone()]);
+    let mut k2 = store.frontier("k2").await.unwrap();
+    k2.sort_by(|a, b| a.dot.cmp(&b.dot));
+    let mut expected = vec![first.clone(), other.clone()];
+    expected.sort_by(|a, b| a.dot.cmp(&b.dot));
+    assert_eq!(k2, expected);
+
+    // A checkpointed change plus one after it, crashed again.
+    assert_eq!(store.checkpoint().await.unwrap(), 0, "recovery saved them");
+    let third = store.mint("k1", "3").await.unwrap();
+    assert_eq!(store.checkpoint().await.unwrap(), 1);
+    let merged = store.mint("k2", "\"c\"").await.unwrap();
+    assert!(merged.context.covers(&first.dot) && merged.context.covers(&other.dot));
+    drop(store);
+    let store = open(&pg, "n1").await;
+    assert_eq!(store.frontier("k1").await.unwrap(), vec![third.clone()]);
+    assert_eq!(store.frontier("k2").await.unwrap(), vec![merged]);
+    assert_eq!(store.history("k1", 10, None, None).await.unwrap().len(), 3);
+    // Recovery moved the mark: the next start has nothing to merge, and a
+    // clean key (not cached) is loaded from its heads alone.
+    assert_eq!(store.checkpoint().await.unwrap(), 0);
+    drop(store);
+    let store = open(&pg, "n1").await;
+    assert_eq!(store.frontier("k1").await.unwrap(), vec![third]);
+}

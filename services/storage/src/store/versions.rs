@@ -1,11 +1,12 @@
 //! Minting, merging and reading versions. A change to keys' states takes
 //! their writer locks ([`KeyStates`](crate::keystate::KeyStates)), reads
-//! their frontiers from memory (loading the keys not cached), decides every
+//! their frontiers from memory (loading the keys not held), decides every
 //! record in memory, and writes the result as one statement — the version
-//! rows, the heads that join and leave the frontier and the outbox entries
-//! — so a batch costs one round trip and one commit. The cached frontiers
-//! change only after that statement committed; when its outcome is
-//! unknown the keys are forgotten and loaded again.
+//! rows (numbered with the change, in arrival order) and the outbox
+//! entries — so a batch costs one round trip and one commit. The frontiers
+//! held in memory change only after that statement committed; when its
+//! outcome is unknown the keys are forgotten and loaded again from their
+//! history. The stored heads are written by checkpoints (`heads`), not here.
 
 use super::{HistoryCursor, version_from_row};
 use super::{Idempotency, MintInput, Minted, StoreError, StoredVersion, VersionStore};
@@ -102,9 +103,7 @@ impl VersionStore {
         // Decide every record in memory, in order.
         let mut results: Vec<Result<Minted, StoreError>> = Vec::with_capacity(inputs.len());
         let mut new: Vec<StoredVersion> = Vec::new();
-        let mut stored_superseded: Vec<StoredVersion> = Vec::new();
         let mut outbox_rows: Vec<(usize, String)> = Vec::new();
-        let mut minted: BTreeSet<Dot> = BTreeSet::new();
         for (input, seq) in inputs.into_iter().zip(first_seq..) {
             if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(&input.value_json) {
                 results.push(Err(StoreError::Rejected(format!(
@@ -143,17 +142,7 @@ impl VersionStore {
             if let Some(idem) = &version.idempotency {
                 idempotent.insert((version.key.clone(), idem.key.clone()), version.clone());
             }
-            let frontier = causal::frontier(current.iter().cloned().chain([version.clone()]));
-            for gone in current
-                .drain(..)
-                .filter(|v| !frontier.iter().any(|f| f.dot == v.dot))
-            {
-                // One minted earlier in this batch is inserted as superseded below.
-                if !minted.contains(&gone.dot) {
-                    stored_superseded.push(gone);
-                }
-            }
-            minted.insert(version.dot.clone());
+            let frontier = causal::frontier(current.drain(..).chain([version.clone()]));
             current.extend(frontier.iter().cloned());
             outbox_rows.extend(
                 input
@@ -170,14 +159,9 @@ impl VersionStore {
             new.push(version);
         }
 
-        let heads: Vec<&StoredVersion> = new
-            .iter()
-            .filter(|v| frontiers[&v.key].iter().any(|f| f.dot == v.dot))
-            .collect();
         let write = StateChange {
             versions: new.iter().collect(),
-            heads: &heads,
-            superseded: &stored_superseded.iter().collect::<Vec<_>>(),
+            change: guard.change(),
         };
         let outbox = match write.mint(self, &outbox_rows).await {
             Ok(ids) => ids,
@@ -226,7 +210,7 @@ impl VersionStore {
         for group in keys.chunks(MERGE_KEYS_PER_STATEMENT) {
             let guard = self.keys.lock(group).await;
             let mut current = self.frontiers_locked(&guard, group).await?;
-            let (mut new, mut heads, mut superseded) = (Vec::new(), Vec::new(), Vec::new());
+            let mut new = Vec::new();
             let mut merged_of: Vec<(String, Vec<StoredVersion>)> = Vec::new();
             // Every version stored here is covered by its key's frontier:
             // a dot the frontier does not cover is certainly new, and the
@@ -243,27 +227,12 @@ impl VersionStore {
                         .cloned()
                         .chain(incoming.iter().map(|v| (*v).clone())),
                 );
-                let in_frontier: BTreeSet<&Dot> = merged.iter().map(|v| &v.dot).collect();
-                let stored: BTreeSet<&Dot> = current.iter().map(|v| &v.dot).collect();
-                heads.extend(
-                    incoming
-                        .iter()
-                        .filter(|v| in_frontier.contains(&v.dot) && !stored.contains(&v.dot))
-                        .copied(),
-                );
                 new.extend(incoming.iter().copied());
-                superseded.extend(
-                    current
-                        .iter()
-                        .filter(|v| !in_frontier.contains(&v.dot))
-                        .cloned(),
-                );
                 merged_of.push((key.to_string(), merged));
             }
             let write = StateChange {
                 versions: new,
-                heads: &heads,
-                superseded: &superseded.iter().collect::<Vec<_>>(),
+                change: guard.change(),
             };
             match write.merge(self, only_new).await {
                 Ok(n) => inserted += n,
@@ -331,39 +300,53 @@ impl VersionStore {
         if missing.is_empty() {
             return Ok(frontiers);
         }
+        let (suspect, missing): (Vec<&str>, Vec<&str>) =
+            missing.into_iter().partition(|k| self.keys.is_suspect(k));
         let mut loaded = self.load_frontiers(&missing).await?;
         for key in missing {
-            // Heads are exact, but a frontier is computed, not trusted.
+            // The heads of a key held nowhere in memory are exact (it is
+            // saved), but a frontier is computed, not trusted.
             let frontier = causal::frontier(loaded.remove(key).unwrap_or_default());
+            guard.loaded(key.to_string(), frontier.clone());
+            frontiers.insert(key.to_string(), frontier);
+        }
+        for key in suspect {
+            // Its last change may have committed after its heads were
+            // saved: its frontier is computed from its whole history.
+            let frontier = super::heads::fold(Vec::new(), self.whole_history(key).await?);
             guard.set(key.to_string(), frontier.clone());
             frontiers.insert(key.to_string(), frontier);
         }
         Ok(frontiers)
     }
 
-    /// The stored heads of `keys` with their versions. The lookups are
-    /// fenced per row (`LATERAL ... LIMIT 1`): left to its statistics, the
-    /// planner may hash-join a whole-table scan of `versions`, whose cost
-    /// grows with the history, not with the batch.
+    /// The stored heads of `keys` with their versions.
     async fn load_frontiers(&self, keys: &[&str]) -> Result<Frontiers, StoreError> {
-        let tokens: Vec<i64> = keys.iter().map(|k| tree_token(k)).collect();
+        super::heads::load(&self.pool, keys).await
+    }
+
+    /// Every version of `key` stored here.
+    async fn whole_history(&self, key: &str) -> Result<Vec<StoredVersion>, StoreError> {
         let rows = sqlx::query(
-            "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
-             FROM UNNEST($1::text[], $2::bigint[]) AS t(k, tk) JOIN heads h ON h.key = t.k \
-             CROSS JOIN LATERAL (SELECT * FROM versions v \
-                  WHERE v.token = t.tk AND (v.key, v.hlc, v.node, v.seq) = (h.key, h.hlc, h.node, h.seq) LIMIT 1) v \
-             ORDER BY v.key, v.node, v.seq",
+            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash \
+             FROM versions WHERE token = $2 AND key = $1",
         )
-        .bind(keys)
-        .bind(tokens)
+        .bind(key)
+        .bind(tree_token(key))
         .fetch_all(&self.pool)
         .await?;
-        let mut frontiers = Frontiers::new();
-        for row in &rows {
-            let v = version_from_row(row)?;
-            frontiers.entry(v.key.clone()).or_default().push(v);
+        rows.iter().map(version_from_row).collect()
+    }
+
+    /// Loads the keys whose last change may or may not have committed (see
+    /// [`KeyGuard::forget`]) from their history, so the checkpoint mark can
+    /// pass that change.
+    pub(super) async fn reload_suspects(&self) -> Result<(), StoreError> {
+        for key in self.keys.suspects() {
+            let guard = self.keys.lock(&[&key]).await;
+            self.frontiers_locked(&guard, &[&key]).await?;
         }
-        Ok(frontiers)
+        Ok(())
     }
 
     /// The versions created with the (key, idempotency key) pairs of
@@ -432,13 +415,11 @@ impl VersionStore {
     }
 }
 
-/// What one batch changes in the stored state: the version rows (minted
-/// here, or from other replicas and possibly stored already), the heads
-/// that join the frontier and the stored heads that leave it.
+/// What one change stores: the version rows (minted here, or from other
+/// replicas and possibly stored already), numbered with the change.
 struct StateChange<'a> {
     versions: Vec<&'a StoredVersion>,
-    heads: &'a [&'a StoredVersion],
-    superseded: &'a [&'a StoredVersion],
+    change: u64,
 }
 
 /// The columns of version rows as arrays, for `UNNEST`.
@@ -484,37 +465,17 @@ impl<'a> VersionColumns<'a> {
     }
 }
 
-/// (key, node, seq) of versions as arrays.
-fn dots<'a>(versions: &[&'a StoredVersion]) -> (Vec<&'a str>, Vec<&'a str>, Vec<i64>) {
-    (
-        versions.iter().map(|v| v.key.as_str()).collect(),
-        versions.iter().map(|v| v.dot.node.as_str()).collect(),
-        versions.iter().map(|v| v.dot.seq as i64).collect(),
-    )
-}
-
-/// The timestamps of versions as an array.
-fn hlcs(versions: &[&StoredVersion]) -> Vec<i64> {
-    versions.iter().map(|v| v.hlc.packed() as i64).collect()
-}
-
-/// The version rows ($1-$10), heads ($11-$14, with their timestamps) and
-/// superseded heads ($15-$17) of a state change, as CTEs; `ON CONFLICT`
-/// only for merges (freshly minted dots are new: a speculative insertion
-/// per row saved).
-macro_rules! state_ctes {
+/// The version rows ($1-$10, arrival $11) of a change, as a CTE;
+/// `ON CONFLICT` only for merges (freshly minted dots are new: a
+/// speculative insertion per row saved).
+macro_rules! insert_versions {
     ($conflict:literal) => {
         concat!(
-            "WITH ins_versions AS (INSERT INTO versions (key, node, seq, hlc, value, context, idempotency_key, body_hash, token, vhash) \
-               SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]::json[], \
-                                    $6::text[]::jsonb[], $7::text[], $8::text[], $9::bigint[], $10::bigint[]) ",
+            "WITH ins_versions AS (INSERT INTO versions (key, node, seq, hlc, value, context, idempotency_key, body_hash, token, vhash, arrived) \
+               SELECT k, n, s, h, v, c, i, b, t, vh, $11 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]::json[], \
+                    $6::text[]::jsonb[], $7::text[], $8::text[], $9::bigint[], $10::bigint[]) AS u(k, n, s, h, v, c, i, b, t, vh) ",
             $conflict,
-            " RETURNING 1), \
-             ins_heads AS (INSERT INTO heads (key, node, seq, hlc) SELECT * FROM UNNEST($11::text[], $12::text[], $13::bigint[], $14::bigint[]) ",
-            $conflict,
-            "), \
-             del_heads AS (DELETE FROM heads USING UNNEST($15::text[], $16::text[], $17::bigint[]) AS t(k, n, s) \
-               WHERE heads.key = t.k AND heads.node = t.n AND heads.seq = t.s) "
+            " RETURNING 1) "
         )
     };
 }
@@ -525,8 +486,6 @@ impl StateChange<'_> {
         query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
         columns: &'q VersionColumns<'q>,
     ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        let (head_keys, head_nodes, head_seqs) = dots(self.heads);
-        let (gone_keys, gone_nodes, gone_seqs) = dots(self.superseded);
         query
             .bind(&columns.keys)
             .bind(&columns.nodes)
@@ -538,13 +497,7 @@ impl StateChange<'_> {
             .bind(&columns.hashes)
             .bind(&columns.tokens)
             .bind(&columns.vhashes)
-            .bind(head_keys)
-            .bind(head_nodes)
-            .bind(head_seqs)
-            .bind(hlcs(self.heads))
-            .bind(gone_keys)
-            .bind(gone_nodes)
-            .bind(gone_seqs)
+            .bind(self.change as i64)
     }
 
     /// Stores freshly minted versions with their outbox entries `(index
@@ -562,9 +515,9 @@ impl StateChange<'_> {
         let outbox_tokens: Vec<i64> = outbox.iter().map(|(i, _)| columns.tokens[*i]).collect();
         let regions: Vec<&str> = outbox.iter().map(|(_, r)| r.as_str()).collect();
         let query = sqlx::query(concat!(
-            state_ctes!(""),
+            insert_versions!(""),
             "INSERT INTO outbox (region, key, node, seq, hlc, token) \
-             SELECT r, k, n, s, h, tk FROM UNNEST($18::text[], $19::text[], $20::bigint[], $21::text[], $22::bigint[], $23::bigint[]) \
+             SELECT r, k, n, s, h, tk FROM UNNEST($12::text[], $13::text[], $14::bigint[], $15::text[], $16::bigint[], $17::bigint[]) \
                   AS t(k, n, s, r, h, tk) \
              RETURNING id, seq, region"
         ));
@@ -605,9 +558,9 @@ impl StateChange<'_> {
     /// head saved; should one be stored after all, the statement fails as a
     /// whole and runs again with them.
     async fn merge(&self, store: &VersionStore, only_new: bool) -> Result<u64, StoreError> {
-        const NEW: &str = concat!(state_ctes!(""), "SELECT count(*) FROM ins_versions");
+        const NEW: &str = concat!(insert_versions!(""), "SELECT count(*) FROM ins_versions");
         const ANY: &str = concat!(
-            state_ctes!("ON CONFLICT DO NOTHING"),
+            insert_versions!("ON CONFLICT DO NOTHING"),
             "SELECT count(*) FROM ins_versions"
         );
         let columns = VersionColumns::of(&self.versions);

@@ -1,0 +1,197 @@
+//! The stored heads: a checkpoint of the keys' frontiers, not written with
+//! every version (see [`KeyStates`](crate::keystate::KeyStates)). A
+//! checkpoint stores the frontiers of the keys changed since the last one
+//! and the change number up to which the heads reflect every version
+//! stored here, in one transaction; opening the store merges the versions
+//! that arrived after that mark into the heads before anything is served.
+
+use super::{StoreError, StoredVersion, VersionStore, version_from_row};
+use geolog_core::causal;
+use geolog_core::merkle::tree_token;
+use sqlx::Row;
+use sqlx::postgres::PgPool;
+use std::collections::BTreeMap;
+
+/// Keys per statement of a checkpoint.
+const KEYS_PER_STATEMENT: usize = 4_096;
+
+impl VersionStore {
+    /// Stores the heads of every key changed since the last checkpoint;
+    /// returns how many keys. Runs one at a time (a second call while one
+    /// runs does nothing).
+    pub async fn checkpoint(&self) -> Result<usize, StoreError> {
+        self.reload_suspects().await?;
+        let Some(checkpoint) = self.keys.begin_checkpoint() else {
+            return Ok(0);
+        };
+        let frontiers = checkpoint
+            .frontiers
+            .iter()
+            .map(|(key, frontier)| (key.as_str(), frontier.as_slice()));
+        match store(&self.pool, frontiers, checkpoint.through).await {
+            Ok(()) => {
+                self.keys.saved();
+                metrics::counter!("heads_checkpoints_total").increment(1);
+                Ok(checkpoint.frontiers.len())
+            }
+            Err(err) => {
+                self.keys.not_saved();
+                Err(err)
+            }
+        }
+    }
+
+    /// Checkpoints every `interval`, or sooner once `max_unsaved` keys are
+    /// unsaved, until the store is dropped.
+    pub async fn run_checkpoints(
+        self: std::sync::Arc<Self>,
+        interval: std::time::Duration,
+        max_unsaved: u64,
+    ) {
+        let mut last = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(interval.min(std::time::Duration::from_millis(250))).await;
+            if last.elapsed() < interval && self.keys.unsaved_keys() < max_unsaved {
+                continue;
+            }
+            last = tokio::time::Instant::now();
+            if let Err(err) = self.checkpoint().await {
+                tracing::warn!(error = %err, "heads checkpoint failed; retrying");
+            }
+        }
+    }
+}
+
+/// The stored heads of `keys` with their versions. The lookups are fenced
+/// per row (`LATERAL ... LIMIT 1`): left to its statistics, the planner may
+/// hash-join a whole-table scan of `versions`, whose cost grows with the
+/// history, not with the batch.
+pub(super) async fn load(
+    pool: &PgPool,
+    keys: &[&str],
+) -> Result<BTreeMap<String, Vec<StoredVersion>>, StoreError> {
+    let tokens: Vec<i64> = keys.iter().map(|k| tree_token(k)).collect();
+    let rows = sqlx::query(
+        "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
+         FROM UNNEST($1::text[], $2::bigint[]) AS t(k, tk) JOIN heads h ON h.key = t.k \
+         CROSS JOIN LATERAL (SELECT * FROM versions v \
+              WHERE v.token = t.tk AND (v.key, v.hlc, v.node, v.seq) = (h.key, h.hlc, h.node, h.seq) LIMIT 1) v \
+         ORDER BY v.key, v.node, v.seq",
+    )
+    .bind(keys)
+    .bind(tokens)
+    .fetch_all(pool)
+    .await?;
+    let mut frontiers = BTreeMap::<String, Vec<StoredVersion>>::new();
+    for row in &rows {
+        let v = version_from_row(row)?;
+        frontiers.entry(v.key.clone()).or_default().push(v);
+    }
+    Ok(frontiers)
+}
+
+/// Replaces the heads of the given keys by their frontiers and moves the
+/// checkpoint mark to `through` (never back), in one transaction.
+async fn store<'a>(
+    pool: &PgPool,
+    frontiers: impl Iterator<Item = (&'a str, &'a [StoredVersion])>,
+    through: u64,
+) -> Result<(), StoreError> {
+    let frontiers: Vec<(&str, &[StoredVersion])> = frontiers.collect();
+    let mut tx = pool.begin().await?;
+    for chunk in frontiers.chunks(KEYS_PER_STATEMENT) {
+        let keys: Vec<&str> = chunk.iter().map(|(k, _)| *k).collect();
+        let heads: Vec<&StoredVersion> = chunk.iter().flat_map(|(_, f)| f.iter()).collect();
+        sqlx::query("DELETE FROM heads WHERE key = ANY($1)")
+            .bind(&keys)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO heads (key, node, seq, hlc) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[])",
+        )
+        .bind(heads.iter().map(|v| v.key.as_str()).collect::<Vec<_>>())
+        .bind(
+            heads
+                .iter()
+                .map(|v| v.dot.node.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(heads.iter().map(|v| v.dot.seq as i64).collect::<Vec<_>>())
+        .bind(
+            heads
+                .iter()
+                .map(|v| v.hlc.packed() as i64)
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("UPDATE heads_checkpoint SET arrived = GREATEST(arrived, $1)")
+        .bind(through as i64)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The frontier of `frontier` and `versions`, folded a few versions at a
+/// time (frontier(A ∪ B) = frontier(frontier(A) ∪ B)): computing the
+/// frontier of a long history at once costs its length squared.
+pub(super) fn fold(
+    mut frontier: Vec<StoredVersion>,
+    versions: Vec<StoredVersion>,
+) -> Vec<StoredVersion> {
+    let mut versions = versions.into_iter().peekable();
+    while versions.peek().is_some() {
+        frontier = causal::frontier(frontier.into_iter().chain(versions.by_ref().take(64)));
+    }
+    frontier
+}
+
+/// Makes the heads exact after a restart: merges every version that
+/// arrived after the checkpoint mark into its key's heads and moves the
+/// mark past them. Returns the number the node's next change gets.
+pub(super) async fn recover(pool: &PgPool) -> Result<u64, StoreError> {
+    let through: i64 = sqlx::query_scalar("SELECT arrived FROM heads_checkpoint")
+        .fetch_one(pool)
+        .await?;
+    let rows = sqlx::query(
+        "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash, arrived \
+         FROM versions WHERE arrived > $1",
+    )
+    .bind(through)
+    .fetch_all(pool)
+    .await?;
+    if rows.is_empty() {
+        return Ok(through as u64 + 1);
+    }
+    let mut last = through;
+    let mut arrived = BTreeMap::<String, Vec<StoredVersion>>::new();
+    for row in &rows {
+        last = last.max(row.try_get::<i64, _>("arrived")?);
+        let v = version_from_row(row)?;
+        arrived.entry(v.key.clone()).or_default().push(v);
+    }
+    let keys: Vec<&str> = arrived.keys().map(String::as_str).collect();
+    let mut heads = load(pool, &keys).await?;
+    let frontiers: Vec<(String, Vec<StoredVersion>)> = arrived
+        .into_iter()
+        .map(|(key, versions)| {
+            let stored = heads.remove(&key).unwrap_or_default();
+            (key, fold(stored, versions))
+        })
+        .collect();
+    store(
+        pool,
+        frontiers.iter().map(|(k, f)| (k.as_str(), f.as_slice())),
+        last as u64,
+    )
+    .await?;
+    tracing::info!(
+        versions = rows.len(),
+        keys = frontiers.len(),
+        "heads recovered from the versions stored after the last checkpoint"
+    );
+    Ok(last as u64 + 1)
+}
