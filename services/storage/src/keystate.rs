@@ -19,9 +19,8 @@
 //! It must never be written to except through a [`KeyGuard`].
 
 use crate::store::StoredVersion;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Mutex, MutexGuard};
 
 /// Writer lock stripes: with 16,384, two batches of 100 random keys share
@@ -35,8 +34,6 @@ pub struct KeyStates {
     stripes: Box<[Mutex<()>]>,
     frontiers: quick_cache::sync::Cache<String, Frontier, FrontierBytes>,
     unsaved: std::sync::Mutex<Unsaved>,
-    /// The number the next change gets.
-    next_change: AtomicU64,
 }
 
 /// The keys whose state is not in the stored heads yet.
@@ -46,8 +43,12 @@ struct Unsaved {
     dirty: HashMap<String, Frontier>,
     /// Being stored by the running checkpoint (still served from here).
     saving: Arc<HashMap<String, Frontier>>,
-    /// Changes in flight: number -> how many guards hold it.
-    in_flight: BTreeMap<u64, usize>,
+    /// The number the next change gets (handed out with the change
+    /// entered in `in_flight`, under one lock: a checkpoint never sees a
+    /// numbered change that is not in flight yet).
+    next_change: u64,
+    /// Changes in flight (each number is held by one guard).
+    in_flight: BTreeSet<u64>,
     /// Keys whose last change may or may not have committed, with that
     /// change's number: loaded from their whole history, not their heads.
     suspect: HashMap<String, u64>,
@@ -88,8 +89,10 @@ impl KeyStates {
                 cache_bytes,
                 FrontierBytes,
             ),
-            unsaved: std::sync::Mutex::new(Unsaved::default()),
-            next_change: AtomicU64::new(next_change.max(1)),
+            unsaved: std::sync::Mutex::new(Unsaved {
+                next_change: next_change.max(1),
+                ..Unsaved::default()
+            }),
         }
     }
 
@@ -111,8 +114,13 @@ impl KeyStates {
         for s in stripes {
             held.push(self.stripes[s].lock().await);
         }
-        let change = self.next_change.fetch_add(1, Ordering::Relaxed);
-        *self.unsaved().in_flight.entry(change).or_default() += 1;
+        let change = {
+            let mut unsaved = self.unsaved();
+            let change = unsaved.next_change;
+            unsaved.next_change += 1;
+            unsaved.in_flight.insert(change);
+            change
+        };
         KeyGuard {
             states: self,
             change,
@@ -172,13 +180,12 @@ impl KeyStates {
         // which hold the mark back until they are loaded again.
         let lowest_open = unsaved
             .in_flight
-            .keys()
-            .next()
+            .first()
             .copied()
             .into_iter()
             .chain(unsaved.suspect.values().copied())
             .min()
-            .unwrap_or_else(|| self.next_change.load(Ordering::Relaxed));
+            .unwrap_or(unsaved.next_change);
         let frontiers = Arc::new(std::mem::take(&mut unsaved.dirty));
         unsaved.saving = frontiers.clone();
         Some(Checkpoint {
@@ -251,12 +258,65 @@ impl KeyGuard<'_> {
 
 impl Drop for KeyGuard<'_> {
     fn drop(&mut self) {
-        let mut unsaved = self.states.unsaved();
-        if let Some(count) = unsaved.in_flight.get_mut(&self.change) {
-            *count -= 1;
-            if *count == 0 {
-                unsaved.in_flight.remove(&self.change);
-            }
+        self.states.unsaved().in_flight.remove(&self.change);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use geolog_core::Hlc;
+    use geolog_core::causal::{Dot, VersionVector};
+
+    fn version(key: &str, seq: u64) -> StoredVersion {
+        StoredVersion {
+            key: key.into(),
+            value_json: "1".into(),
+            hlc: Hlc::new(1, 0),
+            dot: Dot::new("n1", seq),
+            context: VersionVector::default(),
+            idempotency: None,
         }
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_mark_stays_below_every_open_change() {
+        let states = KeyStates::new(1 << 20, 10);
+        let open = states.lock(&["a"]).await;
+        assert_eq!(open.change(), 10);
+        {
+            let done = states.lock(&["b"]).await;
+            done.set("b".into(), vec![version("b", 1)]);
+        }
+        let first = states.begin_checkpoint().expect("none running");
+        assert_eq!(first.through, 9, "change 10 is still open");
+        assert_eq!(first.frontiers.keys().collect::<Vec<_>>(), vec!["b"]);
+        assert!(states.begin_checkpoint().is_none(), "one at a time");
+        // Still served while being saved, and unsaved again if it fails.
+        assert!(states.cached("b").is_some());
+        states.not_saved();
+        assert_eq!(states.unsaved_keys(), 1);
+        drop(open);
+        let second = states.begin_checkpoint().expect("none running");
+        assert_eq!(second.through, 11, "every change up to 11 ended");
+        states.saved();
+        assert_eq!(states.unsaved_keys(), 0);
+
+        // A change with an unknown outcome: its key is loaded again, and
+        // the mark waits for it.
+        {
+            let failed = states.lock(&["c"]).await;
+            failed.set("c".into(), vec![version("c", 2)]);
+            failed.forget("c");
+        }
+        assert!(states.cached("c").is_none() && states.is_suspect("c"));
+        assert_eq!(states.begin_checkpoint().unwrap().through, 11);
+        states.saved();
+        {
+            let reload = states.lock(&["c"]).await;
+            reload.set("c".into(), vec![version("c", 2)]);
+        }
+        assert!(!states.is_suspect("c"));
+        assert_eq!(states.begin_checkpoint().unwrap().through, 13);
     }
 }
