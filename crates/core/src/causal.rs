@@ -108,6 +108,17 @@ pub trait Causal {
     fn context(&self) -> &VersionVector;
 }
 
+/// A borrowed version is the version: frontiers of borrowed versions need
+/// no copies but of the survivors.
+impl<T: Causal + ?Sized> Causal for &T {
+    fn dot(&self) -> &Dot {
+        (**self).dot()
+    }
+    fn context(&self) -> &VersionVector {
+        (**self).context()
+    }
+}
+
 /// The frontier of a set of versions (for example the union of several
 /// replicas' states): duplicates (same dot) collapse, and every version
 /// whose dot another version's context covers is dropped. Sorted by dot.

@@ -14,6 +14,7 @@ use geolog_core::{ErrorCode, Hlc};
 use geolog_proto::{coordinator as cpb, storage as spb};
 use serde::Serialize;
 use serde_json::value::RawValue;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Serialize)]
@@ -217,7 +218,7 @@ fn write_request(
 
 /// `POST /api/logs?consistency=LEVEL` with `{"key": ..., "value": ..., "context"?: ...}`.
 pub async fn write(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
@@ -286,7 +287,7 @@ struct BatchAnswer {
 /// every record was written, `207` when some failed; when none was
 /// written and all failed alike, their common status.
 pub async fn write_batch(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
@@ -399,23 +400,27 @@ struct ReadAnswer<'a> {
 
 /// `GET /api/logs/{key}?consistency=LEVEL`.
 pub async fn read(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     key: Result<Path<String>, PathRejection>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    read_key(state, key_from_path(key)?, raw).await
+    read_key(&state, key_from_path(key)?, raw).await
 }
 
 /// `GET /api/logs/batch`: the key named `batch` (that path's `POST` is
 /// the batch endpoint).
 pub async fn read_batch_key(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    read_key(state, "batch".to_string(), raw).await
+    read_key(&state, "batch".to_string(), raw).await
 }
 
-async fn read_key(state: AppState, key: String, raw: Option<String>) -> Result<Response, ApiError> {
+async fn read_key(
+    state: &AppState,
+    key: String,
+    raw: Option<String>,
+) -> Result<Response, ApiError> {
     let query = extract::parse_query(raw.as_deref(), extract::LOG_PARAMS)?;
     let answer = state
         .reads
@@ -462,7 +467,7 @@ const DEFAULT_HISTORY_LIMIT: u32 = 100;
 
 /// `GET /api/logs/{key}/history?limit=&before=&after=&consistency=`.
 pub async fn history(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     key: Result<Path<String>, PathRejection>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -522,7 +527,7 @@ struct ReplicaHolding {
 /// `GET /api/logs/{key}/replicas`: the key's replicas per region (from the
 /// ring), whether each answered, and what each holds.
 pub async fn replicas(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     key: Result<Path<String>, PathRejection>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -707,7 +712,7 @@ struct HealthAnswer {
 
 /// `GET /api/logs/health`: this gateway, its coordinators, and every replica
 /// as the first reachable coordinator sees it.
-pub async fn health(State(state): State<AppState>) -> Response {
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let mut coordinators = Vec::new();
     let mut replicas: Option<Vec<ReplicaView>> = None;
     let mut outbox: Vec<OutboxView> = Vec::new();
@@ -803,7 +808,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /metrics` in Prometheus text format.
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     match &state.prometheus {
         Some(handle) => handle.render().into_response(),
         None => ApiError::new(

@@ -210,7 +210,8 @@ pub fn router(state: AppState, concurrency_limit: usize, request_timeout: Durati
         .route("/metrics", get(handlers::metrics))
         .fallback(handlers::route_not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
-        .with_state(state)
+        // Shared, not copied per request (the state holds clients and strings).
+        .with_state(Arc::new(state))
         .layer(limits)
         .layer(middleware::from_fn(record_metrics))
         .layer(

@@ -227,20 +227,24 @@ impl KeyGuard<'_> {
     }
 
     /// Records `key`'s committed frontier, changed by this guard's change
-    /// (unsaved until a checkpoint stores it).
-    pub fn set(&self, key: String, frontier: Vec<StoredVersion>) {
+    /// (unsaved until a checkpoint stores it); returns it as held.
+    pub fn set(&self, key: String, frontier: Vec<StoredVersion>) -> Frontier {
         let frontier = Arc::new(frontier);
         {
             let mut unsaved = self.states.unsaved();
             unsaved.suspect.remove(&key);
             unsaved.dirty.insert(key.clone(), frontier.clone());
         }
-        self.states.frontiers.insert(key, frontier);
+        self.states.frontiers.insert(key, frontier.clone());
+        frontier
     }
 
-    /// Records `key`'s frontier as loaded from the database, unchanged.
-    pub fn loaded(&self, key: String, frontier: Vec<StoredVersion>) {
-        self.states.frontiers.insert(key, Arc::new(frontier));
+    /// Records `key`'s frontier as loaded from the database, unchanged;
+    /// returns it as held.
+    pub fn loaded(&self, key: String, frontier: Vec<StoredVersion>) -> Frontier {
+        let frontier = Arc::new(frontier);
+        self.states.frontiers.insert(key, frontier.clone());
+        frontier
     }
 
     /// Forgets `key` (its change may or may not have committed): it is

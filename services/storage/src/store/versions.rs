@@ -10,11 +10,12 @@
 
 use super::{HistoryCursor, version_from_row};
 use super::{Idempotency, MintInput, Minted, StoreError, StoredVersion, VersionStore};
-use crate::keystate::KeyGuard;
+use crate::keystate::{Frontier, KeyGuard};
 use geolog_core::causal::{self, Dot, VersionVector};
 use geolog_core::merkle::{tree_token, version_hash};
 use sqlx::Row;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 /// Keys merged per statement: bounds one statement's size when
@@ -209,7 +210,7 @@ impl VersionStore {
         let mut inserted = 0;
         for group in keys.chunks(MERGE_KEYS_PER_STATEMENT) {
             let guard = self.keys.lock(group).await;
-            let mut current = self.frontiers_locked(&guard, group).await?;
+            let mut current = self.shared_frontiers_locked(&guard, group).await?;
             let mut new = Vec::new();
             let mut merged_of: Vec<(String, Vec<StoredVersion>)> = Vec::new();
             // Every version stored here is covered by its key's frontier:
@@ -221,12 +222,12 @@ impl VersionStore {
                 let incoming = &by_key[key];
                 let seen = causal::state_vector(current.iter());
                 only_new &= incoming.iter().all(|v| !seen.covers(&v.dot));
-                let merged = causal::frontier(
-                    current
-                        .iter()
+                // Computed on borrowed versions: only the survivors are copied.
+                let merged: Vec<StoredVersion> =
+                    causal::frontier(current.iter().chain(incoming.iter().copied()))
+                        .into_iter()
                         .cloned()
-                        .chain(incoming.iter().map(|v| (*v).clone())),
-                );
+                        .collect();
                 new.extend(incoming.iter().copied());
                 merged_of.push((key.to_string(), merged));
             }
@@ -279,20 +280,36 @@ impl VersionStore {
         Ok(found)
     }
 
-    /// The frontiers of `keys`, whose writer locks `guard` holds: cached
-    /// ones from memory, the others loaded from the database and cached
-    /// (every key of `keys` is in the answer, possibly empty).
+    /// The frontiers of `keys`, whose writer locks `guard` holds (see
+    /// [`VersionStore::shared_frontiers_locked`]), as copies to change.
     async fn frontiers_locked(
         &self,
         guard: &KeyGuard<'_>,
         keys: &[&str],
     ) -> Result<Frontiers, StoreError> {
-        let mut frontiers = Frontiers::new();
+        Ok(self
+            .shared_frontiers_locked(guard, keys)
+            .await?
+            .into_iter()
+            .map(|(key, frontier)| (key, Arc::unwrap_or_clone(frontier)))
+            .collect())
+    }
+
+    /// The frontiers of `keys`, whose writer locks `guard` holds: cached
+    /// ones from memory (shared, not copied), the others loaded from the
+    /// database and cached (every key of `keys` is in the answer, possibly
+    /// empty).
+    async fn shared_frontiers_locked(
+        &self,
+        guard: &KeyGuard<'_>,
+        keys: &[&str],
+    ) -> Result<BTreeMap<String, Frontier>, StoreError> {
+        let mut frontiers = BTreeMap::new();
         let mut missing = Vec::new();
         for key in keys {
             match self.keys.cached(key) {
                 Some(frontier) => {
-                    frontiers.insert(key.to_string(), frontier.as_ref().clone());
+                    frontiers.insert(key.to_string(), frontier);
                 }
                 None => missing.push(*key),
             }
@@ -307,15 +324,13 @@ impl VersionStore {
             // The heads of a key held nowhere in memory are exact (it is
             // saved), but a frontier is computed, not trusted.
             let frontier = causal::frontier(loaded.remove(key).unwrap_or_default());
-            guard.loaded(key.to_string(), frontier.clone());
-            frontiers.insert(key.to_string(), frontier);
+            frontiers.insert(key.to_string(), guard.loaded(key.to_string(), frontier));
         }
         for key in suspect {
             // Its last change may have committed after its heads were
             // saved: its frontier is computed from its whole history.
             let frontier = super::heads::fold(Vec::new(), self.whole_history(key).await?);
-            guard.set(key.to_string(), frontier.clone());
-            frontiers.insert(key.to_string(), frontier);
+            frontiers.insert(key.to_string(), guard.set(key.to_string(), frontier));
         }
         Ok(frontiers)
     }
