@@ -211,7 +211,7 @@ async fn load(pools: &[PgPool], n: u64, value_bytes: usize) -> anyhow::Result<()
                  SELECT k, $2, s, $3, $4::json, '{}'::jsonb, t, h \
                  FROM UNNEST($1::text[], $5::bigint[], $6::bigint[], $7::bigint[]) AS u(k, s, t, h) \
                  RETURNING key, node, seq, hlc) \
-                 INSERT INTO heads (key, node, seq, hlc) SELECT * FROM v",
+                 INSERT INTO frontiers (key, nodes, seqs, hlcs) SELECT key, ARRAY[node], ARRAY[seq], ARRAY[hlc] FROM v",
             )
             .bind(&keys)
             .bind(MINTER)

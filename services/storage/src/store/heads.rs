@@ -1,5 +1,5 @@
-//! The stored heads: a checkpoint of the keys' frontiers, not written with
-//! every version (see [`KeyStates`](crate::keystate::KeyStates)). A
+//! The stored heads (table `frontiers`, a row per key): a checkpoint of the
+//! keys' frontiers, not written with every version (see [`KeyStates`](crate::keystate::KeyStates)). A
 //! checkpoint stores the frontiers of the keys changed since the last one
 //! and the change number up to which the heads reflect every version
 //! stored here, in one transaction; opening the store merges the versions
@@ -73,9 +73,10 @@ pub(super) async fn load(
     let tokens: Vec<i64> = keys.iter().map(|k| tree_token(k)).collect();
     let rows = sqlx::query(
         "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
-         FROM UNNEST($1::text[], $2::bigint[]) AS t(k, tk) JOIN heads h ON h.key = t.k \
+         FROM UNNEST($1::text[], $2::bigint[]) AS t(k, tk) JOIN frontiers f ON f.key = t.k \
+         CROSS JOIN LATERAL UNNEST(f.nodes, f.seqs, f.hlcs) AS h(node, seq, hlc) \
          CROSS JOIN LATERAL (SELECT * FROM versions v \
-              WHERE v.token = t.tk AND (v.key, v.hlc, v.node, v.seq) = (h.key, h.hlc, h.node, h.seq) LIMIT 1) v \
+              WHERE v.token = t.tk AND (v.key, v.hlc, v.node, v.seq) = (t.k, h.hlc, h.node, h.seq) LIMIT 1) v \
          ORDER BY v.key, v.node, v.seq",
     )
     .bind(keys)
@@ -90,8 +91,9 @@ pub(super) async fn load(
     Ok(frontiers)
 }
 
-/// Replaces the heads of the given keys by their frontiers and moves the
-/// checkpoint mark to `through` (never back), in one transaction.
+/// Replaces the heads of the given keys by their frontiers (a row per key,
+/// updated in place) and moves the checkpoint mark to `through` (never
+/// back), in one transaction. A key without versions has no row.
 async fn store<'a>(
     pool: &PgPool,
     frontiers: impl Iterator<Item = (&'a str, &'a [StoredVersion])>,
@@ -100,15 +102,12 @@ async fn store<'a>(
     let frontiers: Vec<(&str, &[StoredVersion])> = frontiers.collect();
     let mut tx = pool.begin().await?;
     for chunk in frontiers.chunks(KEYS_PER_STATEMENT) {
-        let keys: Vec<&str> = chunk.iter().map(|(k, _)| *k).collect();
         let heads: Vec<&StoredVersion> = chunk.iter().flat_map(|(_, f)| f.iter()).collect();
-        sqlx::query("DELETE FROM heads WHERE key = ANY($1)")
-            .bind(&keys)
-            .execute(&mut *tx)
-            .await?;
         sqlx::query(
-            "INSERT INTO heads (key, node, seq, hlc) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[])",
+            "INSERT INTO frontiers (key, nodes, seqs, hlcs) \
+             SELECT k, array_agg(n ORDER BY n, s), array_agg(s ORDER BY n, s), array_agg(h ORDER BY n, s) \
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS t(k, n, s, h) GROUP BY k \
+             ON CONFLICT (key) DO UPDATE SET nodes = EXCLUDED.nodes, seqs = EXCLUDED.seqs, hlcs = EXCLUDED.hlcs",
         )
         .bind(heads.iter().map(|v| v.key.as_str()).collect::<Vec<_>>())
         .bind(
