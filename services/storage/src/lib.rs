@@ -50,7 +50,10 @@ pub async fn serve(
         .add_service(service)
         .serve_with_shutdown(addr, shutdown)
         .await;
+    // Stop the periodic checkpoints (one cut short leaves its keys
+    // unsaved), then store every unsaved key.
     checkpointer.abort();
+    let _ = checkpointer.await;
     if let Err(err) = store.checkpoint().await {
         tracing::warn!(error = %err, "last heads checkpoint failed; the next start recovers them");
     }

@@ -388,7 +388,10 @@ async fn one_trace_per_request_metrics_everywhere_and_health_per_region() {
                 .iter()
                 .any(|s| s.service == service && s.attributes.get(attr).is_some_and(|v| v == value))
         };
+        // Spans are exported as each ends, in batches per process: wait
+        // for every one the assertions below look at.
         spans.iter().any(|s| s.service == "geolog-gateway")
+            && spans.iter().any(|s| s.name == "coordinator write")
             && has("geolog-coordinator", "region", "a")
             && has("geolog-coordinator", "region", "b")
             && has("geolog-storage", "region", "a")

@@ -12,6 +12,16 @@ use sqlx::Row;
 use sqlx::postgres::PgPool;
 use std::collections::BTreeMap;
 
+/// A running checkpoint not stored (yet): its keys become unsaved again
+/// when this is dropped.
+struct Saving<'a>(&'a crate::keystate::KeyStates);
+
+impl Drop for Saving<'_> {
+    fn drop(&mut self) {
+        self.0.not_saved();
+    }
+}
+
 /// Keys per statement of a checkpoint.
 const KEYS_PER_STATEMENT: usize = 4_096;
 
@@ -24,21 +34,18 @@ impl VersionStore {
         let Some(checkpoint) = self.keys.begin_checkpoint() else {
             return Ok(0);
         };
+        // Unsaved again unless stored — also when this call is dropped
+        // midway (its transaction then rolls back).
+        let saving = Saving(&self.keys);
         let frontiers = checkpoint
             .frontiers
             .iter()
             .map(|(key, frontier)| (key.as_str(), frontier.as_slice()));
-        match store(&self.pool, frontiers, checkpoint.through).await {
-            Ok(()) => {
-                self.keys.saved();
-                metrics::counter!("heads_checkpoints_total").increment(1);
-                Ok(checkpoint.frontiers.len())
-            }
-            Err(err) => {
-                self.keys.not_saved();
-                Err(err)
-            }
-        }
+        store(&self.pool, frontiers, checkpoint.through).await?;
+        std::mem::forget(saving);
+        self.keys.saved();
+        metrics::counter!("heads_checkpoints_total").increment(1);
+        Ok(checkpoint.frontiers.len())
     }
 
     /// Checkpoints every `interval`, or sooner once `max_unsaved` keys are
