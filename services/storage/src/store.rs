@@ -4,9 +4,10 @@
 //! logical clock and the keys' causal state in memory ([`KeyStates`]).
 //! Every change to a key's state — minting, merging states from other
 //! replicas — runs under that key's writer lock as one statement (one round
-//! trip, one commit), so the stored and the cached frontier are always the
-//! causal frontier of everything stored for the key. It never decides
-//! anything about quorums.
+//! trip, one commit), so the frontier held in memory is always the causal
+//! frontier of everything stored for the key; the stored heads are a
+//! checkpoint of it, made exact again at start. It never decides anything
+//! about quorums.
 //!
 //! By concern: `versions` (minting, merging, reads), `heads` (checkpoints
 //! of the keys' frontiers and their recovery), `queues` (outbox and hints),

@@ -78,4 +78,11 @@ async fn read_many_answers_every_key_in_order_and_defers_what_does_not_fit() {
         .await
         .expect_err("an empty key is refused");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let too_many = service
+        .read_many(Request::new(pb::ReadManyRequest {
+            keys: vec!["k".to_string(); 10_001],
+        }))
+        .await
+        .expect_err("more than 10,000 keys are refused");
+    assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
 }

@@ -319,7 +319,7 @@ impl VersionStore {
         }
         let (suspect, missing): (Vec<&str>, Vec<&str>) =
             missing.into_iter().partition(|k| self.keys.is_suspect(k));
-        let mut loaded = self.load_frontiers(&missing).await?;
+        let mut loaded = super::heads::load(&self.pool, &missing).await?;
         for key in missing {
             // The heads of a key held nowhere in memory are exact (it is
             // saved), but a frontier is computed, not trusted.
@@ -333,11 +333,6 @@ impl VersionStore {
             frontiers.insert(key.to_string(), guard.set(key.to_string(), frontier));
         }
         Ok(frontiers)
-    }
-
-    /// The stored heads of `keys` with their versions.
-    async fn load_frontiers(&self, keys: &[&str]) -> Result<Frontiers, StoreError> {
-        super::heads::load(&self.pool, keys).await
     }
 
     /// Every version of `key` stored here.
@@ -569,9 +564,9 @@ impl StateChange<'_> {
     /// Stores versions from other replicas (those already stored are
     /// skipped); returns how many were new. When `only_new` (no version's
     /// dot is covered by its key's stored frontier), the rows are inserted
-    /// without conflict checks — a speculative insertion per row and per
-    /// head saved; should one be stored after all, the statement fails as a
-    /// whole and runs again with them.
+    /// without conflict checks — a speculative insertion per row saved;
+    /// should one be stored after all, the statement fails as a whole and
+    /// runs again with them.
     async fn merge(&self, store: &VersionStore, only_new: bool) -> Result<u64, StoreError> {
         const NEW: &str = concat!(insert_versions!(""), "SELECT count(*) FROM ins_versions");
         const ANY: &str = concat!(
