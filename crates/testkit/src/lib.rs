@@ -34,7 +34,10 @@ pub fn temp_dir() -> TempDir {
 /// One PostgreSQL server with an empty `geolog` database.
 pub struct TestPostgres {
     server: Option<PgServer>,
-    _dir: TempDir,
+    bins: PgBinaries,
+    user: Option<PgUser>,
+    settings: PgSettings,
+    dir: TempDir,
 }
 
 impl TestPostgres {
@@ -53,18 +56,36 @@ impl TestPostgres {
             port: free_port()?,
             fsync: false,
         };
+        let mut pg = TestPostgres {
+            server: None,
+            bins,
+            user,
+            settings,
+            dir,
+        };
+        pg.spawn().await?;
+        Ok(pg)
+    }
+
+    async fn spawn(&mut self) -> Result<(), LaunchError> {
         let mut server = PgServer::spawn(
-            &bins,
-            &data,
-            user.as_ref(),
-            &settings,
-            &dir.path().join("postgres.log"),
+            &self.bins,
+            &self.dir.path().join("pgdata"),
+            self.user.as_ref(),
+            &self.settings,
+            &self.dir.path().join("postgres.log"),
         )?;
         server.wait_ready(Duration::from_secs(60)).await?;
-        Ok(TestPostgres {
-            server: Some(server),
-            _dir: dir,
-        })
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// Fast-stops the server and starts it again on the same data and
+    /// port: every connection to it breaks (fault injection).
+    pub async fn restart(&mut self) -> Result<(), LaunchError> {
+        self.stop();
+        self.server = None;
+        self.spawn().await
     }
 
     pub fn url(&self) -> String {

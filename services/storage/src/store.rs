@@ -13,6 +13,7 @@
 //! of the keys' frontiers and their recovery), `queues` (outbox and hints),
 //! `digests` (anti-entropy).
 
+mod connections;
 mod digests;
 mod heads;
 mod queues;
@@ -168,6 +169,8 @@ pub struct StoreSettings {
 /// One node's versions in PostgreSQL.
 pub struct VersionStore {
     pool: PgPool,
+    /// Connections of the write path's statements, kept between them.
+    connections: connections::Connections,
     node: String,
     clock: HlcClock,
     /// The next dot sequence to hand out (see [`VersionStore::open`]).
@@ -202,12 +205,11 @@ impl VersionStore {
             ("jit", "off"),
         ]);
         let pool = loop {
-            // A connection is not pinged before each use (one more round
-            // trip per statement): a dead one fails its statement, which
-            // answers `Unavailable`, and the pool drops it.
+            // The pool tests a connection before handing it out: the
+            // write path's statements take theirs from the connections
+            // the store keeps (`connections`), not from the pool each time.
             let attempt = PgPoolOptions::new()
                 .max_connections(settings.max_connections)
-                .test_before_acquire(false)
                 .acquire_timeout(settings.acquire_timeout)
                 .connect_with(options.clone())
                 .await;
@@ -253,6 +255,7 @@ impl VersionStore {
         let seq_floor = own_seq.unwrap_or(0).max(wall_micros).max(old_floor);
         let floor = Hlc::from_packed(newest_hlc.unwrap_or(0) as u64);
         Ok(VersionStore {
+            connections: connections::Connections::new(pool.clone()),
             pool,
             node: node.to_string(),
             clock: HlcClock::new(floor),
@@ -269,7 +272,7 @@ impl VersionStore {
     /// state (`in_use`, `idle`) and `db_pool_max_connections`.
     pub fn record_pool_usage(&self) {
         let size = self.pool.size();
-        let idle = self.pool.num_idle() as u32;
+        let idle = (self.pool.num_idle() + self.connections.idle()) as u32;
         metrics::gauge!("db_pool_connections", "state" => "in_use")
             .set(size.saturating_sub(idle) as f64);
         metrics::gauge!("db_pool_connections", "state" => "idle").set(idle as f64);
@@ -299,6 +302,8 @@ impl VersionStore {
     }
 
     pub async fn close(&self) {
+        // The pool waits for every connection taken from it.
+        self.connections.release_all();
         self.pool.close().await;
     }
 }

@@ -191,6 +191,45 @@ async fn stopped_postgres_is_unavailable() {
 }
 
 #[tokio::test]
+async fn connections_kept_between_statements_survive_cancelled_statements_and_a_restart() {
+    let mut pg = TestPostgres::start().await.expect("start postgres");
+    let store = open(&pg, "n1").await;
+    // Mints cut short at every point of their statements: a connection
+    // left mid-statement is never handed to the next one as it is.
+    let mut acknowledged = Vec::new();
+    for i in 0..300u64 {
+        let cut = Duration::from_micros(40 * (i % 25));
+        if let Ok(minted) = tokio::time::timeout(cut, store.mint("k", &i.to_string())).await {
+            acknowledged.push(minted.expect("an uncut mint succeeds"));
+        }
+    }
+    let last = store.mint("k", "\"after\"").await.unwrap();
+    assert_eq!(store.frontier("k").await.unwrap(), vec![last.clone()]);
+    let history = store.history("k", 1_000, None, None).await.unwrap();
+    for version in acknowledged.iter().chain([&last]) {
+        assert!(history.contains(version), "{:?} kept", version.dot);
+    }
+
+    // Every kept connection breaks with the server: one statement fails,
+    // as unavailable, and the others are tested before their next use.
+    pg.restart().await.expect("restart postgres");
+    let mut failures = 0;
+    let after_restart = loop {
+        match store.mint("k", "\"restarted\"").await {
+            Ok(minted) => break minted,
+            Err(StoreError::Unavailable(_)) if failures < 1 => failures += 1,
+            Err(err) => panic!("after {failures} failures: {err:?}"),
+        }
+    };
+    assert_eq!(
+        store.frontier("k").await.unwrap(),
+        vec![after_restart.clone()]
+    );
+    assert!(after_restart.context.covers(&last.dot));
+    store.close().await;
+}
+
+#[tokio::test]
 async fn idempotency_key_replays_the_first_version_or_refuses_another_body() {
     let pg = TestPostgres::start().await.expect("start postgres");
     let store = open(&pg, "n1").await;

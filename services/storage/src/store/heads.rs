@@ -73,8 +73,8 @@ impl VersionStore {
 /// per row (`LATERAL ... LIMIT 1`): left to its statistics, the planner may
 /// hash-join a whole-table scan of `versions`, whose cost grows with the
 /// history, not with the batch.
-pub(super) async fn load(
-    pool: &PgPool,
+pub(super) async fn load<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
     keys: &[&str],
 ) -> Result<BTreeMap<String, Vec<StoredVersion>>, StoreError> {
     let tokens: Vec<i64> = keys.iter().map(|k| tree_token(k)).collect();
@@ -88,7 +88,7 @@ pub(super) async fn load(
     )
     .bind(keys)
     .bind(tokens)
-    .fetch_all(pool)
+    .fetch_all(executor)
     .await?;
     let mut frontiers = BTreeMap::<String, Vec<StoredVersion>>::new();
     for row in &rows {

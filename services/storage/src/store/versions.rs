@@ -319,7 +319,9 @@ impl VersionStore {
         }
         let (suspect, missing): (Vec<&str>, Vec<&str>) =
             missing.into_iter().partition(|k| self.keys.is_suspect(k));
-        let mut loaded = super::heads::load(&self.pool, &missing).await?;
+        let mut conn = self.connections.lease().await?;
+        let loaded = super::heads::load(&mut *conn, &missing).await;
+        let mut loaded = conn.done(loaded)?;
         for key in missing {
             // The heads of a key held nowhere in memory are exact (it is
             // saved), but a frontier is computed, not trusted.
@@ -369,15 +371,16 @@ impl VersionStore {
         if keys.is_empty() {
             return Ok(BTreeMap::new());
         }
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
              FROM UNNEST($1::text[], $2::text[]) AS t(k, i) CROSS JOIN LATERAL (SELECT * FROM versions v \
                   WHERE v.key = t.k AND v.idempotency_key = t.i ORDER BY v.hlc, v.node, v.seq LIMIT 1) v",
         )
         .bind(keys)
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(ids);
+        let mut conn = self.connections.lease().await?;
+        let rows = query.fetch_all(&mut *conn).await;
+        let rows = conn.done(rows)?;
         rows.iter()
             .map(|row| {
                 let v = version_from_row(row)?;
@@ -403,7 +406,7 @@ impl VersionStore {
         let bound =
             |c: Option<&HistoryCursor>| c.map(|c| (c.hlc as i64, c.node.clone(), c.seq as i64));
         let (before, after) = (bound(before), bound(after));
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash FROM versions \
              WHERE token = $9 AND key = $1 \
                AND ($2::bigint IS NULL OR (hlc, node, seq) < ($2, $3::text, $4::bigint)) \
@@ -418,9 +421,10 @@ impl VersionStore {
         .bind(after.as_ref().map(|a| a.1.clone()))
         .bind(after.as_ref().map(|a| a.2))
         .bind(i64::from(limit))
-        .bind(tree_token(key))
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(tree_token(key));
+        let mut conn = self.connections.lease().await?;
+        let rows = query.fetch_all(&mut *conn).await;
+        let rows = conn.done(rows)?;
         rows.iter().map(version_from_row).collect()
     }
 }
@@ -531,16 +535,17 @@ impl StateChange<'_> {
                   AS t(k, n, s, r, h, tk) \
              RETURNING id, seq, region"
         ));
-        let rows = self
+        let query = self
             .bind(query, &columns)
             .bind(outbox_keys)
             .bind(outbox_nodes)
             .bind(&outbox_seqs)
             .bind(&regions)
             .bind(outbox_hlcs)
-            .bind(outbox_tokens)
-            .fetch_all(&store.pool)
-            .await?;
+            .bind(outbox_tokens);
+        let mut conn = store.connections.lease().await?;
+        let rows = query.fetch_all(&mut *conn).await;
+        let rows = conn.done(rows)?;
         let returned: Vec<(i64, i64, String)> = rows
             .iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
@@ -593,10 +598,10 @@ impl StateChange<'_> {
         columns: &VersionColumns<'_>,
         statement: &'static str,
     ) -> Result<u64, sqlx::Error> {
-        let row = self
-            .bind(sqlx::query(statement), columns)
-            .fetch_one(&store.pool)
-            .await?;
+        let query = self.bind(sqlx::query(statement), columns);
+        let mut conn = store.connections.lease().await?;
+        let row = query.fetch_one(&mut *conn).await;
+        let row = conn.done(row)?;
         Ok(row.try_get::<i64, _>(0)? as u64)
     }
 }
