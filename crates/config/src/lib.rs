@@ -267,7 +267,9 @@ pub struct StorageSettings {
     /// A key changed since the last checkpoint is held in memory until the
     /// next; after a crash, the node merges the versions stored since the
     /// last checkpoint into the heads when it starts (longer intervals:
-    /// fewer head rows written, more to merge at start). Default 5,000 ms.
+    /// fewer head rows written, more to merge at start; about 7.5 µs per
+    /// version, e.g. 2.8 s for 30 s of batches at 12,000 records/s).
+    /// Default 30,000 ms.
     pub heads_checkpoint_ms: u64,
     /// Checkpoint sooner once this many keys are unsaved. Default 200,000.
     pub heads_checkpoint_keys: u64,
@@ -285,7 +287,7 @@ impl Default for StorageSettings {
             pool_max_connections: default_pool_size(),
             pool_acquire_timeout_ms: 3_000,
             frontier_cache_bytes: 64 << 20,
-            heads_checkpoint_ms: 5_000,
+            heads_checkpoint_ms: 30_000,
             heads_checkpoint_keys: 200_000,
         }
     }

@@ -686,3 +686,42 @@ async fn heads_not_checkpointed_before_a_crash_are_recovered_exactly() {
     let store = open(&pg, "n1").await;
     assert_eq!(store.frontier("k1").await.unwrap(), vec![third]);
 }
+
+#[tokio::test]
+async fn recovery_merges_many_changes_step_by_step_into_exact_frontiers() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+    let before_crash;
+    {
+        let crashed = open(&pg, "n1").await;
+        // Siblings made early, resolved by a mint hundreds of changes later.
+        crashed.mint("s", "1").await.unwrap();
+        let concurrent = version("s", "n9", 3, Hlc::new(1_000, 0), "2", &[]);
+        crashed
+            .merge(std::slice::from_ref(&concurrent))
+            .await
+            .unwrap();
+        // Far more changes than recovery merges per step, each key written
+        // in many of them.
+        for i in 0..700 {
+            crashed
+                .mint(&keys[i % keys.len()], &i.to_string())
+                .await
+                .unwrap();
+        }
+        crashed.mint("s", "3").await.unwrap();
+        let all: Vec<&str> = keys.iter().map(String::as_str).chain(["s"]).collect();
+        before_crash = crashed.frontiers(&all).await.unwrap();
+        // Dropped without a checkpoint: as if the process were killed.
+    }
+    let store = open(&pg, "n1").await;
+    assert_eq!(store.checkpoint().await.unwrap(), 0, "recovery saved them");
+    for (key, frontier) in &before_crash {
+        assert_eq!(&store.frontier(key).await.unwrap(), frontier, "{key}");
+    }
+    assert_eq!(
+        before_crash["s"].len(),
+        1,
+        "the late mint resolved the siblings"
+    );
+}

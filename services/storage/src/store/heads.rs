@@ -8,7 +8,6 @@
 use super::{StoreError, StoredVersion, VersionStore, version_from_row};
 use geolog_core::causal;
 use geolog_core::merkle::tree_token;
-use sqlx::Row;
 use sqlx::postgres::PgPool;
 use std::collections::BTreeMap;
 
@@ -109,13 +108,57 @@ async fn store<'a>(
     let frontiers: Vec<(&str, &[StoredVersion])> = frontiers.collect();
     let mut tx = pool.begin().await?;
     for chunk in frontiers.chunks(KEYS_PER_STATEMENT) {
-        let heads: Vec<&StoredVersion> = chunk.iter().flat_map(|(_, f)| f.iter()).collect();
-        sqlx::query(
-            "INSERT INTO frontiers (key, nodes, seqs, hlcs) \
-             SELECT k, array_agg(n ORDER BY n, s), array_agg(s ORDER BY n, s), array_agg(h ORDER BY n, s) \
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS t(k, n, s, h) GROUP BY k \
-             ON CONFLICT (key) DO UPDATE SET nodes = EXCLUDED.nodes, seqs = EXCLUDED.seqs, hlcs = EXCLUDED.hlcs",
-        )
+        // Most keys have one head: their rows are updated from flat
+        // arrays, and only the keys without a row yet are inserted. An
+        // upsert locks each conflicting row first (one more WAL record per
+        // row), and grouping the heads per key sorts every group: together
+        // a fifth of a checkpoint's time.
+        let (single, several): (Vec<_>, Vec<_>) = chunk.iter().partition(|(_, f)| f.len() == 1);
+        let single: Vec<&StoredVersion> = single.iter().map(|(_, f)| &f[0]).collect();
+        if !single.is_empty() {
+            bind_heads(
+                sqlx::query(
+                    "WITH t AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS t(k, n, s, h)), \
+                          updated AS (UPDATE frontiers f SET nodes = ARRAY[t.n], seqs = ARRAY[t.s], hlcs = ARRAY[t.h] \
+                                      FROM t WHERE f.key = t.k RETURNING f.key) \
+                     INSERT INTO frontiers (key, nodes, seqs, hlcs) \
+                     SELECT k, ARRAY[n], ARRAY[s], ARRAY[h] FROM t WHERE NOT EXISTS (SELECT 1 FROM updated u WHERE u.key = t.k) \
+                     ON CONFLICT (key) DO UPDATE SET nodes = EXCLUDED.nodes, seqs = EXCLUDED.seqs, hlcs = EXCLUDED.hlcs",
+                ),
+                &single,
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        let several: Vec<&StoredVersion> = several.iter().flat_map(|(_, f)| f.iter()).collect();
+        if !several.is_empty() {
+            bind_heads(
+                sqlx::query(
+                    "INSERT INTO frontiers (key, nodes, seqs, hlcs) \
+                     SELECT k, array_agg(n ORDER BY n, s), array_agg(s ORDER BY n, s), array_agg(h ORDER BY n, s) \
+                     FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS t(k, n, s, h) GROUP BY k \
+                     ON CONFLICT (key) DO UPDATE SET nodes = EXCLUDED.nodes, seqs = EXCLUDED.seqs, hlcs = EXCLUDED.hlcs",
+                ),
+                &several,
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    sqlx::query("UPDATE heads_checkpoint SET arrived = GREATEST(arrived, $1)")
+        .bind(through as i64)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Binds heads as the arrays $1-$4: keys, nodes, sequences, timestamps.
+fn bind_heads<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    heads: &[&'q StoredVersion],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
         .bind(heads.iter().map(|v| v.key.as_str()).collect::<Vec<_>>())
         .bind(
             heads
@@ -130,15 +173,6 @@ async fn store<'a>(
                 .map(|v| v.hlc.packed() as i64)
                 .collect::<Vec<_>>(),
         )
-        .execute(&mut *tx)
-        .await?;
-    }
-    sqlx::query("UPDATE heads_checkpoint SET arrived = GREATEST(arrived, $1)")
-        .bind(through as i64)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(())
 }
 
 /// The frontier of `frontier` and `versions`, folded a few versions at a
@@ -155,39 +189,61 @@ pub(super) fn fold(
     frontier
 }
 
+/// Changes merged per step at start: bounds the versions held at once
+/// (a change stores at most a batch's or a merge statement's versions).
+const RECOVERY_CHANGES_PER_STEP: i64 = 256;
+
 /// Makes the heads exact after a restart: merges every version that
-/// arrived after the checkpoint mark into its key's heads and moves the
-/// mark past them. Returns the number the node's next change gets.
+/// arrived after the checkpoint mark into its key's heads, a range of
+/// changes at a time, and moves the mark past them. Returns the number the
+/// node's next change gets.
 pub(super) async fn recover(pool: &PgPool) -> Result<u64, StoreError> {
+    let started = std::time::Instant::now();
     let through: i64 = sqlx::query_scalar("SELECT arrived FROM heads_checkpoint")
         .fetch_one(pool)
         .await?;
-    let rows = sqlx::query(
-        "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash, arrived \
-         FROM versions WHERE arrived > $1",
-    )
-    .bind(through)
-    .fetch_all(pool)
-    .await?;
-    if rows.is_empty() {
+    let last: Option<i64> =
+        sqlx::query_scalar("SELECT max(arrived) FROM versions WHERE arrived > $1")
+            .bind(through)
+            .fetch_one(pool)
+            .await?;
+    let Some(last) = last else {
         return Ok(through as u64 + 1);
+    };
+    let mut frontiers = BTreeMap::<String, Vec<StoredVersion>>::new();
+    let mut versions = 0;
+    let mut from = through;
+    while from < last {
+        let to = from.saturating_add(RECOVERY_CHANGES_PER_STEP).min(last);
+        let rows = sqlx::query(
+            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash \
+             FROM versions WHERE arrived > $1 AND arrived <= $2",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool)
+        .await?;
+        versions += rows.len();
+        let mut arrived = BTreeMap::<String, Vec<StoredVersion>>::new();
+        for row in &rows {
+            let v = version_from_row(row)?;
+            arrived.entry(v.key.clone()).or_default().push(v);
+        }
+        let first_seen: Vec<&str> = arrived
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !frontiers.contains_key(*k))
+            .collect();
+        let mut stored = load(pool, &first_seen).await?;
+        for (key, versions) in arrived {
+            let current = match frontiers.remove(&key) {
+                Some(frontier) => frontier,
+                None => stored.remove(&key).unwrap_or_default(),
+            };
+            frontiers.insert(key, fold(current, versions));
+        }
+        from = to;
     }
-    let mut last = through;
-    let mut arrived = BTreeMap::<String, Vec<StoredVersion>>::new();
-    for row in &rows {
-        last = last.max(row.try_get::<i64, _>("arrived")?);
-        let v = version_from_row(row)?;
-        arrived.entry(v.key.clone()).or_default().push(v);
-    }
-    let keys: Vec<&str> = arrived.keys().map(String::as_str).collect();
-    let mut heads = load(pool, &keys).await?;
-    let frontiers: Vec<(String, Vec<StoredVersion>)> = arrived
-        .into_iter()
-        .map(|(key, versions)| {
-            let stored = heads.remove(&key).unwrap_or_default();
-            (key, fold(stored, versions))
-        })
-        .collect();
     store(
         pool,
         frontiers.iter().map(|(k, f)| (k.as_str(), f.as_slice())),
@@ -195,8 +251,9 @@ pub(super) async fn recover(pool: &PgPool) -> Result<u64, StoreError> {
     )
     .await?;
     tracing::info!(
-        versions = rows.len(),
+        versions,
         keys = frontiers.len(),
+        ms = started.elapsed().as_millis() as u64,
         "heads recovered from the versions stored after the last checkpoint"
     );
     Ok(last as u64 + 1)
