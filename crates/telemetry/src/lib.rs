@@ -12,6 +12,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::sync::OnceLock;
 use std::time::Duration;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::{EnvFilter, Layer, fmt, prelude::*};
 
 /// What [`init_tracing`] installed; call [`Telemetry::shutdown`] at exit so
@@ -67,18 +68,29 @@ pub fn init_tracing(service: &'static str) -> Telemetry {
     // busy coordinator's time, whether or not anything is logged inside.
     // Request-level warnings name their key and operation themselves.
     let spans_in_logs = std::env::var("GEOLOG_LOG_SPANS").is_ok_and(|v| v == "1" || v == "true");
-    let only_events =
-        tracing_subscriber::filter::filter_fn(move |meta| spans_in_logs || meta.is_event());
+    let only_events = move || {
+        tracing_subscriber::filter::filter_fn(move |meta: &tracing::Metadata<'_>| {
+            spans_in_logs || meta.is_event()
+        })
+    };
+    // A span no layer wants must not be built (its fields evaluated,
+    // entered, closed: every request span, on every process, when traces
+    // are not exported). So `RUST_LOG` filters each layer, not the whole
+    // subscriber, and the export layer is left out rather than added as
+    // `None`: either a global filter or an absent optional layer counts as
+    // wanting every span it lets through (tests/spans.rs).
+    let env_filter =
+        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = if json {
         fmt::layer()
             .json()
             .with_current_span(true)
-            .with_filter(only_events)
+            .with_filter(only_events().and(env_filter()))
             .boxed()
     } else {
         fmt::layer()
             .with_target(false)
-            .with_filter(only_events)
+            .with_filter(only_events().and(env_filter()))
             .boxed()
     };
     let mut export_error = None;
@@ -97,14 +109,14 @@ pub fn init_tracing(service: &'static str) -> Telemetry {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(service))
             .with_error_records_to_exceptions(true)
+            .with_filter(env_filter())
     });
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let installed = tracing_subscriber::registry()
-        .with(filter)
-        .with(logs)
-        .with(otel)
-        .try_init()
-        .is_ok();
+    let subscriber = tracing_subscriber::registry().with(logs);
+    let installed = match otel {
+        Some(otel) => subscriber.with(otel).try_init(),
+        None => subscriber.try_init(),
+    }
+    .is_ok();
     if installed {
         tracing::info!(
             service,
