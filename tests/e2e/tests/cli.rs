@@ -104,8 +104,10 @@ async fn fault_and_node_commands_act_on_a_running_cluster() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // The launcher writes cluster.json as the processes start, and again
+    // with its control URL once the cluster is up.
     wait_until(Duration::from_secs(90), || async {
-        ClusterFile::read(&data_dir).is_ok()
+        ClusterFile::read(&data_dir).is_ok_and(|f| f.control_url.is_some())
     })
     .await;
     let file = ClusterFile::read(&data_dir).unwrap();
