@@ -11,6 +11,7 @@ pub mod handlers;
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{MatchedPath, Request};
+use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -163,30 +164,82 @@ fn describe_metrics() {
     );
 }
 
+/// The routes, as the `route` label names them.
+const ROUTES: [&str; 7] = [
+    "/api/logs",
+    "/api/logs/batch",
+    "/api/logs/health",
+    "/api/logs/{key}",
+    "/api/logs/{key}/history",
+    "/api/logs/{key}/replicas",
+    "/metrics",
+];
+
+/// A label value, borrowed when it is one of a known few (no allocation
+/// per request for the common ones).
+fn label(known: Option<&'static str>, other: impl FnOnce() -> String) -> metrics::SharedString {
+    match known {
+        Some(value) => value.into(),
+        None => other().into(),
+    }
+}
+
 /// Records `http_server_requests_seconds` by route, method, status and level.
 async fn record_metrics(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request
+    let matched = request
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
-    let method = request.method().to_string();
+        .map(|p| p.as_str());
+    let route = match matched {
+        Some(path) => label(ROUTES.iter().find(|r| **r == path).copied(), || {
+            path.to_string()
+        }),
+        None => "unmatched".into(),
+    };
+    let method = label(
+        match *request.method() {
+            Method::GET => Some("GET"),
+            Method::POST => Some("POST"),
+            Method::PUT => Some("PUT"),
+            Method::DELETE => Some("DELETE"),
+            Method::HEAD => Some("HEAD"),
+            _ => None,
+        },
+        || request.method().to_string(),
+    );
     // Only valid level names become label values: bounded cardinality.
     let level = extract::parse_query(request.uri().query(), extract::HISTORY_PARAMS)
         .ok()
         .and_then(|q| q.consistency)
         .map_or("default", |l| l.as_str());
     let response = next.run(request).await;
-    tracing::Span::current().record("status", response.status().as_u16());
-    let labels = [
-        ("route", route),
-        ("method", method),
-        ("status", response.status().as_u16().to_string()),
-        ("consistency", level.to_string()),
-    ];
-    metrics::histogram!("http_server_requests_seconds", &labels)
-        .record(started.elapsed().as_secs_f64());
+    let status = response.status();
+    tracing::Span::current().record("status", status.as_u16());
+    let status = label(
+        match status.as_u16() {
+            200 => Some("200"),
+            201 => Some("201"),
+            400 => Some("400"),
+            404 => Some("404"),
+            409 => Some("409"),
+            413 => Some("413"),
+            429 => Some("429"),
+            500 => Some("500"),
+            503 => Some("503"),
+            504 => Some("504"),
+            _ => None,
+        },
+        || status.as_u16().to_string(),
+    );
+    metrics::histogram!(
+        "http_server_requests_seconds",
+        "route" => route,
+        "method" => method,
+        "status" => status,
+        "consistency" => level,
+    )
+    .record(started.elapsed().as_secs_f64());
     response
 }
 
