@@ -5,41 +5,82 @@ mod common;
 
 use common::{Api, geolog, wait_until};
 use geolog_launcher::ClusterFile;
-use geolog_launcher::process::pid_alive;
+use geolog_launcher::process::{pid_alive, signal_pid};
+use nix::sys::signal::Signal;
 use serde_json::json;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+/// A running `geolog up`: stopped with its whole cluster when the test
+/// ends, also when it fails midway (the temporary directory goes after it).
+struct Launcher {
+    child: Child,
+    data_dir: PathBuf,
+}
+
+impl Launcher {
+    fn spawn(command: &mut Command, data_dir: &Path) -> Self {
+        Launcher {
+            child: command
+                .spawn()
+                .expect("geolog binary is built (cargo build --workspace --bins)"),
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        // `down` stops what cluster.json lists; a launcher still starting
+        // stops what it started on SIGTERM.
+        let _ = geolog(&self.data_dir, &["down"]);
+        signal_pid(self.child.id(), Signal::SIGTERM);
+        for _ in 0..100 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn up_serves_and_down_leaves_nothing_running() {
     let dir = geolog_testkit::temp_dir();
     let data_dir = dir.path().join("data");
     let geolog = geolog_launcher::cluster::default_bin_dir().join("geolog");
-    let mut up = Command::new(&geolog)
-        .args([
-            "up",
-            "--regions",
-            "1",
-            "--nodes-per-region",
-            "3",
-            "--replication-factor",
-            "3",
-            "--gateway-port",
-            "0",
-            "--no-fsync",
-        ])
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("geolog binary is built (cargo build --workspace --bins)");
+    let mut up = Launcher::spawn(
+        Command::new(&geolog)
+            .args([
+                "up",
+                "--regions",
+                "1",
+                "--nodes-per-region",
+                "3",
+                "--replication-factor",
+                "3",
+                "--gateway-port",
+                "0",
+                "--no-fsync",
+            ])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        &data_dir,
+    );
     wait_until(Duration::from_secs(90), || async {
         ClusterFile::read(&data_dir).is_ok()
     })
     .await;
     let file = ClusterFile::read(&data_dir).unwrap();
-    assert_eq!(file.launcher_pid, up.id());
+    assert_eq!(file.launcher_pid, up.child.id());
     let roles: Vec<&str> = file.processes.iter().map(|p| p.role.as_str()).collect();
     assert_eq!(roles.iter().filter(|r| **r == "storage").count(), 3);
     assert!(roles.contains(&"coordinator") && roles.contains(&"gateway"));
@@ -66,7 +107,7 @@ async fn up_serves_and_down_leaves_nothing_running() {
         String::from_utf8_lossy(&down.stderr)
     );
     assert!(
-        up.wait().unwrap().success(),
+        up.child.wait().unwrap().success(),
         "geolog up exits cleanly after down"
     );
     for p in &file.processes {
@@ -86,24 +127,25 @@ async fn fault_and_node_commands_act_on_a_running_cluster() {
     let dir = geolog_testkit::temp_dir();
     let data_dir = dir.path().join("data");
     let geolog_bin = geolog_launcher::cluster::default_bin_dir().join("geolog");
-    let mut up = Command::new(&geolog_bin)
-        .args([
-            "up",
-            "--regions",
-            "2",
-            "--nodes-per-region",
-            "2",
-            "--replication-factor",
-            "2",
-        ])
-        .args(["--gateway-port", "0", "--no-fsync", "--wan-latency", "5ms"])
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .env("GEOLOG__COORDINATOR__PROBE_INTERVAL_MS", "200")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut up = Launcher::spawn(
+        Command::new(&geolog_bin)
+            .args([
+                "up",
+                "--regions",
+                "2",
+                "--nodes-per-region",
+                "2",
+                "--replication-factor",
+                "2",
+            ])
+            .args(["--gateway-port", "0", "--no-fsync", "--wan-latency", "5ms"])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .env("GEOLOG__COORDINATOR__PROBE_INTERVAL_MS", "200")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        &data_dir,
+    );
     // The launcher writes cluster.json as the processes start, and again
     // with its control URL once the cluster is up.
     wait_until(Duration::from_secs(90), || async {
@@ -188,7 +230,7 @@ async fn fault_and_node_commands_act_on_a_running_cluster() {
     assert_eq!(a.write("k", json!(5), Some("ALL")).await.0, 201);
 
     assert!(geolog(&data_dir, &["down"]).status.success());
-    assert!(up.wait().unwrap().success());
+    assert!(up.child.wait().unwrap().success());
     for p in &after.processes {
         assert!(!pid_alive(p.pid), "{} still running", p.id);
     }
