@@ -68,11 +68,9 @@ pub fn init_tracing(service: &'static str) -> Telemetry {
     // busy coordinator's time, whether or not anything is logged inside.
     // Request-level warnings name their key and operation themselves.
     let spans_in_logs = std::env::var("GEOLOG_LOG_SPANS").is_ok_and(|v| v == "1" || v == "true");
-    let only_events = move || {
-        tracing_subscriber::filter::filter_fn(move |meta: &tracing::Metadata<'_>| {
-            spans_in_logs || meta.is_event()
-        })
-    };
+    let only_events = tracing_subscriber::filter::filter_fn(move |meta: &tracing::Metadata<'_>| {
+        spans_in_logs || meta.is_event()
+    });
     // A span no layer wants must not be built (its fields evaluated,
     // entered, closed: every request span, on every process, when traces
     // are not exported). So `RUST_LOG` filters each layer, not the whole
@@ -85,12 +83,12 @@ pub fn init_tracing(service: &'static str) -> Telemetry {
         fmt::layer()
             .json()
             .with_current_span(true)
-            .with_filter(only_events().and(env_filter()))
+            .with_filter(only_events.and(env_filter()))
             .boxed()
     } else {
         fmt::layer()
             .with_target(false)
-            .with_filter(only_events().and(env_filter()))
+            .with_filter(only_events.and(env_filter()))
             .boxed()
     };
     let mut export_error = None;

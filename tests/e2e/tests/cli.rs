@@ -20,11 +20,20 @@ struct Launcher {
 }
 
 impl Launcher {
-    fn spawn(command: &mut Command, data_dir: &Path) -> Self {
+    /// Starts `geolog up ARGS --data-dir DATA_DIR` with `env`, output discarded.
+    fn up(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let child = Command::new(geolog_launcher::cluster::default_bin_dir().join("geolog"))
+            .arg("up")
+            .args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("geolog binary is built (cargo build --workspace --bins)");
         Launcher {
-            child: command
-                .spawn()
-                .expect("geolog binary is built (cargo build --workspace --bins)"),
+            child,
             data_dir: data_dir.to_path_buf(),
         }
     }
@@ -55,25 +64,20 @@ async fn up_serves_and_down_leaves_nothing_running() {
     let dir = geolog_testkit::temp_dir();
     let data_dir = dir.path().join("data");
     let geolog = geolog_launcher::cluster::default_bin_dir().join("geolog");
-    let mut up = Launcher::spawn(
-        Command::new(&geolog)
-            .args([
-                "up",
-                "--regions",
-                "1",
-                "--nodes-per-region",
-                "3",
-                "--replication-factor",
-                "3",
-                "--gateway-port",
-                "0",
-                "--no-fsync",
-            ])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+    let mut up = Launcher::up(
         &data_dir,
+        &[
+            "--regions",
+            "1",
+            "--nodes-per-region",
+            "3",
+            "--replication-factor",
+            "3",
+            "--gateway-port",
+            "0",
+            "--no-fsync",
+        ],
+        &[],
     );
     wait_until(Duration::from_secs(90), || async {
         ClusterFile::read(&data_dir).is_ok()
@@ -126,25 +130,22 @@ async fn up_serves_and_down_leaves_nothing_running() {
 async fn fault_and_node_commands_act_on_a_running_cluster() {
     let dir = geolog_testkit::temp_dir();
     let data_dir = dir.path().join("data");
-    let geolog_bin = geolog_launcher::cluster::default_bin_dir().join("geolog");
-    let mut up = Launcher::spawn(
-        Command::new(&geolog_bin)
-            .args([
-                "up",
-                "--regions",
-                "2",
-                "--nodes-per-region",
-                "2",
-                "--replication-factor",
-                "2",
-            ])
-            .args(["--gateway-port", "0", "--no-fsync", "--wan-latency", "5ms"])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .env("GEOLOG__COORDINATOR__PROBE_INTERVAL_MS", "200")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+    let mut up = Launcher::up(
         &data_dir,
+        &[
+            "--regions",
+            "2",
+            "--nodes-per-region",
+            "2",
+            "--replication-factor",
+            "2",
+            "--gateway-port",
+            "0",
+            "--no-fsync",
+            "--wan-latency",
+            "5ms",
+        ],
+        &[("GEOLOG__COORDINATOR__PROBE_INTERVAL_MS", "200")],
     );
     // The launcher writes cluster.json as the processes start, and again
     // with its control URL once the cluster is up.

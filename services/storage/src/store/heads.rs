@@ -76,6 +76,9 @@ pub(super) async fn load<'c>(
     executor: impl sqlx::PgExecutor<'c>,
     keys: &[&str],
 ) -> Result<BTreeMap<String, Vec<StoredVersion>>, StoreError> {
+    if keys.is_empty() {
+        return Ok(BTreeMap::new());
+    }
     let tokens: Vec<i64> = keys.iter().map(|k| tree_token(k)).collect();
     let rows = sqlx::query(
         "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \

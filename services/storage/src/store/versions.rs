@@ -356,7 +356,7 @@ impl VersionStore {
     pub(super) async fn reload_suspects(&self) -> Result<(), StoreError> {
         for key in self.keys.suspects() {
             let guard = self.keys.lock(&[&key]).await;
-            self.frontiers_locked(&guard, &[&key]).await?;
+            self.shared_frontiers_locked(&guard, &[&key]).await?;
         }
         Ok(())
     }
