@@ -13,9 +13,13 @@
 #   load-tests/sustained.sh                          # 1 x 3, 5 minutes at 80 %
 #   DURATION=60 load-tests/sustained.sh              # a shorter look
 #   GEOLOG_UP_ARGS="--regions 3" load-tests/sustained.sh
+#   SHARE=200 CLIENTS=1000 DURATION=60 load-tests/sustained.sh   # overload:
+#       twice the maximum offered; the refused share and how fast the
+#       refusals and the accepted requests were answered are printed
 #
 # Environment: DURATION (300), SHARE (80), CALIBRATE (15), RATE (records/s;
-# skips calibration), SAMPLE (30), CLIENTS (32), BATCH (100),
+# skips calibration), SAMPLE (30), CLIENTS (32; the open loop's requests in
+# flight at most), BATCH (100; 1 sends single writes), CALIBRATE_CLIENTS (32),
 # GEOLOG_UP_ARGS ("--regions 1 --nodes-per-region 3 --replication-factor 3"),
 # OUT (./load-results).
 source "$(dirname "$0")/cluster.sh"
@@ -34,12 +38,13 @@ WORK=$(mktemp -d)
 # shellcheck disable=SC2086
 start_cluster "$WORK/cluster" $GEOLOG_UP_ARGS
 CLUSTER_JSON="$WORK/cluster/cluster.json"
-LOAD=("$BIN/geolog-load" --cluster "$CLUSTER_JSON" --scenario batch --batch-size "$BATCH"
-      --clients "$CLIENTS" --consistency LOCAL_QUORUM)
+CALIBRATE_CLIENTS=${CALIBRATE_CLIENTS:-32}
+if [ "$BATCH" = 1 ]; then SCENARIO=(--scenario write); else SCENARIO=(--scenario batch --batch-size "$BATCH"); fi
+LOAD=("$BIN/geolog-load" --cluster "$CLUSTER_JSON" "${SCENARIO[@]}" --consistency LOCAL_QUORUM)
 
 if [ -z "${RATE:-}" ]; then
-  echo "calibrating: closed-loop ${BATCH}-record batches for ${CALIBRATE} s"
-  line=$("${LOAD[@]}" --duration "${CALIBRATE}s" | tee "$OUT/sustained-calibration.txt" | tail -1)
+  echo "calibrating: closed-loop ${BATCH}-record requests, $CALIBRATE_CLIENTS clients, for ${CALIBRATE} s"
+  line=$("${LOAD[@]}" --clients "$CALIBRATE_CLIENTS" --duration "${CALIBRATE}s" | tee "$OUT/sustained-calibration.txt" | grep '^LOCAL_QUORUM')
   max=$(echo "$line" | awk '{print $4}')
   RATE=$(awk -v m="$max" -v s="$SHARE" 'BEGIN { printf "%d", m * s / 100 }')
   echo "closed-loop maximum: $max records/s; open loop at ${SHARE} %: $RATE records/s"
@@ -88,8 +93,8 @@ print(json.dumps(rows))
 EOF
 }
 
-echo "open loop: $RATE records/s ($REQUESTS_PER_S batches/s) for $DURATION s, sampled every $SAMPLE s"
-"${LOAD[@]}" --rate "$REQUESTS_PER_S" --duration "${DURATION}s" >"$OUT/sustained-load.txt" 2>&1 &
+echo "open loop: $RATE records/s ($REQUESTS_PER_S requests/s, $CLIENTS clients) for $DURATION s, sampled every $SAMPLE s"
+"${LOAD[@]}" --clients "$CLIENTS" --rate "$REQUESTS_PER_S" --duration "${DURATION}s" >"$OUT/sustained-load.txt" 2>&1 &
 LOAD_PID=$!
 SAMPLES="$OUT/sustained-samples.jsonl"
 : >"$SAMPLES"
@@ -120,8 +125,8 @@ for n in names:
 EOF
 echo
 echo "load generator (open loop, latency from each request's scheduled time):"
-tail -3 "$OUT/sustained-load.txt"
-achieved=$(tail -1 "$OUT/sustained-load.txt" | awk '{print $4}')
+grep -A2 '^level' "$OUT/sustained-load.txt"
+achieved=$(grep '^LOCAL_QUORUM' "$OUT/sustained-load.txt" | awk '{print $4}')
 awk -v o="$RATE" -v a="$achieved" 'BEGIN {
   printf "offered %d records/s, achieved %d (%.0f %%)%s\n", o, a, 100 * a / o,
     (a < 0.97 * o ? ": it fell behind (see the latency from schedule)" : "") }'

@@ -170,6 +170,14 @@ pub struct Report {
     p99_ms: f64,
     p999_ms: f64,
     max_ms: f64,
+    /// Latency of the answers that were accepted (2xx) alone.
+    accepted_p50_ms: f64,
+    accepted_p99_ms: f64,
+    /// Answers that refused the request for now (`503`, `429`: overload
+    /// shed, retry later), and how fast they came.
+    refused: u64,
+    refused_p50_ms: f64,
+    refused_p99_ms: f64,
     pub timeline: Vec<Second>,
 }
 
@@ -511,6 +519,7 @@ async fn run_level(
             .rate
             .map(|rate| Duration::from_secs_f64(args.clients as f64 / rate));
         tasks.spawn(async move {
+            let (mut accepted, mut refused) = (histogram(), histogram());
             let mut histogram = histogram();
             let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
             let mut records = 0;
@@ -536,6 +545,11 @@ async fn run_level(
                 let micros = scheduled.elapsed().as_micros().max(1) as u64;
                 histogram.saturating_record(micros);
                 let ok = answer.status == "ok" || answer.status.starts_with('2');
+                if ok {
+                    accepted.saturating_record(micros);
+                } else if answer.status == "503" || answer.status == "429" {
+                    refused.saturating_record(micros);
+                }
                 timeline.record(scheduled, micros, !ok);
                 records += answer.records;
                 *statuses.entry(answer.status).or_default() += 1;
@@ -543,22 +557,26 @@ async fn run_level(
                     scheduled += interval;
                 }
             }
-            (histogram, statuses, records)
+            (histogram, accepted, refused, statuses, records)
         });
     }
+    let (mut accepted, mut refused) = (histogram(), histogram());
     let mut histogram = histogram();
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
     let mut records = 0;
     while let Some(done) = tasks.join_next().await {
-        let (h, s, r) = done.context("a client task failed")?;
+        let (h, a, f, s, r) = done.context("a client task failed")?;
         histogram.add(&h).context("merge histograms")?;
+        accepted.add(&a).context("merge histograms")?;
+        refused.add(&f).context("merge histograms")?;
         records += r;
         for (status, n) in s {
             *statuses.entry(status).or_default() += n;
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let at = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let ms = |q: f64| at(&histogram, q);
     let ok: u64 = statuses
         .iter()
         .filter(|(s, _)| *s == "ok" || s.starts_with('2'))
@@ -593,6 +611,11 @@ async fn run_level(
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
         max_ms: histogram.max() as f64 / 1000.0,
+        accepted_p50_ms: at(&accepted, 0.5),
+        accepted_p99_ms: at(&accepted, 0.99),
+        refused: refused.len(),
+        refused_p50_ms: at(&refused, 0.5),
+        refused_p99_ms: at(&refused, 0.99),
         timeline: timeline.seconds(),
     })
 }
@@ -661,6 +684,18 @@ fn print_report(report: &Report) {
         report.max_ms,
         statuses.join(" ")
     );
+    if report.refused > 0 {
+        println!(
+            "{:<14} accepted p50 {:.2} ms, p99 {:.2} ms; refused (503/429) {} = {:.1}% of requests, p50 {:.2} ms, p99 {:.2} ms",
+            "",
+            report.accepted_p50_ms,
+            report.accepted_p99_ms,
+            report.refused,
+            report.refused as f64 * 100.0 / report.requests.max(1) as f64,
+            report.refused_p50_ms,
+            report.refused_p99_ms,
+        );
+    }
 }
 
 #[derive(Serialize)]

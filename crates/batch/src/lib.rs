@@ -8,9 +8,22 @@
 //! to fill: an idle destination sends a lone item at once, a busy one
 //! gathers the items that arrive while its calls are in flight, so batches
 //! grow with the load and per-record round trips and commits shrink.
+//!
+//! Every queue is bounded, by records and by time: past `max_waiting`
+//! records waiting for a call, or while the last batch's oldest item had
+//! waited longer than `max_wait` (a standing queue: the destination takes
+//! less than it is given), a new item is refused at once with
+//! `RESOURCE_EXHAUSTED`. The caller answers `503 overloaded` with
+//! `Retry-After`, or leaves the copy to a durable path (a hint, the
+//! outbox). Nothing queues in memory without end, and no work is spent on
+//! records whose callers have given up waiting: under twice its capacity
+//! a destination that queued everything spent its time on requests
+//! already timed out.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{Instrument, Span};
 
@@ -28,6 +41,11 @@ pub struct BatchLimits {
     /// Payload bytes per batch (a lone larger item still goes alone).
     pub max_bytes: usize,
     pub in_flight: usize,
+    /// Records (a list item counts its length) waiting for a call, at
+    /// most; more are refused. A lone item is always taken.
+    pub max_waiting: usize,
+    /// Longest wait for a call before new items are refused.
+    pub max_wait: std::time::Duration,
 }
 
 /// Queues items for one destination and sends them in batches.
@@ -37,6 +55,19 @@ pub struct Batcher<I, O> {
     /// answered (whether or not their callers still wait) — this
     /// destination's backlog.
     backlog: metrics::Gauge,
+    /// Records queued and not yet taken into a call, and their bound.
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    /// How long the oldest item of the last batch taken had waited (µs),
+    /// and the bound.
+    waited_us: Arc<AtomicU64>,
+    max_wait_us: u64,
+    /// How many records an item is.
+    records: fn(&I) -> usize,
+    /// `write_queue_refused_total{kind, to}`.
+    refused: metrics::Counter,
+    kind: &'static str,
+    to: Arc<str>,
 }
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
@@ -56,10 +87,51 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<O>, tonic::Status>> + Send + 'static,
     {
+        Self::counting(kind, to, limits, |_| 1, weigh, send)
+    }
+
+    /// [`Batcher::new`] for items that are `records(item)` records each.
+    fn counting<W, F, Fut>(
+        kind: &'static str,
+        to: &str,
+        limits: BatchLimits,
+        records: fn(&I) -> usize,
+        weigh: W,
+        send: F,
+    ) -> Self
+    where
+        W: Fn(&I) -> usize + Send + 'static,
+        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<O>, tonic::Status>> + Send + 'static,
+    {
         let (queue, rx) = mpsc::unbounded_channel();
+        let to: Arc<str> = to.into();
         let backlog = metrics::gauge!("write_queue_items", "kind" => kind, "to" => to.to_string());
-        tokio::spawn(run(kind, to.into(), limits, weigh, Arc::new(send), rx));
-        Batcher { queue, backlog }
+        let refused =
+            metrics::counter!("write_queue_refused_total", "kind" => kind, "to" => to.to_string());
+        let waited_us = Arc::new(AtomicU64::new(0));
+        let worker = run(
+            kind,
+            to.clone(),
+            limits,
+            waited_us.clone(),
+            weigh,
+            Arc::new(send),
+            rx,
+        );
+        tokio::spawn(worker);
+        Batcher {
+            queue,
+            backlog,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            max_waiting: limits.max_waiting,
+            waited_us,
+            max_wait_us: limits.max_wait.as_micros() as u64,
+            records,
+            refused,
+            kind,
+            to,
+        }
     }
 }
 
@@ -78,14 +150,22 @@ impl<T: Send + 'static, O: Clone + Send + 'static> Batcher<Vec<T>, O> {
         Fut: Future<Output = Result<O, tonic::Status>> + Send + 'static,
     {
         let weigh = move |list: &Vec<T>| weigh(list);
-        Batcher::new(kind, to, limits, weigh, move |lists: Vec<Vec<T>>| {
-            let count = lists.len();
-            let call = send(lists.into_iter().flatten().collect());
-            async move {
-                let answer = call.await?;
-                Ok(vec![answer; count])
-            }
-        })
+        let records = |list: &Vec<T>| list.len();
+        Batcher::counting(
+            kind,
+            to,
+            limits,
+            records,
+            weigh,
+            move |lists: Vec<Vec<T>>| {
+                let count = lists.len();
+                let call = send(lists.into_iter().flatten().collect());
+                async move {
+                    let answer = call.await?;
+                    Ok(vec![answer; count])
+                }
+            },
+        )
     }
 }
 
@@ -96,16 +176,30 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     }
 
     /// Queues `item` now (items queued one after the other are sent in
-    /// that order) and returns the wait for its answer.
+    /// that order) and returns the wait for its answer; or refuses it at
+    /// once, `RESOURCE_EXHAUSTED`, when the queue is full.
     pub fn enqueue(
         &self,
         item: I,
     ) -> impl Future<Output = Result<O, tonic::Status>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
-        let counted = Counted::new(&self.backlog);
-        let queued = self.queue.send((item, reply, Span::current(), counted));
+        let records = (self.records)(&item);
+        let before = self.waiting.fetch_add(records, Ordering::AcqRel);
+        let queued = if let Some(why) = self.full(before, records) {
+            self.waiting.fetch_sub(records, Ordering::AcqRel);
+            self.refused.increment(records as u64);
+            Err(tonic::Status::resource_exhausted(format!(
+                "overloaded: the {} queue to {} is full ({why}); retry later",
+                self.kind, self.to
+            )))
+        } else {
+            let counted = Counted::new(&self.backlog, records, &self.waiting);
+            self.queue
+                .send((item, reply, Span::current(), counted))
+                .map_err(|_| tonic::Status::unavailable("the batcher has stopped"))
+        };
         async move {
-            queued.map_err(|_| tonic::Status::unavailable("the batcher has stopped"))?;
+            queued?;
             answer
                 .await
                 .unwrap_or_else(|_| Err(tonic::Status::internal("a batch was dropped unanswered")))
@@ -113,19 +207,68 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     }
 }
 
-/// One item in a backlog gauge while it lives.
-struct Counted(metrics::Gauge);
+impl<I, O> Batcher<I, O> {
+    /// Why `records` more cannot wait behind `waiting` ones, if they cannot.
+    fn full(&self, waiting: usize, records: usize) -> Option<String> {
+        if waiting == 0 {
+            return None;
+        }
+        let waited_us = self.waited_us.load(Ordering::Acquire);
+        if waiting + records > self.max_waiting {
+            Some(format!(
+                "{waiting} records waiting, at most {}",
+                self.max_waiting
+            ))
+        } else if waited_us > self.max_wait_us {
+            Some(format!(
+                "its last batch had waited {} ms, at most {}",
+                waited_us / 1000,
+                self.max_wait_us / 1000
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Whether an item of `records` records would be refused now.
+    pub fn is_full(&self, records: usize) -> bool {
+        self.full(self.waiting.load(Ordering::Acquire), records)
+            .is_some()
+    }
+}
+
+/// One item in a backlog gauge while it lives, and its records in the
+/// waiting count until a call takes it.
+struct Counted {
+    backlog: metrics::Gauge,
+    records: usize,
+    waiting: Option<Arc<AtomicUsize>>,
+    queued_at: Instant,
+}
 
 impl Counted {
-    fn new(gauge: &metrics::Gauge) -> Self {
-        gauge.increment(1.0);
-        Counted(gauge.clone())
+    fn new(backlog: &metrics::Gauge, records: usize, waiting: &Arc<AtomicUsize>) -> Self {
+        backlog.increment(1.0);
+        Counted {
+            backlog: backlog.clone(),
+            records,
+            waiting: Some(waiting.clone()),
+            queued_at: Instant::now(),
+        }
+    }
+
+    /// Taken into a call: no longer waiting.
+    fn taken(&mut self) {
+        if let Some(waiting) = self.waiting.take() {
+            waiting.fetch_sub(self.records, Ordering::AcqRel);
+        }
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.decrement(1.0);
+        self.taken();
+        self.backlog.decrement(1.0);
     }
 }
 
@@ -133,6 +276,7 @@ async fn run<I, O, W, F, Fut>(
     kind: &'static str,
     to: Arc<str>,
     limits: BatchLimits,
+    waited_us: Arc<AtomicU64>,
     weigh: W,
     send: Arc<F>,
     mut queue: mpsc::UnboundedReceiver<Queued<I, O>>,
@@ -158,6 +302,10 @@ async fn run<I, O, W, F, Fut>(
                 None => return,
             },
         };
+        // How long the queue's oldest item waited: a standing queue when
+        // it keeps exceeding `max_wait` (see `Batcher::full`).
+        let waited = first.3.queued_at.elapsed().as_micros() as u64;
+        waited_us.store(waited, Ordering::Release);
         let mut bytes = weigh(&first.0);
         let mut batch = vec![first];
         while batch.len() < limits.max_items.max(1) {
@@ -169,6 +317,9 @@ async fn run<I, O, W, F, Fut>(
             }
             bytes += weight;
             batch.push(item);
+        }
+        for (.., counted) in &mut batch {
+            counted.taken();
         }
         metrics::histogram!("write_batch_records", "kind" => kind).record(batch.len() as f64);
         let send = send.clone();
@@ -225,6 +376,8 @@ mod tests {
             max_items,
             max_bytes,
             in_flight,
+            max_waiting: 1 << 20,
+            max_wait: Duration::from_secs(60),
         }
     }
 
@@ -310,5 +463,108 @@ mod tests {
         let mut expected = with_five.clone();
         expected.sort();
         assert_eq!(failed, expected);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once_and_takes_items_again_once_it_drains() {
+        // One call in flight (20 ms each), at most 4 items waiting behind it.
+        let (batcher, seen) = recording(
+            BatchLimits {
+                max_waiting: 4,
+                ..limits(2, 1 << 20, 1)
+            },
+            None,
+        );
+        let first = batcher.enqueue(0);
+        tokio::task::yield_now().await;
+        // The worker took item 0 into a call; four more may wait, the rest are refused.
+        let queued: Vec<_> = (1..=10u32).map(|i| (i, batcher.enqueue(i))).collect();
+        let mut accepted = Vec::new();
+        let mut refused = Vec::new();
+        for (i, answer) in queued {
+            match answer.await {
+                Ok(doubled) => {
+                    assert_eq!(doubled, i * 2);
+                    accepted.push(i);
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+                    assert!(status.message().contains("overloaded"), "{status:?}");
+                    refused.push(i);
+                }
+            }
+        }
+        assert_eq!(first.await.unwrap(), 0);
+        assert_eq!(accepted, vec![1, 2, 3, 4]);
+        assert_eq!(refused, (5..=10).collect::<Vec<_>>());
+        // Refused items were never sent; once drained, the queue takes items again.
+        assert!(seen.lock().unwrap().iter().flatten().all(|i| *i <= 4));
+        assert_eq!(batcher.call(11).await.unwrap(), 22);
+    }
+
+    #[tokio::test]
+    async fn a_list_counts_its_records_and_a_lone_large_one_still_goes() {
+        let sent = Arc::new(Mutex::new(0usize));
+        let log = sent.clone();
+        let batcher = Arc::new(Batcher::merging(
+            "test",
+            "node",
+            BatchLimits {
+                max_waiting: 8,
+                ..limits(64, 1 << 20, 1)
+            },
+            |list: &[u32]| list.len(),
+            move |items: Vec<u32>| {
+                let log = log.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    *log.lock().unwrap() += items.len();
+                    Ok(())
+                }
+            },
+        ));
+        // Larger than the bound, but alone: taken.
+        let lone = batcher.enqueue((0..20).collect());
+        tokio::task::yield_now().await;
+        let six = batcher.enqueue((0..6).collect());
+        let three = batcher.enqueue((0..3).collect());
+        assert!(lone.await.is_ok());
+        assert!(six.await.is_ok());
+        assert_eq!(
+            three.await.unwrap_err().code(),
+            tonic::Code::ResourceExhausted,
+            "6 + 3 records exceed the 8 that may wait"
+        );
+        assert_eq!(*sent.lock().unwrap(), 26);
+    }
+
+    #[tokio::test]
+    async fn a_standing_queue_refuses_new_items_until_it_has_drained() {
+        // Calls take 20 ms; an item may wait 5 ms at most.
+        let (batcher, _) = recording(
+            BatchLimits {
+                max_wait: Duration::from_millis(5),
+                ..limits(1, 1 << 20, 1)
+            },
+            None,
+        );
+        let first = batcher.enqueue(0);
+        tokio::task::yield_now().await;
+        // Waits ~20 ms behind the first call: the queue stands.
+        let second = batcher.enqueue(1);
+        assert_eq!(first.await.unwrap(), 0);
+        tokio::task::yield_now().await;
+        assert!(!batcher.is_full(1), "nothing waits: a lone item is taken");
+        let third = batcher.enqueue(2);
+        assert!(batcher.is_full(1));
+        let refused = batcher.enqueue(3).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("had waited"), "{refused:?}");
+        assert_eq!(second.await.unwrap(), 2);
+        assert_eq!(third.await.unwrap(), 4);
+        // Drained: taken again, and once an item goes at once, no longer full.
+        assert_eq!(batcher.call(4).await.unwrap(), 8);
+        assert_eq!(batcher.call(5).await.unwrap(), 10);
+        assert!(!batcher.is_full(1));
     }
 }

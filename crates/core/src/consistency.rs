@@ -213,6 +213,8 @@ enum Answer {
     Ok,
     Failed,
     TimedOut,
+    /// Refused at once: its queue was full.
+    Overloaded,
 }
 
 /// Counts answers of the replicas contacted for one request, per region, and
@@ -241,6 +243,12 @@ impl AckTracker {
 
     pub fn record_failure(&mut self, replica: usize) {
         self.answers[replica] = Answer::Failed;
+    }
+
+    /// The replica's queue was full: it will not count, and a request that
+    /// cannot be met without it ends as `overloaded` (retry later).
+    pub fn record_overloaded(&mut self, replica: usize) {
+        self.answers[replica] = Answer::Overloaded;
     }
 
     /// The replica's own deadline passed: it will not count, and the request
@@ -349,7 +357,13 @@ impl AckTracker {
             ""
         };
         let timed_out = self.answers.contains(&Answer::TimedOut);
-        let (code, reason) = if self.is_impossible() && !timed_out {
+        let overloaded = self.answers.contains(&Answer::Overloaded);
+        let (code, reason) = if self.is_impossible() && !timed_out && overloaded {
+            (
+                ErrorCode::Overloaded,
+                "refused: replicas are overloaded (their queues are full); retry later",
+            )
+        } else if self.is_impossible() && !timed_out {
             (ErrorCode::Unavailable, "replicas failed")
         } else {
             (ErrorCode::Timeout, "replicas did not answer in time")

@@ -1,8 +1,11 @@
 //! A circuit breaker as a tower layer around one replica's gRPC channel.
 //!
-//! Transport failures (connection refused, reset, the per-replica timeout)
-//! open the circuit: while open, calls fail at once instead of waiting, so a
-//! dead node costs no latency once detected. Application errors (a gRPC
+//! Transport failures (connection refused, reset) open the circuit: while
+//! open, calls fail at once instead of waiting, so a dead node costs no
+//! latency once detected. A call that hits the per-replica timeout only
+//! makes the replica suspect: slow is not dead. The prober checks it at
+//! once, and only if that health check times out too is it marked dead —
+//! a busy replica that takes long over a big batch keeps its place. Application errors (a gRPC
 //! status sent by the node) are answers, not failures of the link, and leave
 //! the circuit alone. The health prober closes the circuit when the node
 //! answers again; the open state also expires by itself (see
@@ -36,6 +39,8 @@ impl std::error::Error for CircuitOpen {}
 pub struct HealthBoard {
     open: moka::sync::Cache<Arc<str>, String>,
     started: Instant,
+    /// Asks the prober to check the replicas now (a call timed out).
+    probe_now: tokio::sync::Notify,
 }
 
 impl HealthBoard {
@@ -46,7 +51,13 @@ impl HealthBoard {
                 .max_capacity(100_000)
                 .build(),
             started: Instant::now(),
+            probe_now: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Resolves when a replica's call timed out and it should be checked.
+    pub async fn probe_requested(&self) {
+        self.probe_now.notified().await;
     }
 
     pub fn is_open(&self, node: &str) -> bool {
@@ -139,6 +150,8 @@ pub struct ReplicaState {
     last_failure_ms: AtomicU64,
     /// Health probes that timed out in a row (see `record_probe_timeout`).
     probe_timeouts: std::sync::atomic::AtomicU32,
+    /// A call timed out and no answer came since (see `record_call_timeout`).
+    call_timed_out: std::sync::atomic::AtomicBool,
     last_error: Mutex<String>,
 }
 
@@ -150,6 +163,7 @@ impl ReplicaState {
             last_ok_ms: AtomicU64::new(0),
             last_failure_ms: AtomicU64::new(0),
             probe_timeouts: std::sync::atomic::AtomicU32::new(0),
+            call_timed_out: std::sync::atomic::AtomicBool::new(false),
             last_error: Mutex::new(String::new()),
         })
     }
@@ -162,14 +176,28 @@ impl ReplicaState {
         self.last_ok_ms
             .store(self.board.now_ms().max(1), Ordering::Relaxed);
         self.probe_timeouts.store(0, Ordering::Relaxed);
+        self.call_timed_out.store(false, Ordering::Relaxed);
         self.board.close(&self.node);
     }
 
+    /// A call hit the per-replica timeout. A busy replica may take that
+    /// long over a big batch and still be well: it stays alive (suspect)
+    /// and the prober checks it at once.
+    pub fn record_call_timeout(&self) {
+        self.call_timed_out.store(true, Ordering::Relaxed);
+        self.board.probe_now.notify_one();
+    }
+
     /// A health probe timed out. One slow probe is often a busy machine,
-    /// not a dead node: only a second one in a row marks the replica dead
-    /// (a refused connection or a failed database still does at once).
+    /// not a dead node: only a second one in a row, or one right after a
+    /// call timed out, marks the replica dead (a refused connection or a
+    /// failed database still does at once).
     pub fn record_probe_timeout(&self) {
-        if self.probe_timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= PROBE_TIMEOUTS_TO_DEAD {
+        let after_call = self.call_timed_out.swap(false, Ordering::Relaxed);
+        let in_a_row = self.probe_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+        if after_call {
+            self.record_failure("a call and the health check after it timed out".into());
+        } else if in_a_row >= PROBE_TIMEOUTS_TO_DEAD {
             self.record_failure("health check timed out twice in a row".into());
         }
     }
@@ -195,7 +223,9 @@ impl ReplicaState {
             // The open state expired without a success since: the next
             // call is the trial.
             (ReplicaHealth::Suspect, Circuit::HalfOpen)
-        } else if self.probe_timeouts.load(Ordering::Relaxed) > 0 {
+        } else if self.probe_timeouts.load(Ordering::Relaxed) > 0
+            || self.call_timed_out.load(Ordering::Relaxed)
+        {
             (ReplicaHealth::Suspect, Circuit::Closed)
         } else {
             (ReplicaHealth::Alive, Circuit::Closed)
@@ -279,7 +309,11 @@ where
                 }
                 Err(err) => {
                     let err: BoxError = err.into();
-                    state.record_failure(describe(&*err));
+                    if err.is::<tower::timeout::error::Elapsed>() {
+                        state.record_call_timeout();
+                    } else {
+                        state.record_failure(describe(&*err));
+                    }
                     Err(err)
                 }
             }
@@ -289,9 +323,6 @@ where
 
 /// The innermost cause of a transport error, for health reports.
 fn describe(err: &(dyn std::error::Error + 'static)) -> String {
-    if err.is::<tower::timeout::error::Elapsed>() {
-        return "replica timeout".to_string();
-    }
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(inner) = source {
@@ -299,4 +330,58 @@ fn describe(err: &(dyn std::error::Error + 'static)) -> String {
         source = inner.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica() -> Arc<ReplicaState> {
+        ReplicaState::new("a1", HealthBoard::new(Duration::from_secs(60)))
+    }
+
+    #[test]
+    fn a_timed_out_call_makes_a_replica_suspect_not_dead() {
+        let state = replica();
+        state.record_success();
+        state.record_call_timeout();
+        assert!(state.is_alive(), "slow is not dead");
+        assert_eq!(state.health(), (ReplicaHealth::Suspect, Circuit::Closed));
+        // The check it asked for answered: busy, and well.
+        state.record_success();
+        assert_eq!(state.health(), (ReplicaHealth::Alive, Circuit::Closed));
+    }
+
+    #[test]
+    fn a_timed_out_call_and_a_timed_out_check_after_it_mark_it_dead() {
+        let state = replica();
+        state.record_success();
+        state.record_call_timeout();
+        state.record_probe_timeout();
+        assert!(!state.is_alive());
+        assert_eq!(
+            state.last_error(),
+            "a call and the health check after it timed out"
+        );
+    }
+
+    #[test]
+    fn one_slow_probe_alone_is_not_enough_two_in_a_row_are() {
+        let state = replica();
+        state.record_success();
+        state.record_probe_timeout();
+        assert!(state.is_alive());
+        state.record_probe_timeout();
+        assert!(!state.is_alive());
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_call_asks_the_prober_to_check_at_once() {
+        let board = HealthBoard::new(Duration::from_secs(60));
+        let state = ReplicaState::new("a1", board.clone());
+        state.record_call_timeout();
+        tokio::time::timeout(Duration::from_secs(1), board.probe_requested())
+            .await
+            .expect("a probe was requested");
+    }
 }

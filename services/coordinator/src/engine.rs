@@ -91,12 +91,18 @@ pub struct MintOrder {
 pub enum Miss {
     Failed,
     TimedOut,
+    /// Its queue was full: refused before anything was sent.
+    Overloaded,
 }
 
 impl Miss {
     fn of(status: &tonic::Status) -> Miss {
         if is_timeout(status) {
             Miss::TimedOut
+        } else if status.code() == tonic::Code::ResourceExhausted
+            && GeologError::from_status(status).code == ErrorCode::Overloaded
+        {
+            Miss::Overloaded
         } else {
             Miss::Failed
         }
@@ -106,8 +112,19 @@ impl Miss {
         match self {
             Miss::Failed => tracker.record_failure(idx),
             Miss::TimedOut => tracker.record_timeout(idx),
+            Miss::Overloaded => tracker.record_overloaded(idx),
         }
     }
+}
+
+/// A write refused before anything was minted: its minting replica's
+/// queue was full. Nothing was written; the client retries later.
+fn refused_overloaded(status: &tonic::Status, tracker: &AckTracker) -> GeologError {
+    GeologError::new(
+        ErrorCode::Overloaded,
+        format!("write refused, nothing was written: {}", status.message()),
+    )
+    .with_quorum(tracker.details())
 }
 
 /// The quorum engine of one coordinator.
@@ -305,6 +322,12 @@ impl QuorumEngine {
                     let err = GeologError::from_status(&status);
                     if err.code.http_status().is_client_error() {
                         return Err(err);
+                    }
+                    if Miss::of(&status) == Miss::Overloaded {
+                        // Not tried elsewhere: minting on a replica that may
+                        // lack the key's latest version would make siblings
+                        // of writes that follow each other.
+                        return Err(refused_overloaded(&status, &tracker));
                     }
                     tracing::warn!(replica = %placement[idx].node, error = %err.message, "mint failed, trying next replica");
                     Miss::of(&status).record(&mut tracker, idx);

@@ -43,8 +43,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// Probes every replica on the configured period until `stop` fires.
-/// Its state is visible as the `replica_up` gauge and in health answers.
+/// Probes every replica on the configured period, and at once when a
+/// call timed out, until `stop` fires. Its state is visible as the
+/// `replica_up` gauge and in health answers.
 async fn run_prober(
     replicas: Arc<ReplicaSet>,
     interval: std::time::Duration,
@@ -56,6 +57,7 @@ async fn run_prober(
     loop {
         tokio::select! {
             _ = tick.tick() => replicas.probe_all(timeout).await,
+            _ = replicas.probe_requested() => replicas.probe_all(timeout).await,
             _ = stop.changed() => return,
         }
     }

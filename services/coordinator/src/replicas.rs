@@ -232,6 +232,7 @@ pub struct ReplicaSet {
     topology: Vec<(String, String, String)>,
     ring: Ring,
     placements: quick_cache::sync::Cache<String, Arc<Vec<Placement>>>,
+    board: Arc<HealthBoard>,
 }
 
 fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, tonic::transport::Error> {
@@ -254,6 +255,8 @@ impl ReplicaSet {
             // Well under the gRPC message limit, whatever the items.
             max_bytes: MAX_MESSAGE_BYTES / 4,
             in_flight: settings.write_batch_in_flight as usize,
+            max_waiting: settings.queue_max_records as usize,
+            max_wait: settings.queue_max_wait(),
         };
         let breaker_stack = |state: &Arc<ReplicaState>, channel: Channel, timeout: Duration| {
             tower::ServiceBuilder::new()
@@ -337,7 +340,14 @@ impl ReplicaSet {
             topology,
             ring: config.ring(),
             placements: quick_cache::sync::Cache::new(settings.placement_cache_capacity as usize),
+            board,
         })
+    }
+
+    /// Resolves when a call timed out and the replicas should be probed
+    /// now rather than at the next period.
+    pub async fn probe_requested(&self) {
+        self.board.probe_requested().await;
     }
 
     pub fn local_region(&self) -> &str {

@@ -131,12 +131,15 @@ pub struct Coalescer<R: Coalesced> {
 
 impl<R: Coalesced> Coalescer<R> {
     /// Coalesces into calls of at most `max_items` requests, `in_flight`
-    /// calls outstanding per level, each with deadline `timeout`.
+    /// calls outstanding per level, each with deadline `timeout`. At most
+    /// `max_waiting` requests wait (the gateway's concurrency limit: a
+    /// request is refused there before it could wait here).
     pub fn new(
         client: Client,
         region: &str,
         max_items: usize,
         in_flight: usize,
+        max_waiting: usize,
         timeout: Duration,
     ) -> Self {
         Coalescer {
@@ -146,6 +149,10 @@ impl<R: Coalesced> Coalescer<R> {
                 max_items,
                 max_bytes: MAX_CALL_BYTES,
                 in_flight,
+                max_waiting,
+                // Bounded by the count alone: a request waits here at most
+                // its own deadline.
+                max_wait: timeout,
             },
             by_level: Mutex::new(HashMap::new()),
             to: format!("coordinators:{region}"),

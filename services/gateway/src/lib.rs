@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tower::{BoxError, Layer, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 /// Shared state of the handlers.
@@ -105,6 +106,7 @@ impl AppState {
                 region,
                 settings.coalesce_max,
                 settings.coalesce_in_flight,
+                settings.concurrency_limit,
                 timeout,
             ))
         }
@@ -243,6 +245,16 @@ async fn record_metrics(request: Request, next: Next) -> Response {
     response
 }
 
+/// Seconds a `503` asks the client to wait before retrying.
+pub const RETRY_AFTER_SECONDS: &str = "1";
+
+/// `Retry-After` on every `503` (overloaded, or replicas unavailable):
+/// what clients and shippers wait before they retry.
+fn retry_after<B>(response: &http::Response<B>) -> Option<http::HeaderValue> {
+    (response.status() == http::StatusCode::SERVICE_UNAVAILABLE)
+        .then(|| http::HeaderValue::from_static(RETRY_AFTER_SECONDS))
+}
+
 /// The whole REST application.
 pub fn router(state: AppState, concurrency_limit: usize, request_timeout: Duration) -> Router {
     let limits = ServiceBuilder::new()
@@ -299,6 +311,10 @@ pub fn router(state: AppState, concurrency_limit: usize, request_timeout: Durati
                         .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG)),
                 )
                 .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(SetResponseHeaderLayer::if_not_present(
+                    http::header::RETRY_AFTER,
+                    retry_after,
+                ))
                 .layer(tower_http::catch_panic::CatchPanicLayer::custom(
                     panic_response,
                 )),

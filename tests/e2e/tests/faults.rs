@@ -151,7 +151,8 @@ async fn a_hung_replica_times_out_then_is_routed_around() {
         "{body}"
     );
 
-    // The hung call hits its 1 s replica timeout and opens the circuit:
+    // The hung call hits its 1 s replica timeout, the health check it
+    // asks for times out too, and that opens the circuit:
     // from then on ALL fails fast and QUORUM goes around the node.
     api.wait_dead_replicas(1).await;
     let started = Instant::now();

@@ -93,6 +93,11 @@ impl QuorumEngine {
                 result,
             });
         }
+        if let Some(err) = self.refuse_if_overloaded(&flights) {
+            for f in flights.iter_mut().filter(|f| f.result.is_none()) {
+                f.result = Some(Err(err.clone().with_quorum(f.tracker.details())));
+            }
+        }
         let remote_regions = self.remote_region_names();
         let requests: Vec<pb::MintRequest> = records
             .into_iter()
@@ -115,6 +120,27 @@ impl QuorumEngine {
             .into_iter()
             .map(|f| f.result.unwrap_or_else(|| Err(f.tracker.failure("write"))))
             .collect()
+    }
+
+    /// The batch is refused whole, nothing written, when a replica that
+    /// would mint some of its records has a full queue: a client then
+    /// retries the batch, not the records a `207` would list.
+    fn refuse_if_overloaded(&self, flights: &[InFlight]) -> Option<GeologError> {
+        let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
+        for f in flights.iter().filter(|f| f.result.is_none()) {
+            if let Some(&idx) = f.candidates.first() {
+                *per_node.entry(f.placement[idx].node.as_str()).or_default() += 1;
+            }
+        }
+        let (node, _) = per_node
+            .into_iter()
+            .find(|(node, records)| self.local_replica(node).batches.mint.is_full(*records))?;
+        Some(GeologError::new(
+            geolog_core::ErrorCode::Overloaded,
+            format!(
+                "write refused, nothing was written: replica {node} cannot take more records now (its queue is full); retry later"
+            ),
+        ))
     }
 
     /// Mints every record not failed yet, one call per minting replica,
@@ -195,6 +221,10 @@ impl QuorumEngine {
                             let miss = Miss::of(&status);
                             if err.code.http_status().is_client_error() {
                                 f.result = Some(Err(err));
+                            } else if miss == Miss::Overloaded {
+                                // Not tried elsewhere (see the single path).
+                                f.result =
+                                    Some(Err(super::refused_overloaded(&status, &f.tracker)));
                             } else if miss == Miss::TimedOut {
                                 // May have committed: never minted twice.
                                 f.tracker.record_timeout(idx);
