@@ -289,6 +289,11 @@ impl AckTracker {
     }
 
     /// Acknowledgements received so far.
+    /// The replicas that acknowledged, by index.
+    pub fn acked(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.answers.len()).filter(|&i| self.answers[i] == Answer::Ok)
+    }
+
     pub fn received(&self) -> usize {
         self.answers.iter().filter(|a| **a == Answer::Ok).count()
     }

@@ -19,14 +19,14 @@
 //! read), return the newest version.
 
 mod fanout;
+mod idempotent;
 mod read;
 mod remote;
 
-use crate::SpawnTraced;
 pub use fanout::BatchRecord;
 pub use read::{ReadKind, state_vector_of};
+use remote::is_timeout;
 pub use remote::{apply, mint, outbox_done, replicate, store_hint, store_hints};
-use remote::{is_timeout, region_read};
 
 use crate::replicas::{Replica, ReplicaSet};
 use geolog_config::GeologConfig;
@@ -34,7 +34,6 @@ use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
 use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError, Requirement};
-use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -138,7 +137,7 @@ pub struct QuorumEngine {
     replicas: Arc<ReplicaSet>,
     /// Fast path for retries: (key, idempotency key) → (body hash, version).
     /// Only a cache — the durable record travels with the version.
-    recent_idempotency: moka::sync::Cache<(String, String), (String, pb::Version)>,
+    recent_idempotency: moka::sync::Cache<(String, String), idempotent::Remembered>,
 }
 
 impl QuorumEngine {
@@ -270,7 +269,7 @@ impl QuorumEngine {
         if let (Some(id), Some(hash)) = (&idempotency_key, &hash)
             && let Some(earlier) = self.find_idempotent(key, id).await
         {
-            return self.replay(key, id, hash, earlier, level);
+            return self.replay(key, id, hash, earlier, level).await;
         }
         let (placement, alive) = match self.plan(key, &requirement) {
             // `ANY` is met by a stored hint even when no replica is alive.
@@ -329,6 +328,12 @@ impl QuorumEngine {
                         // of writes that follow each other.
                         return Err(refused_overloaded(&status, &tracker));
                     }
+                    if Miss::of(&status) == Miss::TimedOut {
+                        // May have committed: never minted a second time
+                        // elsewhere, as another version of one request.
+                        tracker.record_timeout(idx);
+                        return Err(tracker.failure("write"));
+                    }
                     tracing::warn!(replica = %placement[idx].node, error = %err.message, "mint failed, trying next replica");
                     Miss::of(&status).record(&mut tracker, idx);
                     if tracker.is_impossible() {
@@ -354,13 +359,11 @@ impl QuorumEngine {
         if let (true, Some(id), Some(hash)) = (minted.replayed, &idempotency_key, &hash) {
             // The minting node already held a write with this key (the
             // lookup above could not reach it): nothing new was created.
-            return self.replay(key, id, hash, version, level);
-        }
-        if let (Some(id), Some(hash)) = (&idempotency_key, &hash) {
-            self.recent_idempotency.insert(
-                (key.to_string(), id.clone()),
-                (hash.clone(), version.clone()),
-            );
+            let earlier = idempotent::Earlier {
+                version,
+                holders: vec![placement[mint_idx].node.clone()],
+            };
+            return self.replay(key, id, hash, earlier, level).await;
         }
         let outbox: HashMap<String, u64> = minted
             .outbox
@@ -448,6 +451,12 @@ impl QuorumEngine {
                 Ok(None) | Err(_) => return Err(tracker.failure("write")),
             }
         }
+        if let (Some(id), Some(hash)) = (&idempotency_key, &hash) {
+            // Remembered once its level is met, with the replicas that
+            // hold it: a retry at a higher level checks them.
+            let holders = tracker.acked().map(|i| placement[i].node.clone()).collect();
+            self.remember_idempotent(key, id, hash, &version, holders);
+        }
         Ok(Outcome {
             version: Some(version),
             level,
@@ -532,96 +541,5 @@ impl QuorumEngine {
                 self.region
             ),
         ))
-    }
-
-    /// Looks for the version created with idempotency key `id`: in the cache,
-    /// then on every alive local replica and, through their coordinators, on
-    /// every reachable replica of the other regions, within the read
-    /// timeout. Unreachable replicas are skipped: during a partition a retry
-    /// may not see a first write made on the other side.
-    async fn find_idempotent(&self, key: &str, id: &str) -> Option<pb::Version> {
-        if let Some((_, version)) = self
-            .recent_idempotency
-            .get(&(key.to_string(), id.to_string()))
-        {
-            return Some(version);
-        }
-        let placement = self.replicas.placement(key);
-        let kind = ReadKind::Idempotent {
-            idempotency_key: id.to_string(),
-        };
-        let mut lookups = tokio::task::JoinSet::new();
-        for p in placement
-            .iter()
-            .filter(|p| p.region == self.region && self.replicas.is_alive(p))
-        {
-            let query = kind.query(self.local_replica(&p.node), key.to_string());
-            lookups.spawn_traced(async move { query.await.unwrap_or_default() });
-        }
-        for remote in self
-            .replicas
-            .remote_regions()
-            .iter()
-            .filter(|r| r.link.is_alive())
-        {
-            let count = placement.iter().filter(|p| p.region == remote.name).count() as u32;
-            let request = cpb::RegionReadRequest {
-                key: key.to_string(),
-                replicas: count,
-                history: None,
-                idempotency_key: id.to_string(),
-            };
-            let remote = remote.clone();
-            lookups.spawn_traced(async move {
-                region_read(&remote, request)
-                    .await
-                    .unwrap_or_default()
-                    .into_iter()
-                    .flat_map(|a| a.versions)
-                    .collect()
-            });
-        }
-        let deadline = tokio::time::Instant::now() + self.read_timeout;
-        while let Ok(Some(found)) = tokio::time::timeout_at(deadline, lookups.join_next()).await {
-            if let Some(version) = found.ok().and_then(|v| v.into_iter().next()) {
-                return Some(version);
-            }
-        }
-        None
-    }
-
-    /// The answer to a retry: the earlier version if the request is the
-    /// same, `409 idempotency_conflict` if the key was used for another.
-    fn replay(
-        &self,
-        key: &str,
-        id: &str,
-        hash: &str,
-        earlier: pb::Version,
-        level: ConsistencyLevel,
-    ) -> Result<Outcome, GeologError> {
-        if earlier.body_hash != hash {
-            return Err(GeologError::new(
-                ErrorCode::IdempotencyConflict,
-                format!(
-                    "idempotency key {id:?} was already used for a different request on key {key:?}"
-                ),
-            ));
-        }
-        metrics::counter!("idempotent_replays_total").increment(1);
-        self.recent_idempotency.insert(
-            (key.to_string(), id.to_string()),
-            (hash.to_string(), earlier.clone()),
-        );
-        Ok(Outcome {
-            context: state_vector_of(std::slice::from_ref(&earlier)).to_token(),
-            version: Some(earlier),
-            level,
-            acks: Default::default(),
-            siblings: Vec::new(),
-            repaired: 0,
-            replayed: true,
-            hints: 0,
-        })
     }
 }

@@ -308,3 +308,95 @@ async fn idempotent_retries_across_regions_create_one_version() {
         "one version per idempotency key: {history}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_is_replayed_only_once_its_own_level_is_met() {
+    // Nothing but the retry may deliver the write: no hint replay and no
+    // anti-entropy pass during the test.
+    let mut env = geolog_testkit::fast_failure_detection();
+    env.extend(
+        [
+            ("GEOLOG__COORDINATOR__OUTBOX_REPLAY_INTERVAL_MS", "600000"),
+            ("GEOLOG__ANTI_ENTROPY__INTERVAL_MS", "600000"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let mut cluster = TestCluster::start_with_env(TUTORIAL, env)
+        .await
+        .expect("cluster starts");
+    let api = Api::new(cluster.gateway("a"));
+    let (_, view) = api
+        .raw(Method::GET, "/api/logs/order-7/replicas", Vec::new())
+        .await;
+    let nodes: Vec<String> = view["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap().to_string())
+        .collect();
+    let down = [nodes[3].clone(), nodes[4].clone()];
+    for node in &down {
+        cluster.cluster.stop_node(node, false).unwrap();
+        api.wait_replica_state(node, "dead").await;
+    }
+    let write = |level: &'static str| {
+        let request = api
+            .http
+            .post(format!("{}/api/logs?consistency={level}", api.base))
+            .header("Idempotency-Key", "order-7-create")
+            .json(&json!({"key": "order-7", "value": {"total": 99}}));
+        async move { Api::decode(request.send().await.unwrap()).await }
+    };
+    let (status, first) = write("ONE").await;
+    assert_eq!(
+        (status, &first["replayed"]),
+        (201, &json!(false)),
+        "{first}"
+    );
+    for node in &down {
+        cluster.cluster.start_node(node).await.unwrap();
+        api.wait_replica_state(node, "alive").await;
+    }
+    let holders = |view: &Value| -> usize {
+        view["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r["versions"]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|v| v["value"] == json!({"total": 99})))
+            })
+            .count()
+    };
+    let (_, view) = api
+        .raw(Method::GET, "/api/logs/order-7/replicas", Vec::new())
+        .await;
+    assert_eq!(holders(&view), 3, "the two stopped nodes missed it: {view}");
+
+    // The retry at ALL is the first write's answer only once all five
+    // hold it: it is delivered to the two that lack it first.
+    let (status, retry) = write("ALL").await;
+    assert_eq!(status, 201, "{retry}");
+    assert_eq!(retry["replayed"], true, "{retry}");
+    assert_eq!(retry["version"], first["version"]);
+    assert_eq!(retry["acks"]["required"], 5, "{retry}");
+    assert_eq!(retry["acks"]["received"], 5, "{retry}");
+    let (_, view) = api
+        .raw(Method::GET, "/api/logs/order-7/replicas", Vec::new())
+        .await;
+    assert_eq!(holders(&view), 5, "{view}");
+    let (status, history) = api
+        .raw(
+            Method::GET,
+            "/api/logs/order-7/history?consistency=ALL",
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, 200, "{history}");
+    assert_eq!(
+        history["versions"].as_array().unwrap().len(),
+        1,
+        "{history}"
+    );
+}

@@ -368,3 +368,68 @@ async fn any_is_acknowledged_by_stored_hints_when_every_replica_is_down() {
     let (status, read) = api.read("hinted", Some("ALL")).await;
     assert_eq!((status, &read["value"]), (200, &json!("held")), "{read}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mint_that_timed_out_is_never_minted_again_elsewhere() {
+    use nix::sys::signal::Signal;
+    // The replica's own deadline passes well before the write's.
+    let env = [
+        ("GEOLOG__COORDINATOR__PROBE_INTERVAL_MS", "600000"),
+        ("GEOLOG__COORDINATOR__WRITE_TIMEOUT_MS", "3000"),
+        ("GEOLOG__COORDINATOR__REPLICA_TIMEOUT_MS", "500"),
+        ("GEOLOG__COORDINATOR__CIRCUIT_OPEN_MS", "1500"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec();
+    let cluster = TestCluster::start_with_env(TUTORIAL, env)
+        .await
+        .expect("cluster starts");
+    let api = Api::new(cluster.gateway("a"));
+    let data_dir = cluster.cluster.data_dir().to_path_buf();
+    let (_, view) = api
+        .raw(
+            reqwest::Method::GET,
+            "/api/logs/invoice-9/replicas",
+            Vec::new(),
+        )
+        .await;
+    let minter = view["replicas"][0]["node"].as_str().unwrap().to_string();
+    let write = || {
+        let request = api
+            .http
+            .post(format!("{}/api/logs?consistency=ONE", api.base))
+            .header("Idempotency-Key", "invoice-9-issue")
+            .json(&json!({"key": "invoice-9", "value": 9}));
+        async move { Api::decode(request.send().await.unwrap()).await }
+    };
+
+    // The minting replica hangs: its mint may still commit when it wakes,
+    // so the write must not be minted on the next replica as well.
+    signal_by_cluster_json(&data_dir, &minter, Signal::SIGSTOP);
+    let (status, body) = write().await;
+    signal_by_cluster_json(&data_dir, &minter, Signal::SIGCONT);
+    assert_eq!((status, code(&body)), (504, "timeout"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("may have landed"),
+        "{body}"
+    );
+    api.wait_dead_replicas(0).await;
+    let (status, body) = write().await;
+    assert_eq!(status, 201, "{body}");
+    let (status, history) = api
+        .raw(
+            reqwest::Method::GET,
+            "/api/logs/invoice-9/history?consistency=ALL",
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, 200, "{history}");
+    assert_eq!(
+        history["versions"].as_array().unwrap().len(),
+        1,
+        "one version for one request: {history}"
+    );
+}

@@ -1,0 +1,251 @@
+//! Retries of writes that carry an idempotency key. The first write's
+//! version is looked up (recent ones in a cache, the rest on every
+//! reachable replica) and answered `201 replayed` only once as many
+//! replicas as the retry's level needs hold it: a retry at `ALL` of a
+//! write acknowledged at `ONE` first delivers the version to the replicas
+//! that lack it. A key used for another request answers `409`.
+
+use super::read::ReadKind;
+use super::remote::{apply, region_read, replicate};
+use super::{Miss, Outcome, QuorumEngine, state_vector_of};
+use crate::SpawnTraced;
+use geolog_core::consistency::Operation;
+use geolog_core::ring::Placement;
+use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError};
+use geolog_proto::coordinator as cpb;
+use geolog_proto::storage as pb;
+use tokio::sync::mpsc;
+
+/// The first write of an idempotency key: its version and the replicas
+/// (node ids) known to hold it.
+pub(super) struct Earlier {
+    pub version: pb::Version,
+    pub holders: Vec<String>,
+}
+
+/// What the cache keeps per (key, idempotency key): the request's hash,
+/// its version and the replicas that had acknowledged it.
+pub(super) type Remembered = (String, pb::Version, Vec<String>);
+
+impl QuorumEngine {
+    /// Looks for the version created with idempotency key `id`: in the
+    /// cache, then on every alive local replica and, through their
+    /// coordinators, on every reachable replica of the other regions,
+    /// within the read timeout. Unreachable replicas are skipped: during a
+    /// partition a retry may not see a first write made on the other side.
+    pub(super) async fn find_idempotent(&self, key: &str, id: &str) -> Option<Earlier> {
+        if let Some((_, version, holders)) = self
+            .recent_idempotency
+            .get(&(key.to_string(), id.to_string()))
+        {
+            return Some(Earlier { version, holders });
+        }
+        let placement = self.replicas.placement(key);
+        let kind = ReadKind::Idempotent {
+            idempotency_key: id.to_string(),
+        };
+        // Every lookup answers (node, what it found).
+        let mut lookups = tokio::task::JoinSet::new();
+        for p in placement
+            .iter()
+            .filter(|p| p.region == self.region && self.replicas.is_alive(p))
+        {
+            let query = kind.query(self.local_replica(&p.node), key.to_string());
+            let node = p.node.clone();
+            lookups.spawn_traced(async move { vec![(node, query.await.unwrap_or_default())] });
+        }
+        for remote in self
+            .replicas
+            .remote_regions()
+            .iter()
+            .filter(|r| r.link.is_alive())
+        {
+            let count = placement.iter().filter(|p| p.region == remote.name).count() as u32;
+            let request = cpb::RegionReadRequest {
+                key: key.to_string(),
+                replicas: count,
+                history: None,
+                idempotency_key: id.to_string(),
+            };
+            let remote = remote.clone();
+            lookups.spawn_traced(async move {
+                region_read(&remote, request)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|a| (a.node, a.versions))
+                    .collect()
+            });
+        }
+        let deadline = tokio::time::Instant::now() + self.read_timeout;
+        let mut found: Option<Earlier> = None;
+        while let Ok(Some(done)) = tokio::time::timeout_at(deadline, lookups.join_next()).await {
+            for (node, versions) in done.unwrap_or_default() {
+                let Some(version) = versions.into_iter().next() else {
+                    continue;
+                };
+                match &mut found {
+                    Some(earlier) => earlier.holders.push(node),
+                    None => {
+                        found = Some(Earlier {
+                            version,
+                            holders: vec![node],
+                        })
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// Remembers that `version`, written with idempotency key `id`, is
+    /// held by `holders` (at least as many as its write's level needed).
+    pub(super) fn remember_idempotent(
+        &self,
+        key: &str,
+        id: &str,
+        hash: &str,
+        version: &pb::Version,
+        holders: Vec<String>,
+    ) {
+        self.recent_idempotency.insert(
+            (key.to_string(), id.to_string()),
+            (hash.to_string(), version.clone(), holders),
+        );
+    }
+
+    /// The answer to a retry: the earlier version once `level` is met by
+    /// the replicas holding it (delivering it to the others first if it is
+    /// not), `409 idempotency_conflict` if the key was used for another
+    /// request.
+    pub(super) async fn replay(
+        &self,
+        key: &str,
+        id: &str,
+        hash: &str,
+        earlier: Earlier,
+        level: ConsistencyLevel,
+    ) -> Result<Outcome, GeologError> {
+        if earlier.version.body_hash != hash {
+            return Err(GeologError::new(
+                ErrorCode::IdempotencyConflict,
+                format!(
+                    "idempotency key {id:?} was already used for a different request on key {key:?}"
+                ),
+            ));
+        }
+        let requirement = self.requirement(level, Operation::Write)?;
+        let placement = self.replicas.placement(key);
+        let mut tracker = Self::tracker(requirement, &placement);
+        for (idx, p) in placement.iter().enumerate() {
+            if earlier.holders.contains(&p.node) {
+                tracker.record_ok(idx);
+            }
+        }
+        if !tracker.is_met() {
+            self.deliver_earlier(key, &earlier, &placement, &mut tracker)
+                .await;
+            if !tracker.is_met() {
+                return Err(tracker.failure("write"));
+            }
+        }
+        metrics::counter!("idempotent_replays_total").increment(1);
+        let holders = tracker
+            .acked()
+            .map(|idx| placement[idx].node.clone())
+            .collect();
+        self.remember_idempotent(key, id, hash, &earlier.version, holders);
+        Ok(Outcome {
+            context: state_vector_of(std::slice::from_ref(&earlier.version)).to_token(),
+            version: Some(earlier.version),
+            level,
+            acks: tracker.details(),
+            siblings: Vec::new(),
+            repaired: 0,
+            replayed: true,
+            hints: 0,
+        })
+    }
+
+    /// Sends the earlier version, with a local holder's frontier of the
+    /// key (state-based replication ships frontiers, see
+    /// `geolog_core::causal`), to every alive replica not known to hold
+    /// it, counting their acks in `tracker` until it is met, cannot be, or
+    /// the write deadline passes.
+    async fn deliver_earlier(
+        &self,
+        key: &str,
+        earlier: &Earlier,
+        placement: &[Placement],
+        tracker: &mut AckTracker,
+    ) {
+        let deadline = tokio::time::Instant::now() + self.write_timeout;
+        let mut shipped = vec![earlier.version.clone()];
+        let local_holder = placement.iter().find(|p| {
+            p.region == self.region
+                && earlier.holders.contains(&p.node)
+                && self.replicas.is_alive(p)
+        });
+        if let Some(holder) = local_holder {
+            let query = ReadKind::Frontier.query(self.local_replica(&holder.node), key.to_string());
+            if let Ok(Ok(frontier)) = tokio::time::timeout_at(deadline, query).await {
+                shipped.extend(
+                    frontier
+                        .into_iter()
+                        .filter(|v| v.dot != earlier.version.dot),
+                );
+            }
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<(), Miss>)>();
+        for (idx, p) in placement.iter().enumerate() {
+            if tracker.answered(idx) || p.region != self.region {
+                continue;
+            }
+            if !self.replicas.is_alive(p) {
+                tracker.record_failure(idx);
+                continue;
+            }
+            let replica = self.local_replica(&p.node);
+            let (tx, shipped) = (tx.clone(), shipped.clone());
+            crate::spawn_traced(async move {
+                let result = apply(&replica, shipped).await.map_err(|s| Miss::of(&s));
+                let _ = tx.send((idx, result));
+            });
+        }
+        for remote in self.replicas.remote_regions() {
+            let lacking: Vec<usize> = (0..placement.len())
+                .filter(|&i| placement[i].region == remote.name && !tracker.answered(i))
+                .collect();
+            if lacking.is_empty() {
+                continue;
+            }
+            let (remote, tx, shipped) = (remote.clone(), tx.clone(), shipped.clone());
+            let nodes: Vec<(usize, String)> = lacking
+                .into_iter()
+                .map(|i| (i, placement[i].node.clone()))
+                .collect();
+            crate::spawn_traced(async move {
+                let acks = replicate(&remote, shipped).await;
+                for (idx, node) in nodes {
+                    let result = match &acks {
+                        Ok(acks) => match acks.iter().find(|a| a.node == node) {
+                            Some(ack) if ack.ok => Ok(()),
+                            Some(ack) if ack.timed_out => Err(Miss::TimedOut),
+                            _ => Err(Miss::Failed),
+                        },
+                        Err(status) => Err(Miss::of(status)),
+                    };
+                    let _ = tx.send((idx, result));
+                }
+            });
+        }
+        drop(tx);
+        while !tracker.is_met() && !tracker.is_impossible() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some((idx, Ok(())))) => tracker.record_ok(idx),
+                Ok(Some((idx, Err(miss)))) => miss.record(tracker, idx),
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
+}
