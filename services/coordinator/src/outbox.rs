@@ -198,9 +198,14 @@ async fn replay_region(
             }
             let full = entries.len() as u32 == batch;
             let ids: Vec<u64> = entries.iter().map(|e| e.id).collect();
-            let versions: Vec<pb::Version> =
-                entries.into_iter().filter_map(|e| e.version).collect();
-            let count = versions.len();
+            let count = entries.iter().filter(|e| e.version.is_some()).count();
+            // Each version with its key's frontier on this node: the
+            // receiver merges whole states, never a bare version (see
+            // geolog_core::causal).
+            let versions: Vec<pb::Version> = entries
+                .into_iter()
+                .flat_map(|e| e.frontier.into_iter().chain(e.version))
+                .collect();
             let acks = replicate(&remote, versions)
                 .await
                 .map_err(|s| format!("region unreachable: {}", s.message()))?;
