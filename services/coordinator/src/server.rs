@@ -371,10 +371,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             let (read, error_json) = answer_or_error(result);
             pb::ReadResult { read, error_json }
         });
-        // Ordered, not `join_all`: below 30 futures that polls every read
-        // of the batch whenever one of them is woken.
-        let results: Vec<pb::ReadResult> =
-            futures_util::stream::FuturesOrdered::from_iter(reads).collect().await;
+        let results = futures_util::future::join_all(reads).await;
         Ok(Response::new(pb::ReadBatchResponse { results }))
     }
 
