@@ -107,6 +107,17 @@ impl Miss {
         }
     }
 
+    /// How a remote region reported one of its replicas: `None` when it
+    /// acknowledged.
+    fn of_remote(ok: bool, timed_out: bool, overloaded: bool) -> Option<Miss> {
+        match (ok, timed_out, overloaded) {
+            (true, ..) => None,
+            (false, true, _) => Some(Miss::TimedOut),
+            (false, false, true) => Some(Miss::Overloaded),
+            (false, false, false) => Some(Miss::Failed),
+        }
+    }
+
     fn record(self, tracker: &mut AckTracker, idx: usize) {
         match self {
             Miss::Failed => tracker.record_failure(idx),
@@ -414,14 +425,14 @@ impl QuorumEngine {
                             pending.iter().position(|&i| placement[i].node == ack.node)
                         {
                             let idx = pending.remove(pos);
-                            let result = if ack.ok {
-                                delivered += 1;
-                                Ok(())
-                            } else if ack.timed_out {
-                                Err(Miss::TimedOut)
-                            } else {
-                                Err(Miss::Failed)
-                            };
+                            let result =
+                                match Miss::of_remote(ack.ok, ack.timed_out, ack.overloaded) {
+                                    None => {
+                                        delivered += 1;
+                                        Ok(())
+                                    }
+                                    Some(miss) => Err(miss),
+                                };
                             let _ = tx.send((idx, result));
                         }
                     }
@@ -541,5 +552,29 @@ impl QuorumEngine {
                 self.region
             ),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_is_an_overload_and_a_too_large_record_is_not() {
+        let full = tonic::Status::resource_exhausted("overloaded: the mint queue to a1 is full");
+        assert_eq!(Miss::of(&full), Miss::Overloaded);
+        let too_large =
+            GeologError::new(ErrorCode::PayloadTooLarge, "record over 1 MiB").to_status();
+        assert_eq!(too_large.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(Miss::of(&too_large), Miss::Failed);
+        assert_eq!(Miss::of(&tonic::Status::unavailable("down")), Miss::Failed);
+    }
+
+    #[test]
+    fn a_remote_regions_report_keeps_why_a_replica_missed() {
+        assert_eq!(Miss::of_remote(true, false, false), None);
+        assert_eq!(Miss::of_remote(false, true, true), Some(Miss::TimedOut));
+        assert_eq!(Miss::of_remote(false, false, true), Some(Miss::Overloaded));
+        assert_eq!(Miss::of_remote(false, false, false), Some(Miss::Failed));
     }
 }

@@ -411,10 +411,14 @@ impl QuorumEngine {
                                 continue;
                             }
                             match (&acks, by_node.get(f.placement[idx].node.as_str())) {
-                                (_, Some(ack)) if ack.ok => f.tracker.record_ok(idx),
-                                (_, Some(ack)) if ack.timed_out => f.tracker.record_timeout(idx),
+                                (_, Some(ack)) => {
+                                    match Miss::of_remote(ack.ok, ack.timed_out, ack.overloaded) {
+                                        None => f.tracker.record_ok(idx),
+                                        Some(miss) => miss.record(&mut f.tracker, idx),
+                                    }
+                                }
                                 (Err(miss), None) => miss.record(&mut f.tracker, idx),
-                                _ => f.tracker.record_failure(idx),
+                                (Ok(_), None) => f.tracker.record_failure(idx),
                             }
                         }
                     }

@@ -229,9 +229,9 @@ impl QuorumEngine {
                 for (idx, node) in nodes {
                     let result = match &acks {
                         Ok(acks) => match acks.iter().find(|a| a.node == node) {
-                            Some(ack) if ack.ok => Ok(()),
-                            Some(ack) if ack.timed_out => Err(Miss::TimedOut),
-                            _ => Err(Miss::Failed),
+                            Some(ack) => Miss::of_remote(ack.ok, ack.timed_out, ack.overloaded)
+                                .map_or(Ok(()), Err),
+                            None => Err(Miss::Failed),
                         },
                         Err(status) => Err(Miss::of(status)),
                     };

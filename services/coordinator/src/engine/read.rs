@@ -246,13 +246,11 @@ impl QuorumEngine {
                             continue;
                         };
                         let idx = unused.remove(pos);
-                        let result = if answer.ok {
-                            Ok(answer.versions.clone())
-                        } else if answer.timed_out {
-                            Err(Miss::TimedOut)
-                        } else {
-                            Err(Miss::Failed)
-                        };
+                        let result =
+                            match Miss::of_remote(answer.ok, answer.timed_out, answer.overloaded) {
+                                None => Ok(answer.versions.clone()),
+                                Some(miss) => Err(miss),
+                            };
                         let settles = result.is_ok();
                         if settles {
                             reported += 1;

@@ -50,6 +50,7 @@ impl QuorumEngine {
                         node,
                         ok: false,
                         timed_out: Miss::of(&status) == Miss::TimedOut,
+                        overloaded: Miss::of(&status) == Miss::Overloaded,
                         error: status.message().to_string(),
                     },
                 };
@@ -102,6 +103,7 @@ impl QuorumEngine {
                             node,
                             ok: false,
                             timed_out: Miss::of(&status) == Miss::TimedOut,
+                            overloaded: Miss::of(&status) == Miss::Overloaded,
                             error: status.message().to_string(),
                             versions: Vec::new(),
                         },
