@@ -182,28 +182,52 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         &self,
         item: I,
     ) -> impl Future<Output = Result<O, tonic::Status>> + Send + 'static {
-        let (reply, answer) = oneshot::channel();
-        let records = (self.records)(&item);
+        self.enqueue_all(vec![item])
+            .pop()
+            .expect("one answer per item")
+    }
+
+    /// [`Batcher::enqueue`] for items that belong together (the records of
+    /// one client batch): all are queued, in order, or all refused — the
+    /// bound is checked once, for their records together.
+    pub fn enqueue_all(
+        &self,
+        items: Vec<I>,
+    ) -> Vec<impl Future<Output = Result<O, tonic::Status>> + Send + 'static + use<I, O>> {
+        let records: usize = items.iter().map(|item| (self.records)(item)).sum();
         let before = self.waiting.fetch_add(records, Ordering::AcqRel);
-        let queued = if let Some(why) = self.full(before, records) {
+        let refusal = self.full(before, records).map(|why| {
             self.waiting.fetch_sub(records, Ordering::AcqRel);
             self.refused.increment(records as u64);
-            Err(tonic::Status::resource_exhausted(format!(
+            tonic::Status::resource_exhausted(format!(
                 "overloaded: the {} queue to {} is full ({why}); retry later",
                 self.kind, self.to
-            )))
-        } else {
-            let counted = Counted::new(&self.backlog, records, &self.waiting);
-            self.queue
-                .send((item, reply, Span::current(), counted))
-                .map_err(|_| tonic::Status::unavailable("the batcher has stopped"))
-        };
-        async move {
-            queued?;
-            answer
-                .await
-                .unwrap_or_else(|_| Err(tonic::Status::internal("a batch was dropped unanswered")))
-        }
+            ))
+        });
+        items
+            .into_iter()
+            .map(|item| {
+                let (reply, answer) = oneshot::channel();
+                let queued = match &refusal {
+                    Some(status) => Err(status.clone()),
+                    None => {
+                        // Its records were counted as waiting above; the
+                        // worker uncounts them when it takes the item.
+                        let counted =
+                            Counted::new(&self.backlog, (self.records)(&item), &self.waiting);
+                        self.queue
+                            .send((item, reply, Span::current(), counted))
+                            .map_err(|_| tonic::Status::unavailable("the batcher has stopped"))
+                    }
+                };
+                async move {
+                    queued?;
+                    answer.await.unwrap_or_else(|_| {
+                        Err(tonic::Status::internal("a batch was dropped unanswered"))
+                    })
+                }
+            })
+            .collect()
     }
 }
 
@@ -566,5 +590,38 @@ mod tests {
         assert_eq!(batcher.call(4).await.unwrap(), 8);
         assert_eq!(batcher.call(5).await.unwrap(), 10);
         assert!(!batcher.is_full(1));
+    }
+
+    #[tokio::test]
+    async fn items_queued_together_are_all_taken_or_all_refused() {
+        let (batcher, seen) = recording(
+            BatchLimits {
+                max_waiting: 4,
+                ..limits(64, 1 << 20, 1)
+            },
+            None,
+        );
+        let first = batcher.enqueue(0);
+        tokio::task::yield_now().await;
+        let three = batcher.enqueue_all(vec![1, 2, 3]);
+        // 3 + 2 records exceed the 4 that may wait: both refused, none sent.
+        for refused in batcher.enqueue_all(vec![4, 5]) {
+            assert_eq!(
+                refused.await.unwrap_err().code(),
+                tonic::Code::ResourceExhausted
+            );
+        }
+        assert_eq!(first.await.unwrap(), 0);
+        for (answer, i) in three.into_iter().zip(1..) {
+            assert_eq!(answer.await.unwrap(), i * 2);
+        }
+        // Nothing waits: a group larger than the bound is taken whole.
+        let ten = batcher.enqueue_all((10..20).collect());
+        for (answer, i) in ten.into_iter().zip(10..) {
+            assert_eq!(answer.await.unwrap(), i * 2);
+        }
+        let sent: Vec<u32> = seen.lock().unwrap().iter().flatten().copied().collect();
+        assert!(!sent.contains(&4) && !sent.contains(&5), "{sent:?}");
+        assert_eq!(sent.len(), 14);
     }
 }

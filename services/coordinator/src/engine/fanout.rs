@@ -11,7 +11,7 @@
 //! with `504`, "may have landed". A replica that refused the call outright
 //! is replaced by the key's next alive local replica.
 
-use super::remote::{apply, mint, outbox_done, replicate, store_hints};
+use super::remote::{apply, mint_all, outbox_done, replicate, store_hints};
 use super::{Miss, Outcome, QuorumEngine, state_vector_of};
 use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
@@ -172,11 +172,12 @@ impl QuorumEngine {
             let mut calls = Vec::new();
             for (node, members) in groups {
                 let replica = self.local_replica(&node);
-                // Queued in batch order: a key's records mint in that order.
-                let answers: Vec<_> = members
-                    .iter()
-                    .map(|&i| mint(&replica, requests[i].clone()))
-                    .collect();
+                // Queued in batch order (a key's records mint in that
+                // order), all or none.
+                let answers = mint_all(
+                    &replica,
+                    members.iter().map(|&i| requests[i].clone()).collect(),
+                );
                 // Spawned so that, past our deadline, the calls still run to
                 // their end and a hung replica gets marked dead by its breaker.
                 let call = crate::spawn_traced(async move {

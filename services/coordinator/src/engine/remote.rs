@@ -128,12 +128,33 @@ pub fn mint(
     request: pb::MintRequest,
 ) -> impl Future<Output = Result<pb::MintResponse, tonic::Status>> + Send + 'static {
     let answer = replica.batches.mint.enqueue(request);
-    async move {
-        let result = answer.await?;
-        match result.minted {
-            Some(minted) if result.error_json.is_empty() => Ok(minted),
-            _ => Err(GeologError::from_json_bytes(&result.error_json).to_status()),
-        }
+    async move { minted(answer.await) }
+}
+
+/// [`mint`] for the records of one client batch bound for one replica:
+/// queued together, in order, or refused together when its queue cannot
+/// hold them all.
+pub fn mint_all(
+    replica: &Replica,
+    requests: Vec<pb::MintRequest>,
+) -> Vec<impl Future<Output = Result<pb::MintResponse, tonic::Status>> + Send + 'static> {
+    replica
+        .batches
+        .mint
+        .enqueue_all(requests)
+        .into_iter()
+        .map(|answer| async move { minted(answer.await) })
+        .collect()
+}
+
+/// A record's mint result as its version, or its own error.
+fn minted(
+    result: Result<pb::MintResult, tonic::Status>,
+) -> Result<pb::MintResponse, tonic::Status> {
+    let result = result?;
+    match result.minted {
+        Some(minted) if result.error_json.is_empty() => Ok(minted),
+        _ => Err(GeologError::from_json_bytes(&result.error_json).to_status()),
     }
 }
 
