@@ -181,7 +181,7 @@ impl Default for CoordinatorSettings {
             placement_cache_capacity: 100_000,
             write_batch_max: 512,
             write_batch_in_flight: 1,
-            queue_max_records: 8_192,
+            queue_max_records: 32_768,
             queue_max_wait_ms: 500,
         }
     }
@@ -441,6 +441,12 @@ impl GeologConfig {
         {
             return invalid("ring.vnodes, gateway.max_body_bytes, gateway.concurrency_limit, gateway.max_batch_bytes and gateway.coalesce_in_flight must be greater than 0, gateway.max_batch_records and gateway.coalesce_max 1 to 10000".into());
         }
+        if (self.coordinator.queue_max_records as usize) < self.gateway.max_batch_records {
+            return invalid(format!(
+                "coordinator.queue_max_records ({}) must be at least gateway.max_batch_records ({}): a whole batch must fit a replica's queue",
+                self.coordinator.queue_max_records, self.gateway.max_batch_records
+            ));
+        }
         if self.storage.pool_max_connections == 0 {
             return invalid("storage.pool_max_connections must be greater than 0".into());
         }
@@ -612,6 +618,28 @@ mod tests {
                 .to_string()
                 .contains("default_consistency")
         );
+    }
+
+    #[test]
+    fn a_whole_batch_must_fit_a_replicas_queue() {
+        let small = load(
+            ONE_REGION,
+            &[("GEOLOG__COORDINATOR__QUEUE_MAX_RECORDS", "64")],
+        );
+        assert!(
+            small
+                .unwrap_err()
+                .to_string()
+                .contains("queue_max_records (64) must be at least gateway.max_batch_records"),
+        );
+        let both = load(
+            ONE_REGION,
+            &[
+                ("GEOLOG__COORDINATOR__QUEUE_MAX_RECORDS", "64"),
+                ("GEOLOG__GATEWAY__MAX_BATCH_RECORDS", "64"),
+            ],
+        );
+        assert!(both.is_ok());
     }
 
     #[test]

@@ -19,10 +19,12 @@ const ONE_BY_THREE: Shape = Shape {
     replication_factor: 3,
 };
 
-/// A cluster whose replicas let at most 64 records wait for a call.
+/// A cluster whose replicas let at most 64 records wait for a call (and
+/// whose batches, which must fit a queue, hold 64 records at most).
 async fn small_queues() -> TestCluster {
     let mut env = fast_failure_detection();
     env.push(("GEOLOG__COORDINATOR__QUEUE_MAX_RECORDS".into(), "64".into()));
+    env.push(("GEOLOG__GATEWAY__MAX_BATCH_RECORDS".into(), "64".into()));
     TestCluster::start_with_env(ONE_BY_THREE, env)
         .await
         .expect("cluster starts")
@@ -43,13 +45,13 @@ async fn bursts_past_capacity_are_refused_fast_and_nothing_acknowledged_is_lost(
     let cluster = small_queues().await;
     let api = Api::new(cluster.gateway("a"));
 
-    // 40 batches of 100 records at once: 4,000 records, far more than the
+    // 80 batches of 50 records at once: 4,000 records, far more than the
     // replicas' queues (64 records each) hold. Every key is its own.
     let mut sends = tokio::task::JoinSet::new();
-    for b in 0..40 {
+    for b in 0..80 {
         let (http, base) = (api.http.clone(), api.base.clone());
         sends.spawn(async move {
-            let records: Vec<Value> = (0..100)
+            let records: Vec<Value> = (0..50)
                 .map(|i| json!({"key": format!("burst-{b}-{i}"), "value": b * 100 + i}))
                 .collect();
             let response = http
@@ -149,7 +151,7 @@ async fn bursts_past_capacity_are_refused_fast_and_nothing_acknowledged_is_lost(
     }
 
     // Once the burst is over the cluster takes writes again, all of them.
-    let records: Vec<Value> = (0..100)
+    let records: Vec<Value> = (0..50)
         .map(|i| json!({"key": format!("after-{i}"), "value": i}))
         .collect();
     let (status, body) = api
