@@ -171,7 +171,8 @@ impl QuorumEngine {
     /// key (state-based replication ships frontiers, see
     /// `geolog_core::causal`), to every alive replica not known to hold
     /// it, counting their acks in `tracker` until it is met, cannot be, or
-    /// the write deadline passes.
+    /// the write deadline passes. Sends nothing when no local replica
+    /// holding it answers.
     async fn deliver_earlier(
         &self,
         key: &str,
@@ -180,22 +181,26 @@ impl QuorumEngine {
         tracker: &mut AckTracker,
     ) {
         let deadline = tokio::time::Instant::now() + self.write_timeout;
-        let mut shipped = vec![earlier.version.clone()];
-        let local_holder = placement.iter().find(|p| {
+        // Never a bare version: without a local holder's frontier nothing
+        // is sent, and the retry fails like a write that did not meet its
+        // level (the outbox or hints deliver it; a later retry succeeds).
+        let Some(holder) = placement.iter().find(|p| {
             p.region == self.region
                 && earlier.holders.contains(&p.node)
                 && self.replicas.is_alive(p)
-        });
-        if let Some(holder) = local_holder {
-            let query = ReadKind::Frontier.query(self.local_replica(&holder.node), key.to_string());
-            if let Ok(Ok(frontier)) = tokio::time::timeout_at(deadline, query).await {
-                shipped.extend(
-                    frontier
-                        .into_iter()
-                        .filter(|v| v.dot != earlier.version.dot),
-                );
-            }
-        }
+        }) else {
+            return;
+        };
+        let query = ReadKind::Frontier.query(self.local_replica(&holder.node), key.to_string());
+        let Ok(Ok(frontier)) = tokio::time::timeout_at(deadline, query).await else {
+            return;
+        };
+        let mut shipped = vec![earlier.version.clone()];
+        shipped.extend(
+            frontier
+                .into_iter()
+                .filter(|v| v.dot != earlier.version.dot),
+        );
         let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<(), Miss>)>();
         for (idx, p) in placement.iter().enumerate() {
             if tracker.answered(idx) || p.region != self.region {
