@@ -20,6 +20,7 @@
 //! a destination that queued everything spent its time on requests
 //! already timed out.
 
+use geolog_core::{ErrorCode, GeologError};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -195,14 +196,31 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         items: Vec<I>,
     ) -> Vec<impl Future<Output = Result<O, tonic::Status>> + Send + 'static + use<I, O>> {
         let records: usize = items.iter().map(|item| (self.records)(item)).sum();
-        let before = self.waiting.fetch_add(records, Ordering::AcqRel);
-        let refusal = self.full(before, records).map(|why| {
-            self.waiting.fetch_sub(records, Ordering::AcqRel);
+        // Counted as waiting only if taken (never added and taken back, so
+        // a refused group cannot make a concurrent lone item look queued).
+        let admitted = self
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |waiting| {
+                self.full(waiting, records)
+                    .is_none()
+                    .then_some(waiting + records)
+            });
+        let refusal = admitted.err().map(|waiting| {
             self.refused.increment(records as u64);
-            tonic::Status::resource_exhausted(format!(
-                "overloaded: the {} queue to {} is full ({why}); retry later",
-                self.kind, self.to
-            ))
+            let why = self
+                .full(waiting, records)
+                .unwrap_or_else(|| "it filled up".to_string());
+            // With the error's details, so that nothing else that answers
+            // RESOURCE_EXHAUSTED (an HTTP/2 peer calming its client) reads
+            // as an overload: a refused record was certainly not written.
+            GeologError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "overloaded: the {} queue to {} is full ({why}); retry later",
+                    self.kind, self.to
+                ),
+            )
+            .to_status()
         });
         items
             .into_iter()
@@ -321,6 +339,15 @@ async fn run<I, O, W, F, Fut>(
             .expect("the semaphore is never closed");
         let first = match carried.take() {
             Some(item) => item,
+            None if queue.is_empty() => {
+                // Idle with a free slot: no queue stands, whatever the
+                // last batch had waited.
+                waited_us.store(0, Ordering::Release);
+                match queue.recv().await {
+                    Some(item) => item,
+                    None => return,
+                }
+            }
             None => match queue.recv().await {
                 Some(item) => item,
                 None => return,
@@ -586,10 +613,15 @@ mod tests {
         assert!(refused.message().contains("had waited"), "{refused:?}");
         assert_eq!(second.await.unwrap(), 2);
         assert_eq!(third.await.unwrap(), 4);
-        // Drained: taken again, and once an item goes at once, no longer full.
+        // Drained: taken again; idle, the old wait no longer refuses even
+        // with an item waiting behind one in a call.
         assert_eq!(batcher.call(4).await.unwrap(), 8);
-        assert_eq!(batcher.call(5).await.unwrap(), 10);
-        assert!(!batcher.is_full(1));
+        let in_call = batcher.enqueue(5);
+        tokio::task::yield_now().await;
+        let waiting = batcher.enqueue(6);
+        assert!(!batcher.is_full(1), "the last batch went at once");
+        assert_eq!(in_call.await.unwrap(), 10);
+        assert_eq!(waiting.await.unwrap(), 12);
     }
 
     #[tokio::test]

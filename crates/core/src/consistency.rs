@@ -288,12 +288,12 @@ impl AckTracker {
             .collect()
     }
 
-    /// Acknowledgements received so far.
     /// The replicas that acknowledged, by index.
     pub fn acked(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.answers.len()).filter(|&i| self.answers[i] == Answer::Ok)
     }
 
+    /// Acknowledgements received so far.
     pub fn received(&self) -> usize {
         self.answers.iter().filter(|a| **a == Answer::Ok).count()
     }
@@ -362,11 +362,18 @@ impl AckTracker {
             ""
         };
         let timed_out = self.answers.contains(&Answer::TimedOut);
-        let overloaded = self.answers.contains(&Answer::Overloaded);
+        // Overloaded only when the refused replicas are what stands between
+        // the request and its level (a retry could succeed); replicas that
+        // failed outright make it unavailable whatever else was refused.
+        let overloaded =
+            self.answers.contains(&Answer::Overloaded)
+                && self.requirement.met_by(self.regions_where(|a| {
+                    matches!(a, Answer::Ok | Answer::Pending | Answer::Overloaded)
+                }));
         let (code, reason) = if self.is_impossible() && !timed_out && overloaded {
             (
                 ErrorCode::Overloaded,
-                "refused: replicas are overloaded (their queues are full); retry later",
+                "not met: replicas are overloaded (their queues were full); retry later",
             )
         } else if self.is_impossible() && !timed_out {
             (ErrorCode::Unavailable, "replicas failed")

@@ -140,6 +140,10 @@ impl Circuit {
 /// Consecutive probe timeouts that mark a replica dead.
 pub const PROBE_TIMEOUTS_TO_DEAD: u32 = 2;
 
+/// Consecutive call timeouts (no success between them) that mark a
+/// replica dead even while its health checks answer.
+pub const CALL_TIMEOUTS_TO_DEAD: u32 = 5;
+
 /// Per-replica state shared between the breaker and health reporting.
 pub struct ReplicaState {
     pub node: Arc<str>,
@@ -152,6 +156,8 @@ pub struct ReplicaState {
     probe_timeouts: std::sync::atomic::AtomicU32,
     /// A call timed out and no answer came since (see `record_call_timeout`).
     call_timed_out: std::sync::atomic::AtomicBool,
+    /// Calls that timed out with no success in between.
+    call_timeouts: std::sync::atomic::AtomicU32,
     last_error: Mutex<String>,
 }
 
@@ -164,6 +170,7 @@ impl ReplicaState {
             last_failure_ms: AtomicU64::new(0),
             probe_timeouts: std::sync::atomic::AtomicU32::new(0),
             call_timed_out: std::sync::atomic::AtomicBool::new(false),
+            call_timeouts: std::sync::atomic::AtomicU32::new(0),
             last_error: Mutex::new(String::new()),
         })
     }
@@ -180,11 +187,24 @@ impl ReplicaState {
         self.board.close(&self.node);
     }
 
+    /// A call was answered: besides [`ReplicaState::record_success`], the
+    /// count of calls timed out in a row starts again (a health check that
+    /// answers does not reset it: the write path may be stuck behind it).
+    pub fn record_call_success(&self) {
+        self.call_timeouts.store(0, Ordering::Relaxed);
+        self.record_success();
+    }
+
     /// A call hit the per-replica timeout. A busy replica may take that
     /// long over a big batch and still be well: it stays alive (suspect)
     /// and the prober checks it at once.
     pub fn record_call_timeout(&self) {
         self.call_timed_out.store(true, Ordering::Relaxed);
+        // A write path stuck behind a healthy health check (a held lock, a
+        // stalled disk) still gets routed around.
+        if self.call_timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= CALL_TIMEOUTS_TO_DEAD {
+            self.record_failure(format!("{CALL_TIMEOUTS_TO_DEAD} calls in a row timed out"));
+        }
         self.board.probe_now.notify_one();
     }
 
@@ -304,7 +324,7 @@ where
         Box::pin(async move {
             match future.await {
                 Ok(response) => {
-                    state.record_success();
+                    state.record_call_success();
                     Ok(response)
                 }
                 Err(err) => {
@@ -373,6 +393,28 @@ mod tests {
         assert!(state.is_alive());
         state.record_probe_timeout();
         assert!(!state.is_alive());
+    }
+
+    #[test]
+    fn calls_that_keep_timing_out_mark_it_dead_even_if_checks_answer() {
+        let state = replica();
+        for _ in 0..CALL_TIMEOUTS_TO_DEAD - 1 {
+            state.record_call_timeout();
+        }
+        // The checks it asks for answer: that does not start the count again.
+        state.record_success();
+        assert!(state.is_alive());
+        state.record_call_timeout();
+        assert!(!state.is_alive());
+        assert_eq!(state.last_error(), "5 calls in a row timed out");
+        // An answered call does.
+        let state = replica();
+        for _ in 0..CALL_TIMEOUTS_TO_DEAD - 1 {
+            state.record_call_timeout();
+        }
+        state.record_call_success();
+        state.record_call_timeout();
+        assert!(state.is_alive());
     }
 
     #[tokio::test]

@@ -99,6 +99,7 @@ impl Miss {
         if is_timeout(status) {
             Miss::TimedOut
         } else if status.code() == tonic::Code::ResourceExhausted
+            && !status.details().is_empty()
             && GeologError::from_status(status).code == ErrorCode::Overloaded
         {
             Miss::Overloaded
@@ -561,8 +562,13 @@ mod tests {
 
     #[test]
     fn a_full_queue_is_an_overload_and_a_too_large_record_is_not() {
-        let full = tonic::Status::resource_exhausted("overloaded: the mint queue to a1 is full");
+        let full =
+            GeologError::new(ErrorCode::Overloaded, "the mint queue to a1 is full").to_status();
         assert_eq!(Miss::of(&full), Miss::Overloaded);
+        // A bare RESOURCE_EXHAUSTED (an HTTP/2 peer calming its client) may
+        // come after the call ran: not an overload that wrote nothing.
+        let bare = tonic::Status::resource_exhausted("too many resets");
+        assert_eq!(Miss::of(&bare), Miss::Failed);
         let too_large =
             GeologError::new(ErrorCode::PayloadTooLarge, "record over 1 MiB").to_status();
         assert_eq!(too_large.code(), tonic::Code::ResourceExhausted);

@@ -85,7 +85,12 @@ impl QuorumEngine {
                     continue;
                 };
                 match &mut found {
-                    Some(earlier) => earlier.holders.push(node),
+                    // The same version: another write under this key (a
+                    // partition's other side) does not count for this one.
+                    Some(earlier) if earlier.version.dot == version.dot => {
+                        earlier.holders.push(node)
+                    }
+                    Some(_) => {}
                     None => {
                         found = Some(Earlier {
                             version,
