@@ -182,10 +182,9 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     pub fn enqueue(
         &self,
         item: I,
-    ) -> impl Future<Output = Result<O, tonic::Status>> + Send + 'static {
-        self.enqueue_all(vec![item])
-            .pop()
-            .expect("one answer per item")
+    ) -> impl Future<Output = Result<O, tonic::Status>> + Send + 'static + use<I, O> {
+        let refusal = self.admit((self.records)(&item));
+        self.push(item, refusal.as_ref())
     }
 
     /// [`Batcher::enqueue`] for items that belong together (the records of
@@ -195,9 +194,17 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         &self,
         items: Vec<I>,
     ) -> Vec<impl Future<Output = Result<O, tonic::Status>> + Send + 'static + use<I, O>> {
-        let records: usize = items.iter().map(|item| (self.records)(item)).sum();
-        // Counted as waiting only if taken (never added and taken back, so
-        // a refused group cannot make a concurrent lone item look queued).
+        let refusal = self.admit(items.iter().map(|item| (self.records)(item)).sum());
+        items
+            .into_iter()
+            .map(|item| self.push(item, refusal.as_ref()))
+            .collect()
+    }
+
+    /// Counts `records` as waiting, or says why the queue refuses them.
+    /// Counted only if taken (never added and taken back, so a refused
+    /// group cannot make a concurrent lone item look queued behind it).
+    fn admit(&self, records: usize) -> Option<tonic::Status> {
         let admitted = self
             .waiting
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |waiting| {
@@ -205,14 +212,15 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                     .is_none()
                     .then_some(waiting + records)
             });
-        let refusal = admitted.err().map(|waiting| {
-            self.refused.increment(records as u64);
-            let why = self
-                .full(waiting, records)
-                .unwrap_or_else(|| "it filled up".to_string());
-            // With the error's details, so that nothing else that answers
-            // RESOURCE_EXHAUSTED (an HTTP/2 peer calming its client) reads
-            // as an overload: a refused record was certainly not written.
+        let waiting = admitted.err()?;
+        self.refused.increment(records as u64);
+        let why = self
+            .full(waiting, records)
+            .unwrap_or_else(|| "it filled up".to_string());
+        // With the error's details, so that nothing else that answers
+        // RESOURCE_EXHAUSTED (an HTTP/2 peer calming its client) reads as
+        // an overload: a refused record was certainly not written.
+        Some(
             GeologError::new(
                 ErrorCode::Overloaded,
                 format!(
@@ -220,32 +228,33 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                     self.kind, self.to
                 ),
             )
-            .to_status()
-        });
-        items
-            .into_iter()
-            .map(|item| {
-                let (reply, answer) = oneshot::channel();
-                let queued = match &refusal {
-                    Some(status) => Err(status.clone()),
-                    None => {
-                        // Its records were counted as waiting above; the
-                        // worker uncounts them when it takes the item.
-                        let counted =
-                            Counted::new(&self.backlog, (self.records)(&item), &self.waiting);
-                        self.queue
-                            .send((item, reply, Span::current(), counted))
-                            .map_err(|_| tonic::Status::unavailable("the batcher has stopped"))
-                    }
-                };
-                async move {
-                    queued?;
-                    answer.await.unwrap_or_else(|_| {
-                        Err(tonic::Status::internal("a batch was dropped unanswered"))
-                    })
-                }
-            })
-            .collect()
+            .to_status(),
+        )
+    }
+
+    /// Queues an admitted item (its records already counted as waiting;
+    /// the worker uncounts them when it takes it), or answers `refusal`.
+    fn push(
+        &self,
+        item: I,
+        refusal: Option<&tonic::Status>,
+    ) -> impl Future<Output = Result<O, tonic::Status>> + Send + 'static + use<I, O> {
+        let (reply, answer) = oneshot::channel();
+        let queued = match refusal {
+            Some(status) => Err(status.clone()),
+            None => {
+                let counted = Counted::new(&self.backlog, (self.records)(&item), &self.waiting);
+                self.queue
+                    .send((item, reply, Span::current(), counted))
+                    .map_err(|_| tonic::Status::unavailable("the batcher has stopped"))
+            }
+        };
+        async move {
+            queued?;
+            answer
+                .await
+                .unwrap_or_else(|_| Err(tonic::Status::internal("a batch was dropped unanswered")))
+        }
     }
 }
 
