@@ -147,8 +147,9 @@ pub struct QuorumEngine {
     read_timeout: Duration,
     speculative_read: Duration,
     replicas: Arc<ReplicaSet>,
-    /// Fast path for retries: (key, idempotency key) → (body hash, version).
-    /// Only a cache — the durable record travels with the version.
+    /// Fast path for retries: (key, idempotency key) → (body hash,
+    /// version, the replicas that acknowledged it). Only a cache — the
+    /// durable record travels with the version.
     recent_idempotency: moka::sync::Cache<(String, String), idempotent::Remembered>,
 }
 
@@ -334,20 +335,21 @@ impl QuorumEngine {
                     if err.code.http_status().is_client_error() {
                         return Err(err);
                     }
-                    if Miss::of(&status) == Miss::Overloaded {
+                    let miss = Miss::of(&status);
+                    if miss == Miss::Overloaded {
                         // Not tried elsewhere: minting on a replica that may
                         // lack the key's latest version would make siblings
                         // of writes that follow each other.
                         return Err(refused_overloaded(&status, &tracker));
                     }
-                    if Miss::of(&status) == Miss::TimedOut {
+                    if miss == Miss::TimedOut {
                         // May have committed: never minted a second time
                         // elsewhere, as another version of one request.
                         tracker.record_timeout(idx);
                         return Err(tracker.failure("write"));
                     }
                     tracing::warn!(replica = %placement[idx].node, error = %err.message, "mint failed, trying next replica");
-                    Miss::of(&status).record(&mut tracker, idx);
+                    miss.record(&mut tracker, idx);
                     if tracker.is_impossible() {
                         return Err(tracker.failure("write"));
                     }
