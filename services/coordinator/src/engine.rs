@@ -147,9 +147,9 @@ pub struct QuorumEngine {
     read_timeout: Duration,
     speculative_read: Duration,
     replicas: Arc<ReplicaSet>,
-    /// Fast path for retries: (key, idempotency key) → (body hash,
-    /// version, the replicas that acknowledged it). Only a cache — the
-    /// durable record travels with the version.
+    /// Fast path for retries: (key, idempotency key) → (version, the
+    /// replicas that acknowledged it). Only a cache — the durable record
+    /// travels with the version.
     recent_idempotency: moka::sync::Cache<(String, String), idempotent::Remembered>,
 }
 
@@ -465,11 +465,11 @@ impl QuorumEngine {
                 Ok(None) | Err(_) => return Err(tracker.failure("write")),
             }
         }
-        if let (Some(id), Some(hash)) = (&idempotency_key, &hash) {
+        if let Some(id) = &idempotency_key {
             // Remembered once its level is met, with the replicas that
             // hold it: a retry at a higher level checks them.
             let holders = tracker.acked().map(|i| placement[i].node.clone()).collect();
-            self.remember_idempotent(key, id, hash, &version, holders);
+            self.remember_idempotent(key, id, &version, holders);
         }
         Ok(Outcome {
             version: Some(version),

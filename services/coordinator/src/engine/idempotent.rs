@@ -23,9 +23,9 @@ pub(super) struct Earlier {
     pub holders: Vec<String>,
 }
 
-/// What the cache keeps per (key, idempotency key): the request's hash,
-/// its version and the replicas that had acknowledged it.
-pub(super) type Remembered = (String, pb::Version, Vec<String>);
+/// What the cache keeps per (key, idempotency key): the version (which
+/// carries the request's hash) and the replicas that had acknowledged it.
+pub(super) type Remembered = (pb::Version, Vec<String>);
 
 impl QuorumEngine {
     /// Looks for the version created with idempotency key `id`: in the
@@ -34,7 +34,7 @@ impl QuorumEngine {
     /// within the read timeout. Unreachable replicas are skipped: during a
     /// partition a retry may not see a first write made on the other side.
     pub(super) async fn find_idempotent(&self, key: &str, id: &str) -> Option<Earlier> {
-        if let Some((_, version, holders)) = self
+        if let Some((version, holders)) = self
             .recent_idempotency
             .get(&(key.to_string(), id.to_string()))
         {
@@ -109,13 +109,12 @@ impl QuorumEngine {
         &self,
         key: &str,
         id: &str,
-        hash: &str,
         version: &pb::Version,
         holders: Vec<String>,
     ) {
         self.recent_idempotency.insert(
             (key.to_string(), id.to_string()),
-            (hash.to_string(), version.clone(), holders),
+            (version.clone(), holders),
         );
     }
 
@@ -159,7 +158,7 @@ impl QuorumEngine {
             .acked()
             .map(|idx| placement[idx].node.clone())
             .collect();
-        self.remember_idempotent(key, id, hash, &earlier.version, holders);
+        self.remember_idempotent(key, id, &earlier.version, holders);
         Ok(Outcome {
             context: state_vector_of(std::slice::from_ref(&earlier.version)).to_token(),
             version: Some(earlier.version),
