@@ -4,12 +4,14 @@
 //! open, calls fail at once instead of waiting, so a dead node costs no
 //! latency once detected. A call that hits the per-replica timeout only
 //! makes the replica suspect: slow is not dead. The prober checks it at
-//! once, and only if that health check times out too is it marked dead —
-//! a busy replica that takes long over a big batch keeps its place. Application errors (a gRPC
-//! status sent by the node) are answers, not failures of the link, and leave
-//! the circuit alone. The health prober closes the circuit when the node
-//! answers again; the open state also expires by itself (see
-//! [`HealthBoard`]) so a stalled prober cannot keep a node out forever.
+//! once, and only if that health check times out too — or once
+//! [`CALL_TIMEOUTS_TO_DEAD`] calls in a row timed out with none answered —
+//! is it marked dead: a busy replica that takes long over a big batch
+//! keeps its place. Application errors (a gRPC status sent by the node)
+//! are answers, not failures of the link, and leave the circuit alone. The
+//! health prober closes the circuit when the node answers again; the open
+//! state also expires by itself (see [`HealthBoard`]) so a stalled prober
+//! cannot keep a node out forever.
 
 use std::future::Future;
 use std::pin::Pin;
