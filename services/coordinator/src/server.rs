@@ -246,6 +246,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         // one — how a gateway sends a lone single write — which keeps its
         // own request span (key, acks) and needs no batch bookkeeping.
         let count = req.records.len();
+        let together = req.together;
         let idempotent_keys: HashSet<&str> = req
             .records
             .iter()
@@ -305,7 +306,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             &region,
             level.as_str(),
             batched.len(),
-            self.engine.write_batch(batched, level),
+            self.engine.write_batch(batched, level, together),
         )
         .await;
         for ((index, outcome), key) in batched_at.into_iter().zip(outcomes).zip(keys) {

@@ -77,9 +77,11 @@ impl Coalesced for cpb::WriteRequest {
         consistency: String,
         timeout: Duration,
     ) -> Answers<Self::Answer> {
+        // Not `together`: unrelated clients' writes, each admitted alone.
         let mut request = tonic::Request::new(cpb::WriteBatchRequest {
             records,
             consistency,
+            together: false,
         });
         request.set_timeout(timeout);
         let answer = client.write_batch(request).await?.into_inner();

@@ -332,6 +332,7 @@ pub async fn write_batch(
         let mut request = tonic::Request::new(cpb::WriteBatchRequest {
             records: requests,
             consistency: consistency.clone(),
+            together: true,
         });
         request.set_timeout(state.request_timeout);
         let answer = client.write_batch(request).await?.into_inner();

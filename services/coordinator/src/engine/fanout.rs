@@ -11,7 +11,7 @@
 //! with `504`, "may have landed". A replica that refused the call outright
 //! is replaced by the key's next alive local replica.
 
-use super::remote::{apply, mint_all, outbox_done, replicate, store_hints};
+use super::remote::{apply, mint_together, outbox_done, replicate, store_hints};
 use super::{Miss, Outcome, QuorumEngine, state_vector_of};
 use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
@@ -59,11 +59,14 @@ enum Answer {
 impl QuorumEngine {
     /// Writes `records` at `level`; one result per record, in order.
     /// Records of one key are minted in batch order (they go to the same
-    /// replica in one call).
+    /// replica in one call). `together`: the records of one client batch,
+    /// refused together when a minting replica's queue is full; otherwise
+    /// (coalesced single writes) each is admitted or refused alone.
     pub async fn write_batch(
         &self,
         records: Vec<BatchRecord>,
         level: ConsistencyLevel,
+        together: bool,
     ) -> Vec<Result<Outcome, GeologError>> {
         let requirement = match self.requirement(level, Operation::Write) {
             Ok(r) => r,
@@ -93,7 +96,7 @@ impl QuorumEngine {
                 result,
             });
         }
-        if let Some(err) = self.refuse_if_overloaded(&flights) {
+        if together && let Some(err) = self.refuse_if_overloaded(&flights) {
             for f in flights.iter_mut().filter(|f| f.result.is_none()) {
                 f.result = Some(Err(err.clone().with_quorum(f.tracker.details())));
             }
@@ -113,7 +116,8 @@ impl QuorumEngine {
                 ..Default::default()
             })
             .collect();
-        self.mint_all(&mut flights, &requests, deadline).await;
+        self.mint_all(&mut flights, &requests, together, deadline)
+            .await;
         drop(requests);
         self.deliver(&mut flights, level, deadline).await;
         flights
@@ -150,6 +154,7 @@ impl QuorumEngine {
         &self,
         flights: &mut [InFlight],
         requests: &[pb::MintRequest],
+        together: bool,
         deadline: tokio::time::Instant,
     ) {
         loop {
@@ -173,11 +178,16 @@ impl QuorumEngine {
             for (node, members) in groups {
                 let replica = self.local_replica(&node);
                 // Queued in batch order (a key's records mint in that
-                // order), all or none.
-                let answers = mint_all(
-                    &replica,
-                    members.iter().map(|&i| requests[i].clone()).collect(),
-                );
+                // order): a client batch's all or none, coalesced single
+                // writes each on its own.
+                let records = members.iter().map(|&i| requests[i].clone());
+                let answers: Vec<_> = if together {
+                    mint_together(&replica, records.collect())
+                } else {
+                    records
+                        .flat_map(|record| mint_together(&replica, vec![record]))
+                        .collect()
+                };
                 // Spawned so that, past our deadline, the calls still run to
                 // their end and a hung replica gets marked dead by its breaker.
                 let call = crate::spawn_traced(async move {

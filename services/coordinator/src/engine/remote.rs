@@ -134,7 +134,7 @@ pub fn mint(
 /// [`mint`] for the records of one client batch bound for one replica:
 /// queued together, in order, or refused together when its queue cannot
 /// hold them all.
-pub fn mint_all(
+pub fn mint_together(
     replica: &Replica,
     requests: Vec<pb::MintRequest>,
 ) -> Vec<impl Future<Output = Result<pb::MintResponse, tonic::Status>> + Send + 'static> {
