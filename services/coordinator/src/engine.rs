@@ -276,13 +276,16 @@ impl QuorumEngine {
         } = order;
         geolog_core::key::validate_key(key)?;
         let requirement = self.requirement(level, Operation::Write)?;
+        // One deadline for the whole write, the lookup of an earlier one
+        // with the same idempotency key included.
+        let deadline = tokio::time::Instant::now() + self.write_timeout;
         let hash = idempotency_key
             .as_ref()
             .map(|_| body_hash(key, value_json, context.as_ref()));
         if let (Some(id), Some(hash)) = (&idempotency_key, &hash)
-            && let Some(earlier) = self.find_idempotent(key, id).await
+            && let Some(earlier) = self.find_idempotent(key, id, deadline).await
         {
-            return self.replay(key, id, hash, earlier, level).await;
+            return self.replay(key, id, hash, earlier, level, deadline).await;
         }
         let (placement, alive) = match self.plan(key, &requirement) {
             // `ANY` is met by a stored hint even when no replica is alive.
@@ -291,7 +294,6 @@ impl QuorumEngine {
             }
             plan => plan?,
         };
-        let deadline = tokio::time::Instant::now() + self.write_timeout;
         let mut tracker = Self::tracker(requirement, &placement);
         let remote_regions = self.remote_region_names();
 
@@ -377,7 +379,7 @@ impl QuorumEngine {
                 version,
                 holders: vec![placement[mint_idx].node.clone()],
             };
-            return self.replay(key, id, hash, earlier, level).await;
+            return self.replay(key, id, hash, earlier, level, deadline).await;
         }
         let outbox: HashMap<String, u64> = minted
             .outbox

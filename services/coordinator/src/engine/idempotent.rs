@@ -31,9 +31,15 @@ impl QuorumEngine {
     /// Looks for the version created with idempotency key `id`: in the
     /// cache, then on every alive local replica and, through their
     /// coordinators, on every reachable replica of the other regions,
-    /// within the read timeout. Unreachable replicas are skipped: during a
-    /// partition a retry may not see a first write made on the other side.
-    pub(super) async fn find_idempotent(&self, key: &str, id: &str) -> Option<Earlier> {
+    /// within the read timeout (and the write's `deadline`). Unreachable
+    /// replicas are skipped: during a partition a retry may not see a
+    /// first write made on the other side.
+    pub(super) async fn find_idempotent(
+        &self,
+        key: &str,
+        id: &str,
+        deadline: tokio::time::Instant,
+    ) -> Option<Earlier> {
         if let Some((version, holders)) = self
             .recent_idempotency
             .get(&(key.to_string(), id.to_string()))
@@ -77,7 +83,7 @@ impl QuorumEngine {
                     .collect()
             });
         }
-        let deadline = tokio::time::Instant::now() + self.read_timeout;
+        let deadline = deadline.min(tokio::time::Instant::now() + self.read_timeout);
         let mut found: Option<Earlier> = None;
         while let Ok(Some(done)) = tokio::time::timeout_at(deadline, lookups.join_next()).await {
             for (node, versions) in done.unwrap_or_default() {
@@ -129,6 +135,7 @@ impl QuorumEngine {
         hash: &str,
         earlier: Earlier,
         level: ConsistencyLevel,
+        deadline: tokio::time::Instant,
     ) -> Result<Outcome, GeologError> {
         if earlier.version.body_hash != hash {
             return Err(GeologError::new(
@@ -147,7 +154,7 @@ impl QuorumEngine {
             }
         }
         if !tracker.is_met() {
-            self.deliver_earlier(key, &earlier, &placement, &mut tracker)
+            self.deliver_earlier(key, &earlier, &placement, &mut tracker, deadline)
                 .await;
             if !tracker.is_met() {
                 return Err(tracker.failure("write"));
@@ -183,8 +190,8 @@ impl QuorumEngine {
         earlier: &Earlier,
         placement: &[Placement],
         tracker: &mut AckTracker,
+        deadline: tokio::time::Instant,
     ) {
-        let deadline = tokio::time::Instant::now() + self.write_timeout;
         // Never a bare version: without a local holder's frontier nothing
         // is sent, and the retry fails like a write that did not meet its
         // level (the outbox or hints deliver it; a later retry succeeds).
