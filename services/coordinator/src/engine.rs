@@ -34,6 +34,7 @@ use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
 use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError, Requirement};
+use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -116,6 +117,15 @@ impl Miss {
             (false, true, _) => Some(Miss::TimedOut),
             (false, false, true) => Some(Miss::Overloaded),
             (false, false, false) => Some(Miss::Failed),
+        }
+    }
+
+    /// How replica `node` of a remote region fared in a `Replicate` call:
+    /// its own ack, or the whole call's miss (no ack for it: failed).
+    fn of_region(acks: Result<&[cpb::ReplicaAck], Miss>, node: &str) -> Result<(), Miss> {
+        match acks?.iter().find(|a| a.node == node) {
+            Some(a) => Miss::of_remote(a.ok, a.timed_out, a.overloaded).map_or(Ok(()), Err),
+            None => Err(Miss::Failed),
         }
     }
 
@@ -422,32 +432,12 @@ impl QuorumEngine {
             let mint_node = mint_node.clone();
             crate::spawn_traced(async move {
                 let acks = replicate(&remote, frontier).await;
+                let acks = acks.as_deref().map_err(Miss::of);
                 let mut delivered = 0;
-                let mut pending: Vec<usize> = idxs.clone();
-                if let Ok(acks) = &acks {
-                    for ack in acks {
-                        if let Some(pos) =
-                            pending.iter().position(|&i| placement[i].node == ack.node)
-                        {
-                            let idx = pending.remove(pos);
-                            let result =
-                                match Miss::of_remote(ack.ok, ack.timed_out, ack.overloaded) {
-                                    None => {
-                                        delivered += 1;
-                                        Ok(())
-                                    }
-                                    Some(miss) => Err(miss),
-                                };
-                            let _ = tx.send((idx, result));
-                        }
-                    }
-                }
-                let miss = match &acks {
-                    Err(status) => Miss::of(status),
-                    Ok(_) => Miss::Failed,
-                };
-                for idx in pending {
-                    let _ = tx.send((idx, Err(miss)));
+                for &idx in &idxs {
+                    let result = Miss::of_region(acks, &placement[idx].node);
+                    delivered += usize::from(result.is_ok());
+                    let _ = tx.send((idx, result));
                 }
                 if delivered == idxs.len()
                     && let Some(id) = outbox_id
@@ -586,5 +576,24 @@ mod tests {
         assert_eq!(Miss::of_remote(false, true, true), Some(Miss::TimedOut));
         assert_eq!(Miss::of_remote(false, false, true), Some(Miss::Overloaded));
         assert_eq!(Miss::of_remote(false, false, false), Some(Miss::Failed));
+        let acks = [
+            cpb::ReplicaAck {
+                node: "b1".into(),
+                ok: true,
+                ..Default::default()
+            },
+            cpb::ReplicaAck {
+                node: "b2".into(),
+                overloaded: true,
+                ..Default::default()
+            },
+        ];
+        assert_eq!(Miss::of_region(Ok(&acks), "b1"), Ok(()));
+        assert_eq!(Miss::of_region(Ok(&acks), "b2"), Err(Miss::Overloaded));
+        assert_eq!(Miss::of_region(Ok(&acks), "b3"), Err(Miss::Failed));
+        assert_eq!(
+            Miss::of_region(Err(Miss::TimedOut), "b1"),
+            Err(Miss::TimedOut)
+        );
     }
 }

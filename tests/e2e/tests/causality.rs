@@ -294,18 +294,11 @@ async fn idempotent_retries_across_regions_create_one_version() {
     for api in [&a, &b, &c] {
         api.wait_outbox_empty(Duration::from_secs(60)).await;
     }
-    let (status, history) = c
-        .raw(
-            Method::GET,
-            "/api/logs/payments/history?consistency=ALL",
-            Vec::new(),
-        )
-        .await;
-    assert_eq!(status, 200, "{history}");
+    let history = c.history_at_all("payments").await;
     assert_eq!(
-        history["versions"].as_array().unwrap().len(),
+        history.len(),
         2,
-        "one version per idempotency key: {history}"
+        "one version per idempotency key: {history:?}"
     );
 }
 
@@ -314,13 +307,10 @@ async fn a_retry_is_replayed_only_once_its_own_level_is_met() {
     // Nothing but the retry may deliver the write: no hint replay and no
     // anti-entropy pass during the test.
     let mut env = geolog_testkit::fast_failure_detection();
-    env.extend(
-        [
-            ("GEOLOG__COORDINATOR__OUTBOX_REPLAY_INTERVAL_MS", "600000"),
-            ("GEOLOG__ANTI_ENTROPY__INTERVAL_MS", "600000"),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
+    env.extend(common::env(&[
+        ("GEOLOG__COORDINATOR__OUTBOX_REPLAY_INTERVAL_MS", "600000"),
+        ("GEOLOG__ANTI_ENTROPY__INTERVAL_MS", "600000"),
+    ]));
     let mut cluster = TestCluster::start_with_env(TUTORIAL, env)
         .await
         .expect("cluster starts");
@@ -386,17 +376,6 @@ async fn a_retry_is_replayed_only_once_its_own_level_is_met() {
         .raw(Method::GET, "/api/logs/order-7/replicas", Vec::new())
         .await;
     assert_eq!(holders(&view), 5, "{view}");
-    let (status, history) = api
-        .raw(
-            Method::GET,
-            "/api/logs/order-7/history?consistency=ALL",
-            Vec::new(),
-        )
-        .await;
-    assert_eq!(status, 200, "{history}");
-    assert_eq!(
-        history["versions"].as_array().unwrap().len(),
-        1,
-        "{history}"
-    );
+    let history = api.history_at_all("order-7").await;
+    assert_eq!(history.len(), 1, "{history:?}");
 }

@@ -19,7 +19,7 @@ use geolog_core::ring::Placement;
 use geolog_core::{AckTracker, ConsistencyLevel, GeologError};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -411,25 +411,16 @@ impl QuorumEngine {
                     records,
                     acks,
                 } => {
-                    let by_node: HashMap<&str, &cpb::ReplicaAck> = match &acks {
-                        Ok(acks) => acks.iter().map(|a| (a.node.as_str(), a)).collect(),
-                        Err(_) => HashMap::new(),
-                    };
+                    let acks = acks.as_deref().map_err(|miss| *miss);
                     for i in records {
                         let f = &mut flights[i];
                         for idx in 0..f.placement.len() {
                             if f.placement[idx].region != region {
                                 continue;
                             }
-                            match (&acks, by_node.get(f.placement[idx].node.as_str())) {
-                                (_, Some(ack)) => {
-                                    match Miss::of_remote(ack.ok, ack.timed_out, ack.overloaded) {
-                                        None => f.tracker.record_ok(idx),
-                                        Some(miss) => miss.record(&mut f.tracker, idx),
-                                    }
-                                }
-                                (Err(miss), None) => miss.record(&mut f.tracker, idx),
-                                (Ok(_), None) => f.tracker.record_failure(idx),
+                            match Miss::of_region(acks, &f.placement[idx].node) {
+                                Ok(()) => f.tracker.record_ok(idx),
+                                Err(miss) => miss.record(&mut f.tracker, idx),
                             }
                         }
                     }

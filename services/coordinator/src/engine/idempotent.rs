@@ -242,16 +242,9 @@ impl QuorumEngine {
                 .collect();
             crate::spawn_traced(async move {
                 let acks = replicate(&remote, shipped).await;
+                let acks = acks.as_deref().map_err(Miss::of);
                 for (idx, node) in nodes {
-                    let result = match &acks {
-                        Ok(acks) => match acks.iter().find(|a| a.node == node) {
-                            Some(ack) => Miss::of_remote(ack.ok, ack.timed_out, ack.overloaded)
-                                .map_or(Ok(()), Err),
-                            None => Err(Miss::Failed),
-                        },
-                        Err(status) => Err(Miss::of(status)),
-                    };
-                    let _ = tx.send((idx, result));
+                    let _ = tx.send((idx, Miss::of_region(acks, &node)));
                 }
             });
         }

@@ -46,13 +46,16 @@ impl QuorumEngine {
                         ok: true,
                         ..Default::default()
                     },
-                    Err(status) => cpb::ReplicaAck {
-                        node,
-                        ok: false,
-                        timed_out: Miss::of(&status) == Miss::TimedOut,
-                        overloaded: Miss::of(&status) == Miss::Overloaded,
-                        error: status.message().to_string(),
-                    },
+                    Err(status) => {
+                        let miss = Miss::of(&status);
+                        cpb::ReplicaAck {
+                            node,
+                            ok: false,
+                            timed_out: miss == Miss::TimedOut,
+                            overloaded: miss == Miss::Overloaded,
+                            error: status.message().to_string(),
+                        }
+                    }
                 };
                 let _ = tx.send(ack);
             });
@@ -99,14 +102,17 @@ impl QuorumEngine {
                                 ..Default::default()
                             }
                         }
-                        Err(status) => cpb::ReplicaVersions {
-                            node,
-                            ok: false,
-                            timed_out: Miss::of(&status) == Miss::TimedOut,
-                            overloaded: Miss::of(&status) == Miss::Overloaded,
-                            error: status.message().to_string(),
-                            versions: Vec::new(),
-                        },
+                        Err(status) => {
+                            let miss = Miss::of(&status);
+                            cpb::ReplicaVersions {
+                                node,
+                                ok: false,
+                                timed_out: miss == Miss::TimedOut,
+                                overloaded: miss == Miss::Overloaded,
+                                error: status.message().to_string(),
+                                versions: Vec::new(),
+                            }
+                        }
                     };
                     if tx.send(answer).is_err() {
                         return;

@@ -101,6 +101,14 @@ impl Api {
         response.await.unwrap().text().await.unwrap()
     }
 
+    /// The first page of `key`'s history at `ALL`, newest first.
+    pub async fn history_at_all(&self, key: &str) -> Vec<Value> {
+        let path = format!("/api/logs/{key}/history?consistency=ALL");
+        let (status, history) = self.raw(reqwest::Method::GET, &path, Vec::new()).await;
+        assert_eq!(status, 200, "{history}");
+        history["versions"].as_array().unwrap().clone()
+    }
+
     /// Replicas the coordinator reports in `state` ("alive"/"dead").
     pub async fn replicas_in_state(&self, state: &str) -> usize {
         let (_, health) = self
@@ -118,6 +126,14 @@ impl Api {
         })
         .await;
     }
+}
+
+/// Environment overrides for a test cluster, as owned pairs.
+pub fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Polls `condition` until it holds, panicking after `timeout`.
