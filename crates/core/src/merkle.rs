@@ -1,9 +1,9 @@
 //! The anti-entropy tree's shape, pure: a bucket is the set of keys whose
 //! 64-bit hash starts with `prefix` (its top `depth` bits); each level splits
-//! a bucket into 16 children (4 more bits), down to [`LEAF_DEPTH`]. Digests
-//! themselves are computed by aggregation inside PostgreSQL (XOR of version
-//! hashes), so two replicas compare a bucket with one number each and
-//! descend only where the numbers differ.
+//! a bucket into 16 children (4 more bits), down to [`LEAF_DEPTH`]. A
+//! bucket's digest is the XOR of its versions' hashes (kept by each storage
+//! node in memory as versions are stored), so two replicas compare a bucket
+//! with one number each and descend only where the numbers differ.
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -56,6 +56,12 @@ pub fn clip(buckets: &[Bucket], ranges: &[(i64, i64)]) -> Vec<(i64, i64)> {
     spans.sort_unstable();
     intersect(&spans, ranges)
 }
+
+/// Digests count versions minted before a cutoff; a cutoff on a whole
+/// multiple of this many milliseconds (logical counter 0) is answered from
+/// the digests a storage node keeps in memory, any other by aggregating in
+/// PostgreSQL. Anti-entropy rounds its cutoff down to one.
+pub const DIGEST_SLICE_MS: u64 = 5_000;
 
 /// Bits added per level (fanout 16).
 pub const LEVEL_BITS: u32 = 4;

@@ -18,7 +18,9 @@
 
 use geolog_config::GeologConfig;
 use geolog_core::Ring;
-use geolog_core::merkle::{Bucket, LEAF_DEPTH, LEVEL_BITS, clip, intersect, signed_token};
+use geolog_core::merkle::{
+    Bucket, DIGEST_SLICE_MS, LEAF_DEPTH, LEVEL_BITS, clip, intersect, signed_token,
+};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::coordinator::coordinator_client::CoordinatorClient;
 use geolog_proto::storage as pb;
@@ -353,7 +355,10 @@ impl AntiEntropy {
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
-            geolog_core::Hlc::new(now_ms.saturating_sub(self.settle.as_millis() as u64), 0).packed()
+            // On a slice boundary: the nodes answer from the digests they
+            // keep in memory.
+            let cutoff_ms = now_ms.saturating_sub(self.settle.as_millis() as u64);
+            geolog_core::Hlc::new(cutoff_ms - cutoff_ms % DIGEST_SLICE_MS, 0).packed()
         };
         let mut ranges = shared.clone();
         let mut depth = 0;

@@ -2,6 +2,7 @@
 //! database. It stores versions and serves them over gRPC; it never talks to
 //! other storage nodes and never decides about consistency.
 
+pub mod digest_tree;
 pub mod keystate;
 pub mod server;
 pub mod store;

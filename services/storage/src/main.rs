@@ -57,6 +57,9 @@ async fn main() -> anyhow::Result<()> {
         max_connections: config.storage.pool_max_connections,
         acquire_timeout: Duration::from_millis(config.storage.pool_acquire_timeout_ms),
         frontier_cache_bytes: config.storage.frontier_cache_bytes,
+        // Anti-entropy's cutoff trails its passes by the settle time.
+        digest_window: Duration::from_millis(config.anti_entropy.settle_ms)
+            + Duration::from_secs(30),
     };
     let store = Arc::new(
         VersionStore::open(&database_url, &node.id, &settings, Duration::from_secs(30))

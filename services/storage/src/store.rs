@@ -19,6 +19,7 @@ mod heads;
 mod queues;
 mod versions;
 
+use crate::digest_tree::{Digest, DigestTree};
 use crate::keystate::KeyStates;
 use geolog_core::causal::{Causal, Dot, VersionVector};
 use geolog_core::{ErrorCode, GeologError, Hlc, HlcClock};
@@ -27,6 +28,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
+
+/// One tree leaf as aggregated at start: (leaf, XOR of version hashes,
+/// versions, this node's newest sequence there, the newest timestamp).
+type LeafRow = (i32, Option<i64>, i64, Option<i64>, Option<i64>);
 
 /// A stored version (the storage node's view of `proto::storage::Version`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +169,10 @@ pub struct StoreSettings {
     pub acquire_timeout: Duration,
     /// Bytes of key frontiers kept in memory.
     pub frontier_cache_bytes: u64,
+    /// How far back anti-entropy's cutoffs reach (its settle time, plus a
+    /// margin): digests of versions minted that recently are kept by time
+    /// slice in memory ([`DigestTree`]).
+    pub digest_window: Duration,
 }
 
 /// One node's versions in PostgreSQL.
@@ -176,6 +185,8 @@ pub struct VersionStore {
     /// The next dot sequence to hand out (see [`VersionStore::open`]).
     next_seq: AtomicU64,
     keys: KeyStates,
+    /// Anti-entropy digests of every version stored here.
+    tree: std::sync::Mutex<DigestTree>,
 }
 
 impl VersionStore {
@@ -230,12 +241,18 @@ impl VersionStore {
         digests::fill_tree_columns(&pool).await?;
         let next_change = heads::recover(&pool).await?;
 
-        // One scan at start: this node's newest dot and the newest clock seen.
-        let (own_seq, newest_hlc): (Option<i64>, Option<i64>) =
-            sqlx::query_as("SELECT max(seq) FILTER (WHERE node = $1), max(hlc) FROM versions")
-                .bind(node)
-                .fetch_one(&pool)
-                .await?;
+        // One scan at start (index-only): this node's newest dot, the
+        // newest clock seen, and the digests of every tree leaf.
+        let leaves: Vec<LeafRow> = sqlx::query_as(
+            "SELECT ((token >> 48) & 65535)::int AS leaf, bit_xor(vhash), count(*), \
+                    max(seq) FILTER (WHERE node = $1), max(hlc) \
+             FROM versions GROUP BY leaf",
+        )
+        .bind(node)
+        .fetch_all(&pool)
+        .await?;
+        let own_seq = leaves.iter().filter_map(|l| l.3).max();
+        let newest_hlc = leaves.iter().filter_map(|l| l.4).max();
         // Never mint a dot this node already minted — even if its database
         // was wiped or restored from an old backup, when other replicas
         // still hold dots this one forgot (a reused dot would be dropped as
@@ -254,14 +271,34 @@ impl VersionStore {
             .await?;
         let seq_floor = own_seq.unwrap_or(0).max(wall_micros).max(old_floor);
         let floor = Hlc::from_packed(newest_hlc.unwrap_or(0) as u64);
+        let clock = HlcClock::new(floor);
+        let tree = DigestTree::new(
+            leaves.iter().map(|&(leaf, xor, count, _, _)| {
+                let xor = xor.unwrap_or(0) as u64;
+                (
+                    leaf as usize,
+                    Digest {
+                        xor,
+                        count: count as u64,
+                    },
+                )
+            }),
+            clock.now().packed(),
+            settings.digest_window.as_millis() as u64,
+        );
         Ok(VersionStore {
             connections: connections::Connections::new(pool.clone()),
             pool,
             node: node.to_string(),
-            clock: HlcClock::new(floor),
+            clock,
+            tree: std::sync::Mutex::new(tree),
             next_seq: AtomicU64::new(seq_floor as u64 + 1),
             keys: KeyStates::new(settings.frontier_cache_bytes, next_change),
         })
+    }
+
+    fn tree(&self) -> std::sync::MutexGuard<'_, DigestTree> {
+        self.tree.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn node(&self) -> &str {
@@ -280,6 +317,7 @@ impl VersionStore {
             .set(self.pool.options().get_max_connections() as f64);
         metrics::gauge!("frontier_cache_keys").set(self.keys.cached_keys() as f64);
         metrics::gauge!("frontier_unsaved_keys").set(self.keys.unsaved_keys() as f64);
+        metrics::gauge!("digest_unknown_leaves").set(self.tree().unknown_leaves() as f64);
     }
 
     /// How many versions of `key` this node holds (history included).

@@ -17,6 +17,7 @@ async fn read_many_answers_every_key_in_order_and_defers_what_does_not_fit() {
         max_connections: 4,
         acquire_timeout: Duration::from_secs(2),
         frontier_cache_bytes: 64 << 20,
+        digest_window: Duration::from_secs(60),
     };
     let store = VersionStore::open(&pg.url(), "n1", &settings, Duration::from_secs(10))
         .await

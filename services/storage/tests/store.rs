@@ -14,6 +14,7 @@ fn pool() -> StoreSettings {
         max_connections: 4,
         acquire_timeout: Duration::from_secs(2),
         frontier_cache_bytes: 1 << 20,
+        digest_window: Duration::from_secs(60),
     }
 }
 
@@ -724,4 +725,102 @@ async fn recovery_merges_many_changes_step_by_step_into_exact_frontiers() {
         1,
         "the late mint resolved the siblings"
     );
+}
+
+/// What aggregating every stored version gives (what digests were before
+/// they were kept in memory).
+async fn aggregated(
+    pool: &sqlx::PgPool,
+    ranges: &[(i64, i64)],
+    depth: u32,
+    before: u64,
+) -> Vec<(u64, u64, u64)> {
+    let mut buckets = std::collections::BTreeMap::<u64, (u64, u64)>::new();
+    let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT token, vhash FROM versions WHERE hlc < $1")
+        .bind(if before == 0 { i64::MAX } else { before as i64 })
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    for (token, vhash) in rows {
+        if !ranges.iter().any(|&(l, h)| l <= token && token <= h) {
+            continue;
+        }
+        let bucket = geolog_core::merkle::Bucket::of(token, depth).prefix;
+        let entry = buckets.entry(bucket).or_default();
+        entry.0 ^= vhash as u64;
+        entry.1 += 1;
+    }
+    buckets.into_iter().map(|(b, (x, n))| (b, x, n)).collect()
+}
+
+/// The digests a node keeps in memory answer exactly what aggregating the
+/// database does — after minting, merging (duplicates and late, old
+/// versions included) and reopening — for whole and cut ranges, at every
+/// depth, with and without a cutoff.
+#[tokio::test]
+async fn digests_held_in_memory_match_aggregating_the_database() {
+    use geolog_core::merkle::DIGEST_SLICE_MS;
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let store = open(&pg, "n1").await;
+    for i in 0..300 {
+        store.mint(&format!("k{i}"), "1").await.unwrap();
+    }
+    let old = version("k1", "n2", 1, Hlc::new(1_000, 0), "2", &[]);
+    store.merge(&[old.clone(), old.clone()]).await.unwrap();
+    store.close().await;
+
+    // Reopened: what was stored is loaded; what follows is counted as it
+    // is stored, some of it with timestamps in later time slices.
+    let store = open(&pg, "n1").await;
+    let start = now_ms();
+    for i in 0..200 {
+        store.mint(&format!("k{}", i * 7), "3").await.unwrap();
+    }
+    let later: Vec<StoredVersion> = (0..60)
+        .map(|i| {
+            let ms = start + (i % 6 + 1) * DIGEST_SLICE_MS + 17;
+            version(&format!("late{i}"), "n3", i + 1, Hlc::new(ms, 0), "4", &[])
+        })
+        .collect();
+    assert_eq!(store.merge(&later).await.unwrap(), 60);
+    assert_eq!(
+        store.merge(&later[..10]).await.unwrap(),
+        0,
+        "stored already"
+    );
+    store.merge(&[old]).await.unwrap();
+
+    let slice = |n: u64| Hlc::new((start / DIGEST_SLICE_MS + n) * DIGEST_SLICE_MS, 0).packed();
+    let cutoffs = [0, slice(1), slice(2), slice(4), slice(7), slice(0) + 1];
+    assert!(store.digests_from_memory(Some(slice(1))));
+    assert!(
+        !store.digests_from_memory(Some(slice(0) + 1)),
+        "off a slice boundary"
+    );
+    let cut = [
+        (i64::MIN, -5_000_000_000_000_000_000),
+        (-12_345, 1 << 62),
+        (i64::MAX - 99, i64::MAX),
+    ];
+    for ranges in [&[(i64::MIN, i64::MAX)][..], &cut[..]] {
+        for depth in [0, 4, 8, 16] {
+            for before in cutoffs {
+                let cutoff = (before > 0).then_some(before);
+                let held = store.digests(ranges, depth, cutoff).await.unwrap();
+                let expected = aggregated(&pool, ranges, depth, before).await;
+                assert_eq!(
+                    held, expected,
+                    "ranges {ranges:?}, depth {depth}, cutoff {before}"
+                );
+            }
+        }
+    }
+    store.close().await;
 }

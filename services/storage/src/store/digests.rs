@@ -1,19 +1,60 @@
-//! Anti-entropy's view of the versions: digests of tree buckets computed
-//! by aggregation inside PostgreSQL (index-only over `versions_place`, which
-//! leads with the tree token),
-//! and the versions of whole token ranges.
+//! Anti-entropy's view of the versions: digests of tree buckets, from
+//! memory ([`DigestTree`](crate::digest_tree::DigestTree)) where it holds
+//! them, otherwise aggregated inside PostgreSQL (index-only over
+//! `versions_place`, which leads with the tree token); and the versions of
+//! whole token ranges.
 
 use super::{StoreError, StoredVersion, VersionStore, version_from_row};
-use geolog_core::merkle::{tree_token, version_hash};
+use crate::digest_tree::{Digest, Served, at_depth};
+use geolog_core::merkle::{LEAF_DEPTH, tree_token, version_hash};
 use sqlx::postgres::PgPool;
 
 impl VersionStore {
     /// Digests of the buckets of depth `depth` of the versions inside
     /// `ranges` (inclusive tree-token ranges, see
-    /// [`geolog_core::merkle::tree_token`]), computed here by aggregation:
+    /// [`geolog_core::merkle::tree_token`]) minted before `before_hlc`:
     /// (prefix, XOR of version hashes, versions). Empty buckets are left
-    /// out.
+    /// out. Leaves held in memory are not read from the database; the
+    /// others (cut by a range's end, or unknown there) are aggregated in
+    /// PostgreSQL, and so is everything for a cutoff memory does not serve.
     pub async fn digests(
+        &self,
+        ranges: &[(i64, i64)],
+        depth: u32,
+        before_hlc: Option<u64>,
+    ) -> Result<Vec<(u64, u64, u64)>, StoreError> {
+        let depth = depth.min(LEAF_DEPTH);
+        let served = self.tree().leaves(ranges, before_hlc.unwrap_or(0));
+        let Some(Served {
+            whole: mut leaves,
+            pieces,
+        }) = served
+        else {
+            metrics::counter!("digest_requests_total", "from" => "database").increment(1);
+            return self.aggregated(ranges, depth, before_hlc).await;
+        };
+        metrics::counter!("digest_requests_total", "from" => "memory").increment(1);
+        if !pieces.is_empty() {
+            let cut = self.aggregated(&pieces, LEAF_DEPTH, before_hlc).await?;
+            leaves.extend(
+                cut.into_iter()
+                    .map(|(leaf, xor, count)| (leaf as usize, Digest { xor, count })),
+            );
+        }
+        Ok(at_depth(leaves, depth)
+            .into_iter()
+            .map(|(prefix, d)| (prefix, d.xor, d.count))
+            .collect())
+    }
+
+    /// True when digests with this cutoff come from memory (apart from the
+    /// leaves cut by a range or unknown there).
+    pub fn digests_from_memory(&self, before_hlc: Option<u64>) -> bool {
+        self.tree().serves(before_hlc.unwrap_or(0))
+    }
+
+    /// [`VersionStore::digests`] aggregated in PostgreSQL.
+    async fn aggregated(
         &self,
         ranges: &[(i64, i64)],
         depth: u32,

@@ -10,6 +10,7 @@
 
 use super::{HistoryCursor, version_from_row};
 use super::{Idempotency, MintInput, Minted, StoreError, StoredVersion, VersionStore};
+use crate::digest_tree::Entry;
 use crate::keystate::{Frontier, KeyGuard};
 use geolog_core::causal::{self, Dot, VersionVector};
 use geolog_core::merkle::{tree_token, version_hash};
@@ -489,7 +490,7 @@ macro_rules! insert_versions {
                SELECT k, n, s, h, v, c, i, b, t, vh, $11 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]::json[], \
                     $6::text[]::jsonb[], $7::text[], $8::text[], $9::bigint[], $10::bigint[]) AS u(k, n, s, h, v, c, i, b, t, vh) ",
             $conflict,
-            " RETURNING 1) "
+            " RETURNING token, vhash, hlc) "
         )
     };
 }
@@ -545,7 +546,9 @@ impl StateChange<'_> {
             .bind(outbox_tokens);
         let mut conn = store.connections.lease().await?;
         let rows = query.fetch_all(&mut *conn).await;
-        let rows = conn.done(rows)?;
+        let rows = conn.done(rows);
+        store.counted(&columns, rows.as_ref().map(|_| ()));
+        let rows = rows?;
         let returned: Vec<(i64, i64, String)> = rows
             .iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
@@ -576,32 +579,86 @@ impl StateChange<'_> {
         const NEW: &str = concat!(insert_versions!(""), "SELECT count(*) FROM ins_versions");
         const ANY: &str = concat!(
             insert_versions!("ON CONFLICT DO NOTHING"),
-            "SELECT count(*) FROM ins_versions"
+            "SELECT token, vhash, hlc FROM ins_versions"
         );
         let columns = VersionColumns::of(&self.versions);
+        let query = |statement| self.bind(sqlx::query(statement), &columns);
         if only_new {
-            match self.count_merged(store, &columns, NEW).await {
-                Ok(inserted) => return Ok(inserted),
+            let mut conn = store.connections.lease().await?;
+            let row = query(NEW).fetch_one(&mut *conn).await;
+            match conn.done(row) {
+                Ok(row) => {
+                    store.counted(&columns, Ok(()));
+                    return Ok(row.try_get::<i64, _>(0)? as u64);
+                }
                 Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
                     tracing::warn!(error = %db, "a version believed new was stored already");
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => {
+                    store.counted(&columns, Err(&err));
+                    return Err(err.into());
+                }
             }
         }
-        Ok(self.count_merged(store, &columns, ANY).await?)
-    }
-
-    /// Runs one of the merge statements; returns how many versions it inserted.
-    async fn count_merged(
-        &self,
-        store: &VersionStore,
-        columns: &VersionColumns<'_>,
-        statement: &'static str,
-    ) -> Result<u64, sqlx::Error> {
-        let query = self.bind(sqlx::query(statement), columns);
         let mut conn = store.connections.lease().await?;
-        let row = query.fetch_one(&mut *conn).await;
-        let row = conn.done(row)?;
-        Ok(row.try_get::<i64, _>(0)? as u64)
+        let rows = query(ANY).fetch_all(&mut *conn).await;
+        let rows = match conn.done(rows) {
+            Ok(rows) => rows,
+            Err(err) => {
+                store.counted(&columns, Err(&err));
+                return Err(err.into());
+            }
+        };
+        let inserted: Vec<Entry> = rows
+            .iter()
+            .map(|row| {
+                Ok(Entry {
+                    token: row.try_get(0)?,
+                    vhash: row.try_get(1)?,
+                    hlc: row.try_get::<i64, _>(2)? as u64,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        let count = inserted.len() as u64;
+        store.tree().add(inserted);
+        Ok(count)
     }
+}
+
+impl VersionStore {
+    /// Counts the versions of a statement in the digests once it committed;
+    /// when its outcome is unknown (no answer from PostgreSQL: it may have
+    /// committed), their leaves are left to PostgreSQL. A statement
+    /// PostgreSQL refused stored nothing.
+    fn counted(&self, columns: &VersionColumns<'_>, outcome: Result<(), &sqlx::Error>) {
+        if let Err(sqlx::Error::Database(_)) = outcome {
+            return;
+        }
+        let mut tree = self.tree();
+        if outcome.is_ok() {
+            tree.add(
+                columns
+                    .tokens
+                    .iter()
+                    .zip(&columns.vhashes)
+                    .zip(&columns.hlcs)
+                    .map(|((&token, &vhash), &hlc)| Entry {
+                        token,
+                        vhash,
+                        hlc: hlc as u64,
+                    }),
+            );
+            tree.prune(wall_clock());
+        } else {
+            tree.forget(columns.tokens.iter().copied());
+        }
+    }
+}
+
+/// Now, as a packed timestamp of the wall clock.
+fn wall_clock() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    geolog_core::Hlc::new(ms, 0).packed()
 }
