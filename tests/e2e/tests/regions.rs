@@ -418,3 +418,78 @@ async fn a_region_cut_off_longer_than_the_outbox_window_is_repaired_by_anti_entr
     }
     assert!(printed.contains("last pass"), "{printed}");
 }
+
+/// Cross-region replay ships each version with its key's frontier on the
+/// minting node, never bare: a concurrent sibling whose own outbox entry is
+/// gone (dropped, say, after the outbox window) still reaches the other
+/// region with the sibling minted after it. A bare version would make the
+/// receiver's state claim a dot it lacks (its vector covers the minter's
+/// earlier sequence numbers), and the lost sibling would never show.
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_replay_ships_the_frontier_not_a_bare_version() {
+    let mut env = geolog_testkit::fast_failure_detection();
+    // Only replication may deliver here, not anti-entropy.
+    env.push(("GEOLOG__ANTI_ENTROPY__INTERVAL_MS".into(), "600000".into()));
+    let shape = geolog_launcher::topology::Shape {
+        regions: 2,
+        nodes_per_region: 2,
+        replication_factor: 2,
+    };
+    let cluster = TestCluster::start_with_env(shape, env)
+        .await
+        .expect("cluster starts");
+    let (a, b) = (
+        Api::new(cluster.gateway("a")),
+        Api::new(cluster.gateway("b")),
+    );
+    cluster.cluster.partition("a", "b").unwrap();
+    let (status, base) = a.write("doc", json!("base"), Some("LOCAL_QUORUM")).await;
+    assert_eq!(status, 201, "{base}");
+    let context = base["context"].as_str().unwrap().to_string();
+    // Two writes that both saw only the base: concurrent siblings, minted
+    // one after the other on the same node.
+    for value in ["first", "second"] {
+        let (status, body) = a
+            .write_with_context("doc", json!(value), &context, "LOCAL_QUORUM")
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (_, read) = a.read("doc", Some("LOCAL_QUORUM")).await;
+    assert_eq!(read["siblings"].as_array().map(Vec::len), Some(2), "{read}");
+
+    // Every outbox entry of the key but the newest is lost.
+    let mut deleted = 0;
+    for node in &cluster.cluster.config().regions[0].nodes {
+        let url = node.database_url.clone().expect("managed nodes have a URL");
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        let done = sqlx::query(
+            "DELETE FROM outbox WHERE key = 'doc' \
+             AND seq < (SELECT max(seq) FROM outbox WHERE key = 'doc')",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        deleted += done.rows_affected();
+        pool.close().await;
+    }
+    assert_eq!(deleted, 2, "the base's and the first sibling's entries");
+    // The health's outbox depth is sampled: wait until it shows the one
+    // entry left, so that "empty" below means delivered.
+    wait_until(Duration::from_secs(30), || async {
+        a.outbox_depth().await == 1
+    })
+    .await;
+
+    cluster.cluster.heal();
+    a.wait_outbox_empty(Duration::from_secs(60)).await;
+    let (status, read) = b.read("doc", Some("LOCAL_QUORUM")).await;
+    assert_eq!(status, 200, "{read}");
+    let mut values: Vec<String> = read["siblings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["value"].to_string())
+        .collect();
+    values.sort();
+    assert_eq!(values, ["\"first\"", "\"second\""], "{read}");
+}
