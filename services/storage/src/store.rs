@@ -178,6 +178,9 @@ pub struct StoreSettings {
 /// One node's versions in PostgreSQL.
 pub struct VersionStore {
     pool: PgPool,
+    /// One connection of its own for health checks: a pool busy with
+    /// writes is not a failed database.
+    health: PgPool,
     /// Connections of the write path's statements, kept between them.
     connections: connections::Connections,
     node: String,
@@ -286,9 +289,14 @@ impl VersionStore {
             clock.now().packed(),
             settings.digest_window.as_millis() as u64,
         );
+        let health = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(options);
         Ok(VersionStore {
             connections: connections::Connections::new(pool.clone()),
             pool,
+            health,
             node: node.to_string(),
             clock,
             tree: std::sync::Mutex::new(tree),
@@ -331,10 +339,11 @@ impl VersionStore {
         )
     }
 
-    /// True when PostgreSQL answers within `timeout`.
+    /// True when PostgreSQL answers within `timeout`, on a connection
+    /// of its own (not waiting for one the write path holds).
     pub async fn ping(&self, timeout: Duration) -> bool {
         matches!(
-            tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&self.pool)).await,
+            tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&self.health)).await,
             Ok(Ok(_))
         )
     }
@@ -342,6 +351,7 @@ impl VersionStore {
     pub async fn close(&self) {
         // The pool waits for every connection taken from it.
         self.connections.release_all();
+        self.health.close().await;
         self.pool.close().await;
     }
 }
