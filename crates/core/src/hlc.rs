@@ -43,7 +43,8 @@ pub struct HlcClock {
     wall_ms: fn() -> u64,
 }
 
-fn system_ms() -> u64 {
+/// Milliseconds since the Unix epoch by the wall clock (0 before it).
+pub fn system_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -30,7 +30,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 use tower::Layer;
@@ -301,9 +301,7 @@ impl AntiEntropy {
             }
         }
         summary.duration_ms = started.elapsed().as_millis() as u64;
-        summary.finished_at_unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        summary.finished_at_unix_ms = geolog_core::hlc::system_ms();
         metrics::counter!("anti_entropy_passes_total").increment(1);
         metrics::gauge!("anti_entropy_last_pass_timestamp_seconds")
             .set(summary.finished_at_unix_ms as f64 / 1000.0);
@@ -352,9 +350,7 @@ impl AntiEntropy {
         let before_hlc = if self.settle.is_zero() {
             0
         } else {
-            let now_ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            let now_ms = geolog_core::hlc::system_ms();
             // On a slice boundary: the nodes answer from the digests they
             // keep in memory.
             let cutoff_ms = now_ms.saturating_sub(self.settle.as_millis() as u64);

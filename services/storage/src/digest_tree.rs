@@ -88,7 +88,7 @@ fn slice_of(hlc: u64) -> u64 {
 }
 
 fn leaf_of(token: i64) -> usize {
-    ((token as u64) >> (64 - LEAF_DEPTH)) as usize
+    Bucket::of(token, LEAF_DEPTH).prefix as usize
 }
 
 fn empty_leaves() -> Box<[Digest]> {

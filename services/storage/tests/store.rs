@@ -762,12 +762,6 @@ async fn digests_held_in_memory_match_aggregating_the_database() {
     use geolog_core::merkle::DIGEST_SLICE_MS;
     let pg = TestPostgres::start().await.expect("start postgres");
     let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    };
     let store = open(&pg, "n1").await;
     for i in 0..300 {
         store.mint(&format!("k{i}"), "1").await.unwrap();
@@ -779,7 +773,7 @@ async fn digests_held_in_memory_match_aggregating_the_database() {
     // Reopened: what was stored is loaded; what follows is counted as it
     // is stored, some of it with timestamps in later time slices.
     let store = open(&pg, "n1").await;
-    let start = now_ms();
+    let start = geolog_core::hlc::system_ms();
     for i in 0..200 {
         store.mint(&format!("k{}", i * 7), "3").await.unwrap();
     }

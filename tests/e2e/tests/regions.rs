@@ -320,26 +320,10 @@ async fn coordinator_killed_mid_stream_loses_nothing_acknowledged() {
 /// during the partition it cannot reach the other side either.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_region_cut_off_longer_than_the_outbox_window_is_repaired_by_anti_entropy() {
-    let mut env = geolog_testkit::fast_failure_detection();
-    env.push((
-        "GEOLOG__COORDINATOR__OUTBOX_WINDOW_MS".into(),
-        "1000".into(),
-    ));
-    // The background worker makes its first pass at start and then waits:
-    // only the explicit `geolog repair run` below can repair.
-    env.push(("GEOLOG__ANTI_ENTROPY__INTERVAL_MS".into(), "600000".into()));
-    let shape = geolog_launcher::topology::Shape {
-        regions: 2,
-        nodes_per_region: 2,
-        replication_factor: 2,
-    };
-    let cluster = TestCluster::start_with_env(shape, env)
-        .await
-        .expect("cluster starts");
-    let (a, b) = (
-        Api::new(cluster.gateway("a")),
-        Api::new(cluster.gateway("b")),
-    );
+    // Only the explicit `geolog repair run` below can repair.
+    let (cluster, a, b) =
+        two_regions_without_periodic_repair(&[("GEOLOG__COORDINATOR__OUTBOX_WINDOW_MS", "1000")])
+            .await;
     let data_dir = cluster.cluster.data_dir();
 
     cluster.cluster.partition("a", "b").unwrap();
@@ -419,17 +403,13 @@ async fn a_region_cut_off_longer_than_the_outbox_window_is_repaired_by_anti_entr
     assert!(printed.contains("last pass"), "{printed}");
 }
 
-/// Cross-region replay ships each version with its key's frontier on the
-/// minting node, never bare: a concurrent sibling whose own outbox entry is
-/// gone (dropped, say, after the outbox window) still reaches the other
-/// region with the sibling minted after it. A bare version would make the
-/// receiver's state claim a dot it lacks (its vector covers the minter's
-/// earlier sequence numbers), and the lost sibling would never show.
-#[tokio::test(flavor = "multi_thread")]
-async fn outbox_replay_ships_the_frontier_not_a_bare_version() {
+/// Two regions of two nodes (RF 2) with fast failure detection and `extra`
+/// settings, whose anti-entropy workers make their first pass at start and
+/// then wait: (cluster, region a's API, region b's API).
+async fn two_regions_without_periodic_repair(extra: &[(&str, &str)]) -> (TestCluster, Api, Api) {
     let mut env = geolog_testkit::fast_failure_detection();
-    // Only replication may deliver here, not anti-entropy.
     env.push(("GEOLOG__ANTI_ENTROPY__INTERVAL_MS".into(), "600000".into()));
+    env.extend(common::env(extra));
     let shape = geolog_launcher::topology::Shape {
         regions: 2,
         nodes_per_region: 2,
@@ -442,6 +422,19 @@ async fn outbox_replay_ships_the_frontier_not_a_bare_version() {
         Api::new(cluster.gateway("a")),
         Api::new(cluster.gateway("b")),
     );
+    (cluster, a, b)
+}
+
+/// Cross-region replay ships each version with its key's frontier on the
+/// minting node, never bare: a concurrent sibling whose own outbox entry is
+/// gone (dropped, say, after the outbox window) still reaches the other
+/// region with the sibling minted after it. A bare version would make the
+/// receiver's state claim a dot it lacks (its vector covers the minter's
+/// earlier sequence numbers), and the lost sibling would never show.
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_replay_ships_the_frontier_not_a_bare_version() {
+    // Only replication may deliver here, not anti-entropy.
+    let (cluster, a, b) = two_regions_without_periodic_repair(&[]).await;
     cluster.cluster.partition("a", "b").unwrap();
     let (status, base) = a.write("doc", json!("base"), Some("LOCAL_QUORUM")).await;
     assert_eq!(status, 201, "{base}");

@@ -648,17 +648,9 @@ impl VersionStore {
                         hlc: hlc as u64,
                     }),
             );
-            tree.prune(wall_clock());
+            tree.prune(geolog_core::Hlc::new(geolog_core::hlc::system_ms(), 0).packed());
         } else {
             tree.forget(columns.tokens.iter().copied());
         }
     }
-}
-
-/// Now, as a packed timestamp of the wall clock.
-fn wall_clock() -> u64 {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    geolog_core::Hlc::new(ms, 0).packed()
 }
