@@ -3,7 +3,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["../../proto/storage.proto", "../../proto/coordinator.proto"];
     let fds = protox::compile(files, ["../../proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // `bytes` fields as `bytes::Bytes`: decoded as slices of the received
+    // buffer, cloned by reference count.
+    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
     println!("cargo:rerun-if-changed=../../proto");
     Ok(())
 }

@@ -33,7 +33,7 @@ use geolog_config::GeologConfig;
 use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
-use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError, Requirement};
+use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError, JsonText, Requirement};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::HashMap;
@@ -71,6 +71,15 @@ pub fn body_hash(key: &str, value_json: &str, context: Option<&VersionVector>) -
         bytes.extend_from_slice(context.to_token().as_bytes());
     }
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
+}
+
+/// A context as the storage nodes take it.
+fn wire_context(context: VersionVector) -> Vec<pb::Dot> {
+    context
+        .0
+        .into_iter()
+        .map(|(node, seq)| pb::Dot { node, seq })
+        .collect()
 }
 
 /// Orders the mints of writes to one key inside a batch: a write waits
@@ -274,7 +283,7 @@ impl QuorumEngine {
     pub async fn write(
         &self,
         key: &str,
-        value_json: &str,
+        value_json: &JsonText,
         level: ConsistencyLevel,
         context: Option<VersionVector>,
         idempotency_key: Option<String>,
@@ -314,13 +323,10 @@ impl QuorumEngine {
         }
         let request = pb::MintRequest {
             key: key.to_string(),
-            value_json: value_json.to_string(),
+            value_json: value_json.to_bytes(),
             outbox_regions: remote_regions.clone(),
             has_context: context.is_some(),
-            context: context
-                .clone()
-                .map(|c| c.0.into_iter().collect())
-                .unwrap_or_default(),
+            context: context.clone().map(wire_context).unwrap_or_default(),
             idempotency_key: idempotency_key.clone().unwrap_or_default(),
             body_hash: hash.clone().unwrap_or_default(),
         };

@@ -6,7 +6,7 @@ use crate::engine::{BatchRecord, MintOrder, Outcome, QuorumEngine, ReadKind};
 use crate::observe::{observed, observed_batch};
 use crate::outbox::OutboxView;
 use geolog_core::causal::VersionVector;
-use geolog_core::{ConsistencyLevel, ErrorCode, GeologError};
+use geolog_core::{ConsistencyLevel, ErrorCode, GeologError, JsonText};
 use geolog_proto::coordinator as pb;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -92,10 +92,10 @@ fn batch_level(
 
 /// One item's outcome in a batch answer: its answer, or the error as JSON
 /// (the form of a gRPC status's details).
-fn answer_or_error<T>(result: Result<T, GeologError>) -> (Option<T>, Vec<u8>) {
+fn answer_or_error<T>(result: Result<T, GeologError>) -> (Option<T>, bytes::Bytes) {
     match result {
-        Ok(answer) => (Some(answer), Vec::new()),
-        Err(err) => (None, err.to_json_bytes()),
+        Ok(answer) => (Some(answer), bytes::Bytes::new()),
+        Err(err) => (None, err.to_json_bytes().into()),
     }
 }
 
@@ -135,6 +135,7 @@ async fn write_one(
     } else {
         Some(VersionVector::from_token(&req.context)?)
     };
+    let value = JsonText::from_wire(req.value_json)?;
     let outcome = observed(
         "write",
         engine.region(),
@@ -142,7 +143,7 @@ async fn write_one(
         level.as_str(),
         engine.write(
             &req.key,
-            &req.value_json,
+            &value,
             level,
             context,
             (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
@@ -271,20 +272,24 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         for (index, record) in req.records.into_iter().enumerate() {
             if !single[index] {
                 let context = if record.context.is_empty() {
-                    None
+                    Ok(None)
                 } else {
-                    match VersionVector::from_token(&record.context) {
-                        Ok(context) => Some(context),
-                        Err(err) => {
-                            results[index] = Some(Err(err));
-                            continue;
-                        }
+                    VersionVector::from_token(&record.context).map(Some)
+                };
+                let value = context.and_then(|context| {
+                    JsonText::from_wire(record.value_json).map(|value| (context, value))
+                });
+                let (context, value) = match value {
+                    Ok(parsed) => parsed,
+                    Err(err) => {
+                        results[index] = Some(Err(err));
+                        continue;
                     }
                 };
                 batched_at.push(index);
                 batched.push(BatchRecord {
                     key: record.key,
-                    value_json: record.value_json,
+                    value_json: value,
                     context,
                 });
                 continue;

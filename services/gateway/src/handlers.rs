@@ -73,7 +73,7 @@ fn version_view(v: &spb::Version) -> VersionView {
             .unwrap_or_default();
     let dot = v.dot.clone().unwrap_or_default();
     let seen: std::collections::BTreeMap<String, u64> =
-        v.context.iter().map(|(n, s)| (n.clone(), *s)).collect();
+        v.context.iter().map(|d| (d.node.clone(), d.seq)).collect();
     let mut vector = seen.clone();
     let own = vector.entry(dot.node.clone()).or_insert(0);
     *own = (*own).max(dot.seq);
@@ -133,7 +133,7 @@ fn key_from_path(key: Result<Path<String>, PathRejection>) -> Result<String, Api
 }
 
 fn raw_value(version: &spb::Version) -> Result<Box<RawValue>, ApiError> {
-    RawValue::from_string(version.value_json.clone()).map_err(|e| {
+    serde_json::from_slice::<Box<RawValue>>(&version.value_json).map_err(|e| {
         ApiError::new(
             ErrorCode::Internal,
             format!("stored value is not JSON: {e}"),
@@ -208,7 +208,7 @@ fn write_request(
         extract::validate_idempotency_key(id)?;
     }
     Ok(cpb::WriteRequest {
-        value_json: body.value.get().to_string(),
+        value_json: String::from(Box::<str>::from(body.value)).into(),
         key: body.key,
         consistency,
         context,

@@ -4,7 +4,7 @@
 use crate::store::{HistoryCursor, Idempotency, MintInput, Queue, StoredVersion, VersionStore};
 use geolog_core::causal::{Dot, VersionVector};
 use geolog_core::merkle::{LEAF_DEPTH, LEVEL_BITS};
-use geolog_core::{ErrorCode, GeologError, Hlc};
+use geolog_core::{ErrorCode, GeologError, Hlc, JsonText};
 use geolog_proto::storage as pb;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ impl StorageService {
 pub fn to_proto(v: StoredVersion) -> pb::Version {
     pb::Version {
         key: v.key,
-        value_json: v.value_json.to_string(),
+        value_json: v.value_json.to_bytes(),
         timestamp: Some(pb::Hlc {
             packed: v.hlc.packed(),
         }),
@@ -34,7 +34,12 @@ pub fn to_proto(v: StoredVersion) -> pb::Version {
             node: v.dot.node,
             seq: v.dot.seq,
         }),
-        context: v.context.0.into_iter().collect(),
+        context: v
+            .context
+            .0
+            .into_iter()
+            .map(|(node, seq)| pb::Dot { node, seq })
+            .collect(),
         idempotency_key: v
             .idempotency
             .as_ref()
@@ -46,6 +51,12 @@ pub fn to_proto(v: StoredVersion) -> pb::Version {
 
 fn idempotency(key: String, body_hash: String) -> Option<Idempotency> {
     (!key.is_empty()).then_some(Idempotency { key, body_hash })
+}
+
+/// A context received from the network (a node listed twice: the last
+/// entry counts, as for the map it was on the wire).
+fn vector_of(context: Vec<pb::Dot>) -> VersionVector {
+    VersionVector(context.into_iter().map(|d| (d.node, d.seq)).collect())
 }
 
 /// Converts and checks a version received from the network.
@@ -61,7 +72,7 @@ pub fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
     if dot.node.is_empty()
         || !fits(dot.seq)
         || !fits(ts.packed)
-        || v.context.values().any(|s| *s > i64::MAX as u64)
+        || v.context.iter().any(|d| d.seq > i64::MAX as u64)
     {
         return Err(GeologError::new(
             ErrorCode::InvalidRequest,
@@ -70,10 +81,11 @@ pub fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
     }
     Ok(StoredVersion {
         key: v.key,
-        value_json: v.value_json.into(),
+        // Its own allocation: the cache may keep it long after the message.
+        value_json: JsonText::from_wire(v.value_json)?.detached(),
         hlc: Hlc::from_packed(ts.packed),
         dot: Dot::new(dot.node, dot.seq),
-        context: VersionVector(v.context.into_iter().collect()),
+        context: vector_of(v.context),
         idempotency: idempotency(v.idempotency_key, v.body_hash),
     })
 }
@@ -140,7 +152,7 @@ const READ_MANY_BYTES: usize = crate::MAX_MESSAGE_BYTES / 4;
 fn record_error(err: &GeologError) -> pb::MintResult {
     pb::MintResult {
         minted: None,
-        error_json: err.to_json_bytes(),
+        error_json: err.to_json_bytes().into(),
     }
 }
 
@@ -174,17 +186,20 @@ impl pb::storage_server::Storage for StorageService {
         let mut results: Vec<Option<pb::MintResult>> = Vec::with_capacity(records.len());
         let mut inputs = Vec::with_capacity(records.len());
         for req in records {
-            if let Err(err) = geolog_core::key::validate_key(&req.key) {
-                results.push(Some(record_error(&err)));
-                continue;
-            }
+            let value = geolog_core::key::validate_key(&req.key)
+                .and_then(|()| JsonText::from_wire(req.value_json));
+            let value = match value {
+                Ok(value) => value.detached(),
+                Err(err) => {
+                    results.push(Some(record_error(&err)));
+                    continue;
+                }
+            };
             results.push(None);
             inputs.push(MintInput {
-                context: req
-                    .has_context
-                    .then(|| VersionVector(req.context.into_iter().collect())),
+                context: req.has_context.then(|| vector_of(req.context)),
                 key: req.key,
-                value_json: req.value_json,
+                value_json: value,
                 outbox_regions: req.outbox_regions,
                 idempotency: idempotency(req.idempotency_key, req.body_hash),
             });
@@ -211,7 +226,7 @@ impl pb::storage_server::Storage for StorageService {
                             frontier: minted.frontier.into_iter().map(to_proto).collect(),
                             replayed: minted.replayed,
                         }),
-                        error_json: Vec::new(),
+                        error_json: Default::default(),
                     },
                     Err(err) => record_error(&GeologError::from(err)),
                 })

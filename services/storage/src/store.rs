@@ -22,10 +22,9 @@ mod versions;
 use crate::digest_tree::{Digest, DigestTree};
 use crate::keystate::KeyStates;
 use geolog_core::causal::{Causal, Dot, VersionVector};
-use geolog_core::{ErrorCode, GeologError, Hlc, HlcClock};
+use geolog_core::{ErrorCode, GeologError, Hlc, HlcClock, JsonText};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -38,8 +37,9 @@ type LeafRow = (i32, Option<i64>, i64, Option<i64>, Option<i64>);
 pub struct StoredVersion {
     pub key: String,
     /// Shared, not copied: a version's value is held by the cache, the
-    /// frontiers computed from it and the statement that stores it.
-    pub value_json: Arc<str>,
+    /// frontiers computed from it, the statement that stores it and the
+    /// answers that carry it.
+    pub value_json: JsonText,
     pub hlc: Hlc,
     pub dot: Dot,
     /// What the writer had seen; the version supersedes what this covers.
@@ -84,7 +84,7 @@ pub enum Queue {
 #[derive(Debug, Clone)]
 pub struct MintInput {
     pub key: String,
-    pub value_json: String,
+    pub value_json: JsonText,
     /// The client's context: the version supersedes exactly what it covers;
     /// without one, what this node has seen of the key.
     pub context: Option<VersionVector>,

@@ -69,7 +69,7 @@ async fn read_many_answers_every_key_in_order_and_defers_what_does_not_fit() {
     }
     assert_eq!(
         answer.frontiers[1].versions[0].value_json,
-        small.value_json.as_ref()
+        small.value_json.to_bytes()
     );
 
     let refused = service

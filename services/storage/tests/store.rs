@@ -412,7 +412,7 @@ async fn concurrent_batches_on_shared_keys_never_deadlock_or_lose_versions() {
             let inputs: Vec<MintInput> = (0..50u32)
                 .map(|i| MintInput {
                     key: format!("k{}", (i * 7 + b * 13) % 20),
-                    value_json: format!("{}", b * 100 + i),
+                    value_json: format!("{}", b * 100 + i).into(),
                     context: None,
                     outbox_regions: Vec::new(),
                     idempotency: None,

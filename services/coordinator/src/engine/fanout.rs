@@ -12,11 +12,11 @@
 //! is replaced by the key's next alive local replica.
 
 use super::remote::{apply, mint_together, outbox_done, replicate, store_hints};
-use super::{Miss, Outcome, QuorumEngine, state_vector_of};
+use super::{Miss, Outcome, QuorumEngine, state_vector_of, wire_context};
 use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
-use geolog_core::{AckTracker, ConsistencyLevel, GeologError};
+use geolog_core::{AckTracker, ConsistencyLevel, GeologError, JsonText};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::BTreeMap;
@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 /// One record of a batch (no idempotency key: those take the single path).
 pub struct BatchRecord {
     pub key: String,
-    pub value_json: String,
+    pub value_json: JsonText,
     pub context: Option<VersionVector>,
 }
 
@@ -106,13 +106,10 @@ impl QuorumEngine {
             .into_iter()
             .map(|r| pb::MintRequest {
                 key: r.key,
-                value_json: r.value_json,
+                value_json: r.value_json.to_bytes(),
                 outbox_regions: remote_regions.clone(),
                 has_context: r.context.is_some(),
-                context: r
-                    .context
-                    .map(|c| c.0.into_iter().collect())
-                    .unwrap_or_default(),
+                context: r.context.map(wire_context).unwrap_or_default(),
                 ..Default::default()
             })
             .collect();

@@ -118,10 +118,14 @@ impl QuorumEngine {
         version: &pb::Version,
         holders: Vec<String>,
     ) {
-        self.recent_idempotency.insert(
-            (key.to_string(), id.to_string()),
-            (version.clone(), holders),
-        );
+        // The value in an allocation of its own: a slice would keep the
+        // whole answer it came in alive for as long as the cache keeps it.
+        let version = pb::Version {
+            value_json: bytes::Bytes::copy_from_slice(&version.value_json),
+            ..version.clone()
+        };
+        self.recent_idempotency
+            .insert((key.to_string(), id.to_string()), (version, holders));
     }
 
     /// The answer to a retry: the earlier version once `level` is met by

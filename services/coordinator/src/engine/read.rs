@@ -120,7 +120,7 @@ impl Wire {
             version
                 .context
                 .iter()
-                .map(|(n, s)| (n.clone(), *s))
+                .map(|d| (d.node.clone(), d.seq))
                 .collect(),
         );
         Wire {

@@ -61,7 +61,7 @@ impl VersionStore {
     ) -> Result<Minted, StoreError> {
         let input = MintInput {
             key: key.to_string(),
-            value_json: value_json.to_string(),
+            value_json: value_json.into(),
             context,
             outbox_regions: outbox_regions.to_vec(),
             idempotency,
@@ -136,7 +136,7 @@ impl VersionStore {
                     .context
                     .unwrap_or_else(|| causal::state_vector(current.iter())),
                 key: input.key,
-                value_json: input.value_json.into(),
+                value_json: input.value_json,
                 hlc: self.clock.now(),
                 dot: Dot::new(self.node.clone(), seq),
                 idempotency: input.idempotency,

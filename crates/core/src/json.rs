@@ -1,0 +1,101 @@
+//! `JsonText`: a JSON value's text as it travels between services — UTF-8
+//! checked once, where it enters a process from the network, then shared:
+//! cloning it bumps a reference count instead of copying the value.
+
+use crate::error::{ErrorCode, GeologError};
+use bytes::Bytes;
+use std::fmt;
+
+/// UTF-8 text of a JSON value (its syntax is checked by the gateway and by
+/// PostgreSQL, not here).
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct JsonText(Bytes);
+
+impl JsonText {
+    /// Takes `bytes` received from the network: refused unless UTF-8.
+    pub fn from_wire(bytes: Bytes) -> Result<JsonText, GeologError> {
+        match std::str::from_utf8(&bytes) {
+            Ok(_) => Ok(JsonText(bytes)),
+            Err(e) => Err(GeologError::new(
+                ErrorCode::InvalidRequest,
+                format!("value is not UTF-8: {e}"),
+            )),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("JsonText holds UTF-8 from construction")
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The bytes for the wire (shared, not copied).
+    pub fn to_bytes(&self) -> Bytes {
+        self.0.clone()
+    }
+
+    /// A copy in an allocation of its own, for holders that outlive the
+    /// message it came in (a slice would keep the whole message alive).
+    pub fn detached(&self) -> JsonText {
+        JsonText(Bytes::copy_from_slice(&self.0))
+    }
+}
+
+impl From<String> for JsonText {
+    fn from(text: String) -> JsonText {
+        JsonText(Bytes::from(text))
+    }
+}
+
+impl From<&str> for JsonText {
+    fn from(text: &str) -> JsonText {
+        JsonText(Bytes::copy_from_slice(text.as_bytes()))
+    }
+}
+
+impl std::ops::Deref for JsonText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for JsonText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for JsonText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_is_checked_once_at_the_wire() {
+        let text = JsonText::from_wire(Bytes::from_static(b"{\"a\":\"\xc3\xa9\"}")).unwrap();
+        assert_eq!(text.as_str(), "{\"a\":\"é\"}");
+        let err = JsonText::from_wire(Bytes::from_static(b"\"\xff\"")).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn detached_copies_only_the_value() {
+        let message = Bytes::from_static(b"xx{\"v\":1}yy");
+        let text = JsonText::from_wire(message.slice(2..9)).unwrap();
+        let own = text.detached();
+        assert_eq!(own, text);
+        assert_eq!(&*own, "{\"v\":1}");
+    }
+}
