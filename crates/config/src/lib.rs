@@ -260,7 +260,7 @@ impl Default for GatewaySettings {
             max_batch_bytes: 16 * 1024 * 1024,
             max_batch_records: 10_000,
             coalesce_max: 256,
-            coalesce_in_flight: 2,
+            coalesce_in_flight: 1,
         }
     }
 }
