@@ -124,6 +124,15 @@ impl DigestTree {
         self.unknown.extend(tokens.into_iter().map(leaf_of));
     }
 
+    /// True when no version of any key with this token is stored: its leaf
+    /// counts none and is not unknown. (Every insert is counted before
+    /// its keys' writer locks are released, so a key loaded under its lock
+    /// sees its own versions counted.)
+    pub fn holds_none(&self, token: i64) -> bool {
+        let leaf = leaf_of(token);
+        self.all[leaf].count == 0 && !self.unknown.contains(&leaf)
+    }
+
     /// How many leaves are not served from here.
     pub fn unknown_leaves(&self) -> usize {
         self.unknown.len()
@@ -283,6 +292,19 @@ mod tests {
         );
         assert!(!tree.serves(11 * SLICE + 1));
         assert!(tree.leaves(&[(i64::MIN, i64::MAX)], 10 * SLICE).is_none());
+    }
+
+    #[test]
+    fn a_leaf_holds_none_until_a_version_lands_or_its_outcome_is_unknown() {
+        let leaf_width = 1i64 << (64 - LEAF_DEPTH);
+        let (a, b, c) = (0, leaf_width, 2 * leaf_width);
+        let mut tree = DigestTree::new([(leaf_of(c), Digest { xor: 7, count: 1 })], 0, 60_000);
+        assert!(tree.holds_none(a) && tree.holds_none(b));
+        assert!(!tree.holds_none(c), "counted at start");
+        tree.add([entry(a + 1, 5, 1)]);
+        assert!(!tree.holds_none(a), "another key of the leaf");
+        tree.forget([b]);
+        assert!(!tree.holds_none(b), "maybe stored");
     }
 
     #[test]

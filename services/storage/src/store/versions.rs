@@ -320,6 +320,21 @@ impl VersionStore {
         }
         let (suspect, missing): (Vec<&str>, Vec<&str>) =
             missing.into_iter().partition(|k| self.keys.is_suspect(k));
+        // A key whose tree leaf holds no version has none: its (empty)
+        // frontier needs no query — every first write of a key on a young
+        // node would otherwise read the database first.
+        let (missing, absent): (Vec<&str>, Vec<&str>) = {
+            let tree = self.tree();
+            missing
+                .into_iter()
+                .partition(|k| !tree.holds_none(tree_token(k)))
+        };
+        for key in absent {
+            frontiers.insert(key.to_string(), guard.loaded(key.to_string(), Vec::new()));
+        }
+        if missing.is_empty() && suspect.is_empty() {
+            return Ok(frontiers);
+        }
         let mut conn = self.connections.lease().await?;
         let loaded = super::heads::load(&mut *conn, &missing).await;
         let mut loaded = conn.done(loaded)?;
