@@ -89,6 +89,10 @@ fn describe_metrics() {
         "keys whose current versions (frontier) this node holds in memory"
     );
     describe_counter!(
+        "frontier_loads_total",
+        "frontiers of keys not cached: from = database (read there) or tree (known empty: the key's digest-tree leaf holds no version)"
+    );
+    describe_counter!(
         "hints_expired_total",
         "hints dropped after their time to live"
     );

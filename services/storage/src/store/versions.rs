@@ -329,6 +329,9 @@ impl VersionStore {
                 .into_iter()
                 .partition(|k| !tree.holds_none(tree_token(k)))
         };
+        metrics::counter!("frontier_loads_total", "from" => "tree").increment(absent.len() as u64);
+        metrics::counter!("frontier_loads_total", "from" => "database")
+            .increment((missing.len() + suspect.len()) as u64);
         for key in absent {
             frontiers.insert(key.to_string(), guard.loaded(key.to_string(), Vec::new()));
         }
