@@ -90,6 +90,15 @@ fn batch_level(
     Ok(level)
 }
 
+/// A write's context token: none when empty.
+fn context_of(token: &str) -> Result<Option<VersionVector>, GeologError> {
+    if token.is_empty() {
+        Ok(None)
+    } else {
+        VersionVector::from_token(token).map(Some)
+    }
+}
+
 /// One item's outcome in a batch answer: its answer, or the error as JSON
 /// (the form of a gRPC status's details).
 fn answer_or_error<T>(result: Result<T, GeologError>) -> (Option<T>, bytes::Bytes) {
@@ -130,11 +139,7 @@ async fn write_one(
     level: geolog_core::ConsistencyLevel,
     order: MintOrder,
 ) -> Result<pb::WriteResponse, GeologError> {
-    let context = if req.context.is_empty() {
-        None
-    } else {
-        Some(VersionVector::from_token(&req.context)?)
-    };
+    let context = context_of(&req.context)?;
     let value = JsonText::from_wire(req.value_json)?;
     let outcome = observed(
         "write",
@@ -271,15 +276,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let mut batched_at = Vec::new();
         for (index, record) in req.records.into_iter().enumerate() {
             if !single[index] {
-                let context = if record.context.is_empty() {
-                    Ok(None)
-                } else {
-                    VersionVector::from_token(&record.context).map(Some)
-                };
-                let value = context.and_then(|context| {
-                    JsonText::from_wire(record.value_json).map(|value| (context, value))
-                });
-                let (context, value) = match value {
+                let parsed = context_of(&record.context)
+                    .and_then(|context| Ok((context, JsonText::from_wire(record.value_json)?)));
+                let (context, value) = match parsed {
                     Ok(parsed) => parsed,
                     Err(err) => {
                         results[index] = Some(Err(err));

@@ -409,14 +409,22 @@ async fn a_region_cut_off_longer_than_the_outbox_window_is_repaired_by_anti_entr
     assert!(printed.contains("last pass"), "{printed}");
 }
 
+/// A connection pool to each of `region`'s nodes' databases.
+async fn node_databases(cluster: &TestCluster, region: &str) -> Vec<sqlx::PgPool> {
+    let config = cluster.cluster.config();
+    let region = config.regions.iter().find(|r| r.name == region).unwrap();
+    let mut pools = Vec::new();
+    for node in &region.nodes {
+        let url = node.database_url.clone().expect("managed nodes have a URL");
+        pools.push(sqlx::PgPool::connect(&url).await.unwrap());
+    }
+    pools
+}
+
 /// Outbox entries stored on `region`'s nodes, counted in their databases.
 async fn outbox_rows(cluster: &TestCluster, region: &str) -> i64 {
     let mut rows = 0;
-    let config = cluster.cluster.config();
-    let region = config.regions.iter().find(|r| r.name == region).unwrap();
-    for node in &region.nodes {
-        let url = node.database_url.clone().expect("managed nodes have a URL");
-        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    for pool in node_databases(cluster, region).await {
         let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox")
             .fetch_one(&pool)
             .await
@@ -476,9 +484,7 @@ async fn outbox_replay_ships_the_frontier_not_a_bare_version() {
 
     // Every outbox entry of the key but the newest is lost.
     let mut deleted = 0;
-    for node in &cluster.cluster.config().regions[0].nodes {
-        let url = node.database_url.clone().expect("managed nodes have a URL");
-        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    for pool in node_databases(&cluster, "a").await {
         let done = sqlx::query(
             "DELETE FROM outbox WHERE key = 'doc' \
              AND seq < (SELECT max(seq) FROM outbox WHERE key = 'doc')",
