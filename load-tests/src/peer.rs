@@ -3,8 +3,8 @@
 //! streaming standbys and `synchronous_standby_names = 'ANY 1 (s1, s2)'`
 //! (started by `load-tests/peer.sh`). The same records go into one table
 //! on the primary shaped like geolog's version rows (key, dot, timestamp,
-//! JSON value, context, tree token and hash) with the one index a log
-//! table needs, `(key, hlc)`; reads are the newest row of a key through
+//! the value's JSON text, context bytes, tree token and hash) with the one
+//! index a log table needs, `(key, hlc)`; reads are the newest row of a key through
 //! that index. The primary commits only when a standby has flushed the
 //! WAL too, so every acknowledged row has two durable copies — what
 //! geolog's `LOCAL_QUORUM` gives on 3 replicas.
@@ -38,7 +38,7 @@ impl PeerTarget {
             .await?;
         sqlx::query(
             "CREATE TABLE peer_logs (key TEXT NOT NULL, node TEXT NOT NULL, seq BIGINT NOT NULL, \
-             hlc BIGINT NOT NULL, value JSON NOT NULL, context JSONB NOT NULL DEFAULT '{}', \
+             hlc BIGINT NOT NULL, value TEXT NOT NULL, context BYTEA NOT NULL DEFAULT '', \
              idempotency_key TEXT, body_hash TEXT, token BIGINT, vhash BIGINT, \
              stored_at TIMESTAMPTZ NOT NULL DEFAULT now())",
         )
@@ -85,7 +85,7 @@ impl PeerTarget {
             .collect();
         sqlx::query(
             "INSERT INTO peer_logs (key, node, seq, hlc, value, context, token, vhash) \
-             SELECT k, 'peer', s, ($4 << 16) + (s & 65535), v::json, '{}'::jsonb, t, h \
+             SELECT k, 'peer', s, ($4 << 16) + (s & 65535), v, ''::bytea, t, h \
              FROM UNNEST($1::text[], $2::text[], $3::bigint[], $5::bigint[], $6::bigint[]) AS r(k, v, s, t, h)",
         )
         .bind(keys)
@@ -102,7 +102,7 @@ impl PeerTarget {
     /// The newest value of `key`, if any.
     pub async fn read(&self, key: &str) -> anyhow::Result<Option<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT value::text FROM peer_logs WHERE key = $1 ORDER BY hlc DESC LIMIT 1",
+            "SELECT value FROM peer_logs WHERE key = $1 ORDER BY hlc DESC LIMIT 1",
         )
         .bind(key)
         .fetch_optional(&self.pool)

@@ -280,7 +280,7 @@ async fn load(pools: &[PgPool], n: u64, value_bytes: usize) -> anyhow::Result<()
         for pool in pools {
             sqlx::query(
                 "WITH v AS (INSERT INTO versions (key, node, seq, hlc, value, context, token, vhash) \
-                 SELECT k, $2, s, $3, $4::json, '{}'::jsonb, t, h \
+                 SELECT k, $2, s, $3, $4, ''::bytea, t, h \
                  FROM UNNEST($1::text[], $5::bigint[], $6::bigint[], $7::bigint[]) AS u(k, s, t, h) \
                  RETURNING key, node, seq, hlc) \
                  INSERT INTO frontiers (key, nodes, seqs, hlcs) SELECT key, ARRAY[node], ARRAY[seq], ARRAY[hlc] FROM v",

@@ -53,15 +53,25 @@ impl VersionVector {
 
     /// Adds one dot (and, as vectors do, everything before it from that node).
     pub fn add(&mut self, dot: &Dot) {
-        let entry = self.0.entry(dot.node.clone()).or_insert(0);
-        *entry = (*entry).max(dot.seq);
+        self.raise(&dot.node, dot.seq);
     }
 
     /// Pointwise maximum.
     pub fn join(&mut self, other: &VersionVector) {
         for (node, seq) in &other.0 {
-            let entry = self.0.entry(node.clone()).or_insert(0);
-            *entry = (*entry).max(*seq);
+            self.raise(node, *seq);
+        }
+    }
+
+    /// `node`'s entry raised to at least `seq`. The node's name is copied
+    /// only when it is new here (`entry` would take an owned copy every
+    /// time: joins run per version stored, on every replica).
+    fn raise(&mut self, node: &str, seq: u64) {
+        match self.0.get_mut(node) {
+            Some(entry) => *entry = (*entry).max(seq),
+            None => {
+                self.0.insert(node.to_string(), seq);
+            }
         }
     }
 

@@ -23,6 +23,8 @@ use crate::digest_tree::{Digest, DigestTree};
 use crate::keystate::KeyStates;
 use geolog_core::causal::{Causal, Dot, VersionVector};
 use geolog_core::{ErrorCode, GeologError, Hlc, HlcClock, JsonText};
+use geolog_proto::storage as pb;
+use prost::Message;
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::sync::atomic::AtomicU64;
@@ -356,11 +358,33 @@ impl VersionStore {
     }
 }
 
-pub(crate) fn version_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredVersion, StoreError> {
-    let context: String = row.try_get("context")?;
-    let context: VersionVector = serde_json::from_str(&context).map_err(|e| {
+/// A version's context as its row stores it (migration 0013).
+fn context_bytes(context: &VersionVector) -> Vec<u8> {
+    pb::StoredContext {
+        dots: context
+            .0
+            .iter()
+            .map(|(node, &seq)| pb::Dot {
+                node: node.clone(),
+                seq,
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+/// The context a row stores (see [`context_bytes`]).
+fn context_of(bytes: &[u8]) -> Result<VersionVector, StoreError> {
+    let stored = pb::StoredContext::decode(bytes).map_err(|e| {
         StoreError::Internal(format!("stored context is not a version vector: {e}"))
     })?;
+    Ok(VersionVector(
+        stored.dots.into_iter().map(|d| (d.node, d.seq)).collect(),
+    ))
+}
+
+pub(crate) fn version_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredVersion, StoreError> {
+    let context = context_of(row.try_get("context")?)?;
     Ok(StoredVersion {
         key: row.try_get("key")?,
         value_json: row.try_get::<String, _>("value")?.into(),

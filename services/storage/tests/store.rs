@@ -818,3 +818,66 @@ async fn digests_held_in_memory_match_aggregating_the_database() {
     }
     store.close().await;
 }
+
+/// Rows stored before migration 0013 (value as JSON, context as JSONB)
+/// read back the same after it converted them (context as protobuf bytes).
+#[tokio::test]
+async fn rows_from_before_the_compact_context_read_back_the_same() {
+    use geolog_core::merkle::{tree_token, version_hash};
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    let mut before = sqlx::migrate!("../../migrations");
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| m.version < 13)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    before.run(&db).await.unwrap();
+    // Sequences of one, two and six varint bytes; a node name of many bytes.
+    let context = vv(&[("n1", 3), ("n2", 300), ("nœud-Ω", 1 << 40)]);
+    let hlc = Hlc::new(1_700_000_000_000, 2);
+    sqlx::query(
+        "INSERT INTO versions (key, node, seq, hlc, value, context, token, vhash) \
+         VALUES ('k', 'n2', 301, $1, '{\"a\":  [1, 2]}'::json, $2::jsonb, $3, $4)",
+    )
+    .bind(hlc.packed() as i64)
+    .bind(serde_json::to_string(&context).unwrap())
+    .bind(tree_token("k"))
+    .bind(version_hash("k", "n2", 301))
+    .execute(&db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO frontiers (key, nodes, seqs, hlcs) VALUES ('k', ARRAY['n2'], ARRAY[301], ARRAY[$1::bigint])",
+    )
+    .bind(hlc.packed() as i64)
+    .execute(&db)
+    .await
+    .unwrap();
+
+    let store = open(&pg, "n1").await;
+    let expected = StoredVersion {
+        key: "k".into(),
+        value_json: "{\"a\":  [1, 2]}".into(),
+        hlc,
+        dot: Dot::new("n2", 301),
+        context,
+        idempotency: None,
+    };
+    assert_eq!(
+        store.history("k", 10, None, None).await.unwrap(),
+        vec![expected.clone()]
+    );
+    assert_eq!(store.frontier("k").await.unwrap(), vec![expected]);
+    // A version minted after the migration keeps its context too.
+    let next = store.mint("k", "2").await.unwrap();
+    assert!(next.context.covers(&Dot::new("n2", 301)));
+    store.close().await;
+    let reopened = open(&pg, "n1").await;
+    assert_eq!(
+        reopened.history("k", 1, None, None).await.unwrap(),
+        vec![next]
+    );
+}

@@ -88,7 +88,7 @@ impl VersionStore {
     ) -> Result<Vec<StoredVersion>, StoreError> {
         let (lows, highs): (Vec<i64>, Vec<i64>) = ranges.iter().copied().unzip();
         let rows = sqlx::query(
-            "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, \
+            "SELECT v.key, v.node, v.seq, v.hlc, v.value, v.context, \
                     v.idempotency_key, v.body_hash \
              FROM versions v JOIN UNNEST($1::bigint[], $2::bigint[]) AS r(lo, hi) \
                ON v.token BETWEEN r.lo AND r.hi",

@@ -81,7 +81,7 @@ pub(super) async fn load<'c>(
     }
     let tokens: Vec<i64> = keys.iter().map(|k| tree_token(k)).collect();
     let rows = sqlx::query(
-        "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
+        "SELECT v.key, v.node, v.seq, v.hlc, v.value, v.context, v.idempotency_key, v.body_hash \
          FROM UNNEST($1::text[], $2::bigint[]) AS t(k, tk) JOIN frontiers f ON f.key = t.k \
          CROSS JOIN LATERAL UNNEST(f.nodes, f.seqs, f.hlcs) AS h(node, seq, hlc) \
          CROSS JOIN LATERAL (SELECT * FROM versions v \
@@ -219,7 +219,7 @@ pub(super) async fn recover(pool: &PgPool) -> Result<u64, StoreError> {
     while from < last {
         let to = from.saturating_add(RECOVERY_CHANGES_PER_STEP).min(last);
         let rows = sqlx::query(
-            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash \
+            "SELECT key, node, seq, hlc, value, context, idempotency_key, body_hash \
              FROM versions WHERE arrived > $1 AND arrived <= $2",
         )
         .bind(from)

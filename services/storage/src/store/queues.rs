@@ -24,7 +24,7 @@ impl VersionStore {
             self.expire(Queue::Outbox, region, window).await?;
         }
         let rows = sqlx::query(
-            "SELECT o.id, v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
+            "SELECT o.id, v.key, v.node, v.seq, v.hlc, v.value, v.context, v.idempotency_key, v.body_hash \
              FROM outbox o JOIN versions v \
                ON v.token = o.token AND (v.key, v.hlc, v.node, v.seq) = (o.key, o.hlc, o.node, o.seq) \
              WHERE o.region = $1 AND o.created_at <= now() - make_interval(secs => $3) \
@@ -104,7 +104,7 @@ impl VersionStore {
     ) -> Result<Vec<(u64, StoredVersion, Vec<StoredVersion>)>, StoreError> {
         self.expire(Queue::Hints, target, window).await?;
         let rows = sqlx::query(
-            "SELECT h.id, v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, \
+            "SELECT h.id, v.key, v.node, v.seq, v.hlc, v.value, v.context, \
                     v.idempotency_key, v.body_hash \
              FROM hints h JOIN versions v \
                ON v.token = h.token AND (v.key, v.hlc, v.node, v.seq) = (h.key, h.hlc, h.node, h.seq) \

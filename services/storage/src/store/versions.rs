@@ -359,7 +359,7 @@ impl VersionStore {
     /// Every version of `key` stored here.
     async fn whole_history(&self, key: &str) -> Result<Vec<StoredVersion>, StoreError> {
         let rows = sqlx::query(
-            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash \
+            "SELECT key, node, seq, hlc, value, context, idempotency_key, body_hash \
              FROM versions WHERE token = $2 AND key = $1",
         )
         .bind(key)
@@ -391,7 +391,7 @@ impl VersionStore {
             return Ok(BTreeMap::new());
         }
         let query = sqlx::query(
-            "SELECT v.key, v.node, v.seq, v.hlc, v.value::text AS value, v.context::text AS context, v.idempotency_key, v.body_hash \
+            "SELECT v.key, v.node, v.seq, v.hlc, v.value, v.context, v.idempotency_key, v.body_hash \
              FROM UNNEST($1::text[], $2::text[]) AS t(k, i) CROSS JOIN LATERAL (SELECT * FROM versions v \
                   WHERE v.key = t.k AND v.idempotency_key = t.i ORDER BY v.hlc, v.node, v.seq LIMIT 1) v",
         )
@@ -426,7 +426,7 @@ impl VersionStore {
             |c: Option<&HistoryCursor>| c.map(|c| (c.hlc as i64, c.node.clone(), c.seq as i64));
         let (before, after) = (bound(before), bound(after));
         let query = sqlx::query(
-            "SELECT key, node, seq, hlc, value::text AS value, context::text AS context, idempotency_key, body_hash FROM versions \
+            "SELECT key, node, seq, hlc, value, context, idempotency_key, body_hash FROM versions \
              WHERE token = $9 AND key = $1 \
                AND ($2::bigint IS NULL OR (hlc, node, seq) < ($2, $3::text, $4::bigint)) \
                AND ($5::bigint IS NULL OR (hlc, node, seq) > ($5, $6::text, $7::bigint)) \
@@ -462,7 +462,7 @@ struct VersionColumns<'a> {
     seqs: Vec<i64>,
     hlcs: Vec<i64>,
     values: Vec<&'a str>,
-    contexts: Vec<String>,
+    contexts: Vec<Vec<u8>>,
     idem_keys: Vec<Option<&'a str>>,
     hashes: Vec<Option<&'a str>>,
     tokens: Vec<i64>,
@@ -479,7 +479,7 @@ impl<'a> VersionColumns<'a> {
             values: versions.iter().map(|v| &*v.value_json).collect(),
             contexts: versions
                 .iter()
-                .map(|v| serde_json::to_string(&v.context).expect("a version vector serializes"))
+                .map(|v| super::context_bytes(&v.context))
                 .collect(),
             idem_keys: versions
                 .iter()
@@ -505,8 +505,8 @@ macro_rules! insert_versions {
     ($conflict:literal) => {
         concat!(
             "WITH ins_versions AS (INSERT INTO versions (key, node, seq, hlc, value, context, idempotency_key, body_hash, token, vhash, arrived) \
-               SELECT k, n, s, h, v, c, i, b, t, vh, $11 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]::json[], \
-                    $6::text[]::jsonb[], $7::text[], $8::text[], $9::bigint[], $10::bigint[]) AS u(k, n, s, h, v, c, i, b, t, vh) ",
+               SELECT k, n, s, h, v, c, i, b, t, vh, $11 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], \
+                    $6::bytea[], $7::text[], $8::text[], $9::bigint[], $10::bigint[]) AS u(k, n, s, h, v, c, i, b, t, vh) ",
             $conflict,
             " RETURNING token, vhash, hlc) "
         )
