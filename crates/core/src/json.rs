@@ -6,8 +6,9 @@ use crate::error::{ErrorCode, GeologError};
 use bytes::Bytes;
 use std::fmt;
 
-/// UTF-8 text of a JSON value (its syntax is checked by the gateway and by
-/// PostgreSQL, not here).
+/// UTF-8 text of a JSON value. Its syntax is checked where it enters
+/// geolog (the gateway) and by every storage node that stores it
+/// ([`JsonText::check_syntax`]): PostgreSQL keeps it as plain text.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct JsonText(Bytes);
 
@@ -21,6 +22,14 @@ impl JsonText {
                 format!("value is not UTF-8: {e}"),
             )),
         }
+    }
+
+    /// Refused unless the text is one JSON value (nesting limited as the
+    /// gateway's parser limits it).
+    pub fn check_syntax(&self) -> Result<(), String> {
+        serde_json::from_slice::<serde::de::IgnoredAny>(&self.0)
+            .map(|_| ())
+            .map_err(|e| format!("the value is not valid JSON: {e}"))
     }
 
     pub fn as_str(&self) -> &str {

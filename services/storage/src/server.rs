@@ -79,10 +79,14 @@ pub fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
             "version with an invalid dot, timestamp or context",
         ));
     }
+    let value = JsonText::from_wire(v.value_json)?;
+    value
+        .check_syntax()
+        .map_err(|m| GeologError::new(ErrorCode::InvalidRequest, m))?;
     Ok(StoredVersion {
         key: v.key,
         // Its own allocation: the cache may keep it long after the message.
-        value_json: JsonText::from_wire(v.value_json)?.detached(),
+        value_json: value.detached(),
         hlc: Hlc::from_packed(ts.packed),
         dot: Dot::new(dot.node, dot.seq),
         context: vector_of(v.context),

@@ -87,3 +87,53 @@ async fn read_many_answers_every_key_in_order_and_defers_what_does_not_fit() {
         .expect_err("more than 10,000 keys are refused");
     assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
 }
+
+/// PostgreSQL keeps values as plain text: a replicated version whose value
+/// is not JSON is refused by the node (as the database's JSON type did),
+/// and nothing of its call is stored.
+#[tokio::test]
+async fn apply_refuses_a_version_whose_value_is_not_json() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let settings = StoreSettings {
+        max_connections: 4,
+        acquire_timeout: Duration::from_secs(2),
+        frontier_cache_bytes: 1 << 20,
+        digest_window: Duration::from_secs(60),
+    };
+    let store = VersionStore::open(&pg.url(), "n1", &settings, Duration::from_secs(10))
+        .await
+        .expect("open store");
+    let store = Arc::new(store);
+    let service = StorageService::new(store.clone(), "r1".into());
+    let version = |key: &str, seq: u64, value: &str| pb::Version {
+        key: key.into(),
+        value_json: value.as_bytes().to_vec().into(),
+        timestamp: Some(pb::Hlc {
+            packed: geolog_core::Hlc::new(1_700_000_000_000, 0).packed(),
+        }),
+        dot: Some(pb::Dot {
+            node: "n2".into(),
+            seq,
+        }),
+        ..Default::default()
+    };
+    let refused = service
+        .apply(Request::new(pb::ApplyRequest {
+            versions: vec![version("ok", 1, "[1]"), version("bad", 2, "{\"a\": ")],
+        }))
+        .await
+        .expect_err("a value that is not JSON");
+    assert_eq!(
+        geolog_core::GeologError::from_status(&refused).code,
+        geolog_core::ErrorCode::InvalidRequest
+    );
+    assert!(store.frontier("ok").await.unwrap().is_empty());
+    assert!(store.frontier("bad").await.unwrap().is_empty());
+    service
+        .apply(Request::new(pb::ApplyRequest {
+            versions: vec![version("ok", 1, "[1]")],
+        }))
+        .await
+        .expect("a JSON value");
+    assert_eq!(store.frontier("ok").await.unwrap().len(), 1);
+}

@@ -107,10 +107,8 @@ impl VersionStore {
         let mut new: Vec<StoredVersion> = Vec::new();
         let mut outbox_rows: Vec<(usize, String)> = Vec::new();
         for (input, seq) in inputs.into_iter().zip(first_seq..) {
-            if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(&input.value_json) {
-                results.push(Err(StoreError::Rejected(format!(
-                    "the value is not valid JSON: {err}"
-                ))));
+            if let Err(err) = input.value_json.check_syntax() {
+                results.push(Err(StoreError::Rejected(err)));
                 continue;
             }
             let current = frontiers.entry(input.key.clone()).or_default();
