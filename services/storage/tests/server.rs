@@ -10,19 +10,24 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::Request;
 
-#[tokio::test]
-async fn read_many_answers_every_key_in_order_and_defers_what_does_not_fit() {
-    let pg = TestPostgres::start().await.expect("start postgres");
+/// Node `n1`'s store on `pg`, caching up to `cache_bytes` of frontiers.
+async fn open(pg: &TestPostgres, cache_bytes: u64) -> Arc<VersionStore> {
     let settings = StoreSettings {
         max_connections: 4,
         acquire_timeout: Duration::from_secs(2),
-        frontier_cache_bytes: 64 << 20,
+        frontier_cache_bytes: cache_bytes,
         digest_window: Duration::from_secs(60),
     };
     let store = VersionStore::open(&pg.url(), "n1", &settings, Duration::from_secs(10))
         .await
         .expect("open store");
-    let store = Arc::new(store);
+    Arc::new(store)
+}
+
+#[tokio::test]
+async fn read_many_answers_every_key_in_order_and_defers_what_does_not_fit() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let store = open(&pg, 64 << 20).await;
     // Three keys of 1.5 MB each: two fit the answer's 4 MiB, the third is
     // answered "ask alone", and so is the first key asked again.
     let big = format!("\"{}\"", "x".repeat(1_500_000));
@@ -94,16 +99,7 @@ async fn read_many_answers_every_key_in_order_and_defers_what_does_not_fit() {
 #[tokio::test]
 async fn apply_refuses_a_version_whose_value_is_not_json() {
     let pg = TestPostgres::start().await.expect("start postgres");
-    let settings = StoreSettings {
-        max_connections: 4,
-        acquire_timeout: Duration::from_secs(2),
-        frontier_cache_bytes: 1 << 20,
-        digest_window: Duration::from_secs(60),
-    };
-    let store = VersionStore::open(&pg.url(), "n1", &settings, Duration::from_secs(10))
-        .await
-        .expect("open store");
-    let store = Arc::new(store);
+    let store = open(&pg, 1 << 20).await;
     let service = StorageService::new(store.clone(), "r1".into());
     let version = |key: &str, seq: u64, value: &str| pb::Version {
         key: key.into(),
