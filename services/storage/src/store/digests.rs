@@ -67,7 +67,7 @@ impl VersionStore {
              FROM versions v \
              JOIN UNNEST($1::bigint[], $2::bigint[]) AS r(lo, hi) ON v.token BETWEEN r.lo AND r.hi \
              WHERE v.hlc < $4 \
-             GROUP BY bucket",
+             GROUP BY bucket ORDER BY bucket",
         )
         .bind(lows)
         .bind(highs)
