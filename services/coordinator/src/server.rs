@@ -164,7 +164,13 @@ fn written(outcome: Outcome) -> pb::WriteResponse {
     pb::WriteResponse {
         acks: Some(acks(&outcome)),
         consistency: outcome.level.to_string(),
-        version: outcome.version,
+        // Without its value: the writer sent it, and carrying it back made
+        // a batch's answer as large as the batch (past the gateway's
+        // message limit for big records, after they were committed).
+        version: outcome.version.map(|v| geolog_proto::storage::Version {
+            value_json: Default::default(),
+            ..v
+        }),
         context: outcome.context,
         replayed: outcome.replayed,
         hints: outcome.hints,
