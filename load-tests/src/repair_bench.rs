@@ -317,10 +317,23 @@ async fn fetch_ranges(
     let mut pages = Vec::new();
     for prefix in 0..1u64 << 8 {
         let (low, high) = Bucket { depth: 8, prefix }.hash_range();
-        let request = pb::BucketVersionsRequest {
-            ranges: vec![pb::TokenRange { low, high }],
-        };
-        pages.push(client.clone().bucket_versions(request).await?.into_inner());
+        let mut after = None;
+        loop {
+            let request = pb::BucketVersionsRequest {
+                ranges: vec![pb::TokenRange { low, high }],
+                after,
+            };
+            let page = client.clone().bucket_versions(request).await?.into_inner();
+            after = page
+                .versions
+                .last()
+                .filter(|_| page.more)
+                .map(pb::VersionPosition::of);
+            pages.push(page);
+            if after.is_none() {
+                break;
+            }
+        }
     }
     Ok(pages)
 }

@@ -36,7 +36,7 @@ use tonic::transport::{Channel, Endpoint};
 use tower::Layer;
 use tracing::Instrument;
 
-const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+use geolog_proto::MAX_MESSAGE_BYTES;
 /// Leaves are fetched and repaired in chunks of about this many versions.
 const VERSIONS_PER_CALL: u64 = 5_000;
 
@@ -436,6 +436,23 @@ fn chunks(leaves: &[(Bucket, u64)]) -> Vec<Vec<Bucket>> {
     out
 }
 
+/// `versions` in order, split into groups of at most `max_bytes` encoded
+/// (a version larger than that alone).
+fn by_bytes(versions: Vec<pb::Version>, max_bytes: usize) -> Vec<Vec<pb::Version>> {
+    let mut groups: Vec<Vec<pb::Version>> = Vec::new();
+    let mut size = 0;
+    for version in versions {
+        let len = version.encoded_len();
+        if groups.is_empty() || size + len > max_bytes {
+            groups.push(Vec::new());
+            size = 0;
+        }
+        size += len;
+        groups.last_mut().expect("pushed above").push(version);
+    }
+    groups
+}
+
 /// A version's identity: its key and dot.
 fn identity(v: &pb::Version) -> (String, Option<pb::Dot>) {
     (v.key.clone(), v.dot.clone())
@@ -490,40 +507,55 @@ impl Node {
         Ok((digests, bytes))
     }
 
-    /// Every version of the keys inside `ranges`, and the bytes they took.
+    /// Every version of the keys inside `ranges`, and the bytes they took:
+    /// as many pages as the node answers (each well under a message).
     async fn versions(&self, ranges: &[(i64, i64)]) -> Result<(Vec<pb::Version>, u64), Status> {
-        let request = pb::BucketVersionsRequest {
-            ranges: to_wire(ranges),
-        };
-        let answer = match &self.access {
-            Access::Direct(client) => client.clone().bucket_versions(request).await?,
-            Access::Relayed(client) => {
-                let request = cpb::NodeBucketVersionsRequest {
-                    node: self.id.clone(),
-                    request: Some(request),
-                };
-                client.clone().node_bucket_versions(request).await?
+        let mut versions: Vec<pb::Version> = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let request = pb::BucketVersionsRequest {
+                ranges: to_wire(ranges),
+                after: versions.last().map(pb::VersionPosition::of),
+            };
+            let answer = match &self.access {
+                Access::Direct(client) => client.clone().bucket_versions(request).await?,
+                Access::Relayed(client) => {
+                    let request = cpb::NodeBucketVersionsRequest {
+                        node: self.id.clone(),
+                        request: Some(request),
+                    };
+                    client.clone().node_bucket_versions(request).await?
+                }
+            }
+            .into_inner();
+            bytes += answer.encoded_len() as u64;
+            let more = answer.more && !answer.versions.is_empty();
+            versions.extend(answer.versions);
+            if !more {
+                return Ok((versions, bytes));
             }
         }
-        .into_inner();
-        let bytes = answer.encoded_len() as u64;
-        Ok((answer.versions, bytes))
     }
 
-    /// Merges `versions` into the node; returns how many were new.
+    /// Merges `versions` into the node, in calls of at most a quarter of a
+    /// message each; returns how many were new.
     async fn apply(&self, versions: Vec<pb::Version>) -> Result<u32, Status> {
-        let request = pb::ApplyRequest { versions };
-        let answer = match &self.access {
-            Access::Direct(client) => client.clone().apply(request).await?,
-            Access::Relayed(client) => {
-                let request = cpb::NodeApplyRequest {
-                    node: self.id.clone(),
-                    request: Some(request),
-                };
-                client.clone().node_apply(request).await?
-            }
-        };
-        Ok(answer.into_inner().inserted)
+        let mut inserted = 0;
+        for versions in by_bytes(versions, MAX_MESSAGE_BYTES / 4) {
+            let request = pb::ApplyRequest { versions };
+            let answer = match &self.access {
+                Access::Direct(client) => client.clone().apply(request).await?,
+                Access::Relayed(client) => {
+                    let request = cpb::NodeApplyRequest {
+                        node: self.id.clone(),
+                        request: Some(request),
+                    };
+                    client.clone().node_apply(request).await?
+                }
+            };
+            inserted += answer.into_inner().inserted;
+        }
+        Ok(inserted)
     }
 }
 
@@ -610,5 +642,24 @@ mod tests {
             assert!(chunk.len() == 1 || size <= VERSIONS_PER_CALL);
         }
         assert!(chunks(&[]).is_empty());
+    }
+
+    #[test]
+    fn versions_are_applied_in_groups_that_fit_a_message() {
+        let version = |bytes: usize| pb::Version {
+            key: "k".into(),
+            value_json: vec![b'1'; bytes].into(),
+            ..Default::default()
+        };
+        let sizes = [10, 500, 10, 2_000, 10, 10, 10];
+        let versions: Vec<pb::Version> = sizes.iter().map(|&n| version(n)).collect();
+        let groups = by_bytes(versions.clone(), 1_000);
+        assert_eq!(groups.concat(), versions, "all of them, in order");
+        for group in &groups {
+            let size: usize = group.iter().map(|v| v.encoded_len()).sum();
+            assert!(group.len() == 1 || size <= 1_000, "{size}");
+        }
+        assert_eq!(groups.len(), 3, "[10, 500, 10], [2000], [10, 10, 10]");
+        assert!(by_bytes(Vec::new(), 1_000).is_empty());
     }
 }

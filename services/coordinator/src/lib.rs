@@ -109,8 +109,8 @@ pub async fn serve(
         engine,
         outbox_view,
     ))
-    .max_decoding_message_size(replicas::MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(replicas::MAX_MESSAGE_BYTES);
+    .max_decoding_message_size(geolog_proto::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(geolog_proto::MAX_MESSAGE_BYTES);
     tracing::info!(%addr, coordinator = id, region = %region.name, "coordinator serving");
     let traced = (id.to_string(), region.name.clone());
     let result = tonic::transport::Server::builder()

@@ -24,8 +24,7 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tower::timeout::Timeout;
 
-/// Largest gRPC message exchanged with storage nodes and coordinators.
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+use geolog_proto::MAX_MESSAGE_BYTES;
 
 /// The client type of one replica: channel, per-call timeout, breaker.
 pub type ReplicaClient = StorageClient<GrpcClient<CircuitBreaker<Timeout<Channel>>>>;

@@ -82,7 +82,9 @@ impl AppState {
         let coordinator = CoordinatorClient::new(
             GrpcClientLayer::new(&format!("coordinators:{}", region.name))
                 .layer(Channel::balance_list(endpoints.into_iter())),
-        );
+        )
+        .max_decoding_message_size(geolog_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(geolog_proto::MAX_MESSAGE_BYTES);
         let coordinator_probes = region
             .coordinators
             .iter()

@@ -13,8 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use store::VersionStore;
 
-/// Largest gRPC message a storage node accepts (a batch of versions).
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+use geolog_proto::MAX_MESSAGE_BYTES;
 
 /// How often a node checkpoints its keys' heads, and how many unsaved
 /// keys make it checkpoint sooner.
@@ -41,7 +40,8 @@ pub async fn serve(
     );
     let traced = (store.node().to_string(), region.clone());
     let service = StorageServer::new(server::StorageService::new(store.clone(), region))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tracing::info!(%addr, node = store.node(), "storage node serving");
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)

@@ -1,7 +1,9 @@
 //! The storage node's gRPC service: translates between protobuf messages and
 //! [`VersionStore`] calls. No SQL and no replication logic here.
 
-use crate::store::{HistoryCursor, Idempotency, MintInput, Queue, StoredVersion, VersionStore};
+use crate::store::{
+    HistoryCursor, Idempotency, MintInput, Queue, StoredVersion, VersionPosition, VersionStore,
+};
 use geolog_core::causal::{Dot, VersionVector};
 use geolog_core::merkle::{LEAF_DEPTH, LEVEL_BITS};
 use geolog_core::{ErrorCode, GeologError, Hlc, JsonText};
@@ -148,9 +150,10 @@ const MAX_MINT_BATCH: usize = 10_000;
 /// Keys per `ReadMany` call.
 const MAX_READ_MANY: usize = 10_000;
 
-/// Value bytes a `ReadMany` answer carries at most (well under the message
-/// limit); the keys past it are answered `ask_alone`.
-const READ_MANY_BYTES: usize = crate::MAX_MESSAGE_BYTES / 4;
+/// Bytes a paged answer carries at most (well under the message limit):
+/// the keys of a `ReadMany` past it are answered `ask_alone`, the versions
+/// of `BucketVersions` past it come with the next page.
+const PAGE_BYTES: usize = geolog_proto::MAX_MESSAGE_BYTES / 4;
 
 /// One record's failure inside a batch answer.
 fn record_error(err: &GeologError) -> pb::MintResult {
@@ -293,7 +296,7 @@ impl pb::storage_server::Storage for StorageService {
         let result = self.store.frontiers(&keys).await;
         observe("read_many", started, result.is_ok());
         let found = result.map_err(|e| fail("read_many", e))?;
-        let mut budget = READ_MANY_BYTES;
+        let mut budget = PAGE_BYTES;
         let frontiers = keys
             .iter()
             .map(|key| {
@@ -301,7 +304,7 @@ impl pb::storage_server::Storage for StorageService {
                 let frontier = found.get(*key).cloned().unwrap_or_default();
                 let bytes: usize = frontier.iter().map(|v| v.value_json.len() + 64).sum();
                 // The first frontier always goes (Read would answer it).
-                if bytes > budget && budget < READ_MANY_BYTES {
+                if bytes > budget && budget < PAGE_BYTES {
                     return pb::KeyFrontier {
                         versions: Vec::new(),
                         ask_alone: true,
@@ -394,14 +397,28 @@ impl pb::storage_server::Storage for StorageService {
         &self,
         request: Request<pb::BucketVersionsRequest>,
     ) -> Result<Response<pb::BucketVersionsResponse>, Status> {
-        let ranges = token_ranges(&request.into_inner().ranges)?;
-        let versions = self
+        let req = request.into_inner();
+        let ranges = token_ranges(&req.ranges)?;
+        let after = match req.after {
+            Some(p) => {
+                geolog_core::key::validate_key(&p.key)?;
+                Some(VersionPosition {
+                    key: p.key,
+                    hlc: p.hlc,
+                    node: p.node,
+                    seq: p.seq,
+                })
+            }
+            None => None,
+        };
+        let (versions, more) = self
             .store
-            .range_versions(&ranges)
+            .range_versions(&ranges, after.as_ref(), PAGE_BYTES)
             .await
             .map_err(|e| fail("bucket_versions", e))?;
         Ok(Response::new(pb::BucketVersionsResponse {
             versions: versions.into_iter().map(to_proto).collect(),
+            more,
         }))
     }
 

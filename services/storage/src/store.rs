@@ -50,6 +50,29 @@ pub struct StoredVersion {
     pub idempotency: Option<Idempotency>,
 }
 
+impl StoredVersion {
+    /// About the bytes it takes in a message (answers are paged by it).
+    pub fn encoded_size(&self) -> usize {
+        let context: usize = self.context.0.keys().map(|node| node.len() + 16).sum();
+        let idempotency = self
+            .idempotency
+            .as_ref()
+            .map_or(0, |i| i.key.len() + i.body_hash.len() + 8);
+        self.key.len() + self.value_json.len() + self.dot.node.len() + context + idempotency + 48
+    }
+}
+
+/// Where a version stands in the order of
+/// [`VersionStore::range_versions`]: its key's tree token (computed from
+/// the key), key, timestamp, then dot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionPosition {
+    pub key: String,
+    pub hlc: u64,
+    pub node: String,
+    pub seq: u64,
+}
+
 /// The durable record of an idempotent write, kept on its version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Idempotency {

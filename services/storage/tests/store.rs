@@ -4,7 +4,7 @@ use geolog_core::Hlc;
 use geolog_core::causal::{Dot, VersionVector};
 use geolog_storage::store::{
     HistoryCursor, Idempotency, MintInput, Queue, StoreError, StoreSettings, StoredVersion,
-    VersionStore,
+    VersionPosition, VersionStore,
 };
 use geolog_testkit::TestPostgres;
 use std::time::Duration;
@@ -880,4 +880,64 @@ async fn rows_from_before_the_compact_context_read_back_the_same() {
         reopened.history("k", 1, None, None).await.unwrap(),
         vec![next]
     );
+}
+
+/// Versions of token ranges come a page at a time, by bytes: the pages of
+/// any size, resumed after each one's last version, hold every version of
+/// the ranges once, in the same order as one page holding them all.
+#[tokio::test]
+async fn range_versions_page_by_bytes_and_resume_after_the_last() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let store = open(&pg, "n1").await;
+    // A hot key with a long history, keys of one version, values of every
+    // size (some larger than a page alone).
+    for i in 0..60u64 {
+        let pad = "v".repeat((i as usize * 397) % 5_000);
+        store.mint("hot", &format!("\"{pad}\"")).await.unwrap();
+        store.mint(&format!("k{i}"), &i.to_string()).await.unwrap();
+    }
+    let everything = [(i64::MIN, i64::MAX)];
+    let halves = [(i64::MIN, -1), (0, i64::MAX)];
+    let (all, more) = store
+        .range_versions(&everything, None, usize::MAX)
+        .await
+        .unwrap();
+    assert!(!more);
+    assert_eq!(all.len(), 120);
+    for ranges in [&everything[..], &halves[..]] {
+        for page_bytes in [1, 700, 4_000, 30_000] {
+            let mut paged: Vec<StoredVersion> = Vec::new();
+            let mut pages = 0;
+            loop {
+                let after = paged.last().map(|v| VersionPosition {
+                    key: v.key.clone(),
+                    hlc: v.hlc.packed(),
+                    node: v.dot.node.clone(),
+                    seq: v.dot.seq,
+                });
+                let (page, more) = store
+                    .range_versions(ranges, after.as_ref(), page_bytes)
+                    .await
+                    .unwrap();
+                pages += 1;
+                assert!(
+                    !page.is_empty() || !more,
+                    "a page that says more holds some"
+                );
+                let bytes: usize = page.iter().map(StoredVersion::encoded_size).sum();
+                assert!(
+                    page.len() == 1 || bytes <= page_bytes,
+                    "{bytes} > {page_bytes}"
+                );
+                paged.extend(page);
+                if !more {
+                    break;
+                }
+            }
+            assert_eq!(paged, all, "pages of {page_bytes} bytes over {ranges:?}");
+            if page_bytes == 1 {
+                assert_eq!(pages, 120, "one version a page");
+            }
+        }
+    }
 }

@@ -2,9 +2,9 @@
 //! memory ([`DigestTree`](crate::digest_tree::DigestTree)) where it holds
 //! them, otherwise aggregated inside PostgreSQL (index-only over
 //! `versions_place`, which leads with the tree token); and the versions of
-//! whole token ranges.
+//! token ranges, a page at a time.
 
-use super::{StoreError, StoredVersion, VersionStore, version_from_row};
+use super::{StoreError, StoredVersion, VersionPosition, VersionStore, version_from_row};
 use crate::digest_tree::{Digest, Served, at_depth};
 use geolog_core::merkle::{LEAF_DEPTH, tree_token, version_hash};
 use sqlx::postgres::PgPool;
@@ -81,23 +81,92 @@ impl VersionStore {
             .collect())
     }
 
-    /// Every version of every key whose tree token falls in `ranges`.
+    /// The versions of the keys whose tree token falls in `ranges` (sorted,
+    /// disjoint), in position order — token, key, timestamp, dot, the
+    /// order of the version index, as this database sorts — after `after`,
+    /// and whether more follow. At least one version when any is left,
+    /// then only as many as fit `max_bytes`.
     pub async fn range_versions(
         &self,
         ranges: &[(i64, i64)],
-    ) -> Result<Vec<StoredVersion>, StoreError> {
-        let (lows, highs): (Vec<i64>, Vec<i64>) = ranges.iter().copied().unzip();
-        let rows = sqlx::query(
-            "SELECT v.key, v.node, v.seq, v.hlc, v.value, v.context, \
-                    v.idempotency_key, v.body_hash \
-             FROM versions v JOIN UNNEST($1::bigint[], $2::bigint[]) AS r(lo, hi) \
-               ON v.token BETWEEN r.lo AND r.hi",
-        )
-        .bind(lows)
-        .bind(highs)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(version_from_row).collect()
+        after: Option<&VersionPosition>,
+        max_bytes: usize,
+    ) -> Result<(Vec<StoredVersion>, bool), StoreError> {
+        macro_rules! page {
+            ($cursor:literal) => {
+                concat!(
+                    "SELECT key, node, seq, hlc, value, context, idempotency_key, body_hash FROM versions \
+                     WHERE token BETWEEN $1 AND $2 ",
+                    $cursor,
+                    " ORDER BY token, key, hlc, node, seq LIMIT $3"
+                )
+            };
+        }
+        let mut found: Vec<StoredVersion> = Vec::new();
+        let mut bytes = 0;
+        let mut after = after.map(|p| (tree_token(&p.key), p.clone()));
+        // Rows per statement: a few first, then as many as the budget left
+        // holds at the sizes seen (a page of big values is not read whole).
+        let mut limit: usize = 16;
+        for &(low, high) in ranges {
+            if after.as_ref().is_some_and(|(token, _)| *token > high) {
+                continue;
+            }
+            loop {
+                // Two statements, not one with `$3 IS NULL OR …`: the
+                // cursor must bound the index scan, not filter it.
+                let rows = match &after {
+                    None => {
+                        sqlx::query(page!(""))
+                            .bind(low)
+                            .bind(high)
+                            .bind(limit as i64)
+                            .fetch_all(&self.pool)
+                            .await?
+                    }
+                    Some((token, p)) => {
+                        sqlx::query(page!(
+                            "AND (token, key, hlc, node, seq) > ($4, $5, $6, $7, $8)"
+                        ))
+                        .bind(low)
+                        .bind(high)
+                        .bind(limit as i64)
+                        .bind(*token)
+                        .bind(&p.key)
+                        .bind(p.hlc as i64)
+                        .bind(&p.node)
+                        .bind(p.seq as i64)
+                        .fetch_all(&self.pool)
+                        .await?
+                    }
+                };
+                let complete = rows.len() < limit;
+                for row in &rows {
+                    let version = version_from_row(row)?;
+                    let size = version.encoded_size();
+                    if !found.is_empty() && bytes + size > max_bytes {
+                        return Ok((found, true));
+                    }
+                    bytes += size;
+                    after = Some((
+                        tree_token(&version.key),
+                        VersionPosition {
+                            key: version.key.clone(),
+                            hlc: version.hlc.packed(),
+                            node: version.dot.node.clone(),
+                            seq: version.dot.seq,
+                        },
+                    ));
+                    found.push(version);
+                }
+                if complete {
+                    break;
+                }
+                let average = (bytes / found.len().max(1)).max(256);
+                limit = (max_bytes.saturating_sub(bytes) / average).clamp(1, 1_000);
+            }
+        }
+        Ok((found, false))
     }
 }
 
