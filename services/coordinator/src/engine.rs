@@ -32,6 +32,7 @@ use crate::replicas::{Replica, ReplicaSet};
 use geolog_config::GeologConfig;
 use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
+use geolog_core::error::QuorumDetails;
 use geolog_core::ring::Placement;
 use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError, JsonText, Requirement};
 use geolog_proto::coordinator as cpb;
@@ -41,23 +42,36 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// The outcome of a successful write or read.
+/// A write that met its level.
 #[derive(Debug)]
-pub struct Outcome {
-    /// The written version, or the deterministic pick among `siblings`.
+pub struct Written {
+    /// The version written (for a retry with an idempotency key, the
+    /// first write's).
+    pub version: pb::Version,
+    pub level: ConsistencyLevel,
+    pub acks: QuorumDetails,
+    /// Context token of the key's state on the minting replica after it.
+    pub context: String,
+    /// True when a retry was answered with the first write's version.
+    pub replayed: bool,
+    /// `ANY` writes no replica could take: hints stored instead.
+    pub hints: u32,
+}
+
+/// A read of a key's current value that met its level.
+#[derive(Debug)]
+pub struct ReadValue {
+    /// The deterministic pick among `siblings`; none when the key has no
+    /// version at that level.
     pub version: Option<pb::Version>,
     pub level: ConsistencyLevel,
-    pub acks: geolog_core::error::QuorumDetails,
+    pub acks: QuorumDetails,
     /// The key's current versions (merged frontier).
     pub siblings: Vec<pb::Version>,
     /// Context token of the state the client now knows.
     pub context: String,
     /// Replicas written back by read repair.
     pub repaired: u32,
-    /// True when a write was a retry answered with the first write's version.
-    pub replayed: bool,
-    /// `ANY` writes no replica could take: hints stored instead.
-    pub hints: u32,
 }
 
 /// The hash that tells a retry (same request) from a reuse (another one).
@@ -288,7 +302,7 @@ impl QuorumEngine {
         context: Option<VersionVector>,
         idempotency_key: Option<String>,
         order: MintOrder,
-    ) -> Result<Outcome, GeologError> {
+    ) -> Result<Written, GeologError> {
         let MintOrder {
             after,
             minted: mut minted_signal,
@@ -469,13 +483,11 @@ impl QuorumEngine {
             let holders = tracker.acked().map(|i| placement[i].node.clone()).collect();
             self.remember_idempotent(key, id, &version, holders);
         }
-        Ok(Outcome {
-            version: Some(version),
+        Ok(Written {
+            version,
             level,
             acks: tracker.details(),
-            siblings: Vec::new(),
             context,
-            repaired: 0,
             replayed: false,
             hints: 0,
         })
@@ -492,7 +504,7 @@ impl QuorumEngine {
         &self,
         request: pb::MintRequest,
         placement: &[Placement],
-    ) -> Result<Outcome, GeologError> {
+    ) -> Result<Written, GeologError> {
         let targets: Vec<&str> = placement
             .iter()
             .filter(|p| p.region == self.region)
@@ -531,17 +543,15 @@ impl QuorumEngine {
                 ));
             }
             metrics::counter!("any_writes_hinted_total").increment(1);
-            return Ok(Outcome {
+            return Ok(Written {
                 context: state_vector_of(&minted.frontier).to_token(),
-                version: Some(version),
+                version,
                 level: ConsistencyLevel::Any,
-                acks: geolog_core::error::QuorumDetails {
+                acks: QuorumDetails {
                     required: 1,
                     received: Some(0),
                     ..Default::default()
                 },
-                siblings: Vec::new(),
-                repaired: 0,
                 replayed: false,
                 hints,
             });

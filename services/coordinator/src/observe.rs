@@ -4,7 +4,8 @@
 //! outcome, and for writes the quorum outcome series
 //! `quorum_writes_total{level, result}` and `quorum_write_success_rate{level}`.
 
-use crate::engine::Outcome;
+use crate::engine::{ReadValue, Written};
+use geolog_core::error::QuorumDetails;
 use geolog_core::{ErrorCode, GeologError};
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,17 +15,24 @@ use tracing::Instrument;
 
 /// An answer that carries the acks it gathered.
 pub trait Acked {
-    fn outcome(&self) -> &Outcome;
+    fn acks(&self) -> &QuorumDetails;
 }
 
-impl Acked for Outcome {
-    fn outcome(&self) -> &Outcome {
-        self
+impl Acked for Written {
+    fn acks(&self) -> &QuorumDetails {
+        &self.acks
     }
 }
 
-impl<A, B> Acked for (A, B, Outcome) {
-    fn outcome(&self) -> &Outcome {
+impl Acked for ReadValue {
+    fn acks(&self) -> &QuorumDetails {
+        &self.acks
+    }
+}
+
+/// A history page: versions, whether more follow, acks.
+impl<A, B> Acked for (A, B, QuorumDetails) {
+    fn acks(&self) -> &QuorumDetails {
         &self.2
     }
 }
@@ -54,7 +62,7 @@ pub async fn observed<T: Acked>(
     let outcome = outcome_of(&result);
     span.record("outcome", outcome);
     if let Ok(answer) = &result {
-        let acks = &answer.outcome().acks;
+        let acks = answer.acks();
         span.record("acks", acks.received.unwrap_or(0));
         span.record("required", acks.required);
     }

@@ -2,10 +2,11 @@
 //! encodes outcomes and errors. Errors are logged here, where handled.
 
 use crate::SpawnTraced;
-use crate::engine::{BatchRecord, MintOrder, Outcome, QuorumEngine, ReadKind};
+use crate::engine::{BatchRecord, MintOrder, QuorumEngine, ReadKind, Written};
 use crate::observe::{observed, observed_batch};
 use crate::outbox::OutboxView;
 use geolog_core::causal::VersionVector;
+use geolog_core::error::QuorumDetails;
 use geolog_core::{ConsistencyLevel, ErrorCode, GeologError, JsonText};
 use geolog_proto::coordinator as pb;
 use std::collections::{HashMap, HashSet};
@@ -31,12 +32,11 @@ impl CoordinatorService {
 
 type AnswerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-fn acks(outcome: &Outcome) -> pb::Acks {
+fn acks(acks: &QuorumDetails) -> pb::Acks {
     pb::Acks {
-        required: outcome.acks.required,
-        received: outcome.acks.received.unwrap_or(0),
-        regions: outcome
-            .acks
+        required: acks.required,
+        received: acks.received.unwrap_or(0),
+        regions: acks
             .regions
             .iter()
             .map(|r| pb::RegionAcks {
@@ -123,7 +123,7 @@ async fn read_one(
     )
     .await?;
     Ok(pb::ReadResponse {
-        acks: Some(acks(&outcome)),
+        acks: Some(acks(&outcome.acks)),
         consistency: outcome.level.to_string(),
         version: outcome.version,
         siblings: outcome.siblings,
@@ -160,16 +160,16 @@ async fn write_one(
 }
 
 /// The answer to a write that met its level.
-fn written(outcome: Outcome) -> pb::WriteResponse {
+fn written(outcome: Written) -> pb::WriteResponse {
     pb::WriteResponse {
-        acks: Some(acks(&outcome)),
+        acks: Some(acks(&outcome.acks)),
         consistency: outcome.level.to_string(),
         // Without its value: the writer sent it, and carrying it back made
         // a batch's answer as large as the batch (past the gateway's
         // message limit for big records, after they were committed).
-        version: outcome.version.map(|v| geolog_proto::storage::Version {
+        version: Some(geolog_proto::storage::Version {
             value_json: Default::default(),
-            ..v
+            ..outcome.version
         }),
         context: outcome.context,
         replayed: outcome.replayed,

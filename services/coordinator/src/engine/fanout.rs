@@ -12,11 +12,11 @@
 //! is replaced by the key's next alive local replica.
 
 use super::remote::{apply, mint_together, outbox_done, replicate, store_hints};
-use super::{Miss, Outcome, QuorumEngine, state_vector_of, wire_context};
+use super::{Miss, QuorumEngine, Written, state_vector_of, wire_context};
 use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
-use geolog_core::{AckTracker, ConsistencyLevel, GeologError, JsonText};
+use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError, JsonText};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::BTreeMap;
@@ -37,7 +37,7 @@ struct InFlight {
     candidates: Vec<usize>,
     tracker: AckTracker,
     minted: Option<(usize, pb::MintResponse)>,
-    result: Option<Result<Outcome, GeologError>>,
+    result: Option<Result<Written, GeologError>>,
 }
 
 /// What a destination answered for the records it was sent.
@@ -67,7 +67,7 @@ impl QuorumEngine {
         records: Vec<BatchRecord>,
         level: ConsistencyLevel,
         together: bool,
-    ) -> Vec<Result<Outcome, GeologError>> {
+    ) -> Vec<Result<Written, GeologError>> {
         let requirement = match self.requirement(level, Operation::Write) {
             Ok(r) => r,
             Err(err) => return records.iter().map(|_| Err(err.clone())).collect(),
@@ -435,13 +435,18 @@ impl QuorumEngine {
                 f.result = Some(Err(f.tracker.failure("write")));
                 continue;
             }
-            f.result = Some(Ok(Outcome {
+            let Some(version) = minted.version else {
+                f.result = Some(Err(GeologError::new(
+                    ErrorCode::Internal,
+                    "a replica answered a mint without the version",
+                )));
+                continue;
+            };
+            f.result = Some(Ok(Written {
                 context: state_vector_of(&minted.frontier).to_token(),
-                version: minted.version,
+                version,
                 level,
                 acks: f.tracker.details(),
-                siblings: Vec::new(),
-                repaired: 0,
                 replayed: false,
                 hints: 0,
             }));

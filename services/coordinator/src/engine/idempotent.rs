@@ -7,7 +7,7 @@
 
 use super::read::ReadKind;
 use super::remote::{apply, region_read, replicate};
-use super::{Miss, Outcome, QuorumEngine, state_vector_of};
+use super::{Miss, QuorumEngine, Written, state_vector_of};
 use crate::SpawnTraced;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
@@ -140,7 +140,7 @@ impl QuorumEngine {
         earlier: Earlier,
         level: ConsistencyLevel,
         deadline: tokio::time::Instant,
-    ) -> Result<Outcome, GeologError> {
+    ) -> Result<Written, GeologError> {
         if earlier.version.body_hash != hash {
             return Err(GeologError::new(
                 ErrorCode::IdempotencyConflict,
@@ -170,13 +170,11 @@ impl QuorumEngine {
             .map(|idx| placement[idx].node.clone())
             .collect();
         self.remember_idempotent(key, id, &earlier.version, holders);
-        Ok(Outcome {
+        Ok(Written {
             context: state_vector_of(std::slice::from_ref(&earlier.version)).to_token(),
-            version: Some(earlier.version),
+            version: earlier.version,
             level,
             acks: tracker.details(),
-            siblings: Vec::new(),
-            repaired: 0,
             replayed: true,
             hints: 0,
         })

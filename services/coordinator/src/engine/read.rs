@@ -5,13 +5,14 @@
 //! operators' replica view.
 
 use super::remote::{apply, region_read, replicate};
-use super::{Miss, Outcome, QuorumEngine};
+use super::{Miss, QuorumEngine, ReadValue};
 use crate::SpawnTraced;
 use crate::replicas::Replica;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use geolog_core::causal::{self, Causal, Dot, VersionVector};
 use geolog_core::consistency::Operation;
+use geolog_core::error::QuorumDetails;
 use geolog_core::ring::Placement;
 use geolog_core::{ConsistencyLevel, GeologError, Requirement};
 use geolog_proto::coordinator as cpb;
@@ -328,7 +329,7 @@ impl QuorumEngine {
     /// replicas as `level` needs. Replicas that disagree with the merge are
     /// written back before answering (so quorum reads never go backwards);
     /// the key's other replicas are repaired in the background.
-    pub async fn read(&self, key: &str, level: ConsistencyLevel) -> Result<Outcome, GeologError> {
+    pub async fn read(&self, key: &str, level: ConsistencyLevel) -> Result<ReadValue, GeologError> {
         let gathered = self.gather(key, level, &ReadKind::Frontier).await?;
         let merged: Vec<pb::Version> =
             merge_frontiers(gathered.answers.iter().flat_map(|(_, v)| v.iter().cloned()));
@@ -352,15 +353,13 @@ impl QuorumEngine {
             .iter()
             .max_by(|a, b| order_key(a).cmp(&order_key(b)))
             .cloned();
-        Ok(Outcome {
+        Ok(ReadValue {
             version,
             level,
             acks: gathered.acks,
             siblings: merged,
             context,
             repaired: repaired as u32,
-            replayed: false,
-            hints: 0,
         })
     }
 
@@ -433,7 +432,7 @@ impl QuorumEngine {
         limit: u32,
         before: Option<pb::HistoryCursor>,
         after: Option<pb::HistoryCursor>,
-    ) -> Result<(Vec<pb::Version>, bool, Outcome), GeologError> {
+    ) -> Result<(Vec<pb::Version>, bool, QuorumDetails), GeologError> {
         let limit = limit.clamp(1, 1_000);
         let kind = ReadKind::History {
             limit,
@@ -458,17 +457,7 @@ impl QuorumEngine {
         versions.sort_by_key(|v| std::cmp::Reverse(history_key(v)));
         let more = more || versions.len() > limit as usize;
         versions.truncate(limit as usize);
-        let outcome = Outcome {
-            version: None,
-            level,
-            acks: gathered.acks,
-            siblings: Vec::new(),
-            context: String::new(),
-            repaired: 0,
-            replayed: false,
-            hints: 0,
-        };
-        Ok((versions, more, outcome))
+        Ok((versions, more, gathered.acks))
     }
 
     /// Every replica of `key` and what it holds (its frontier), or why it
