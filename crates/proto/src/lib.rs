@@ -1,6 +1,6 @@
-//! Protocol types and gRPC stubs generated from `proto/`, and the one limit
-//! every service puts on their messages. Nothing else lives here:
-//! conversions to domain types belong to the crates that own them.
+//! Protocol types and gRPC stubs generated from `proto/`, the one limit
+//! every service puts on their messages, and the conversions between the
+//! wire's enums and geolog-core's types (so no service writes its own).
 //!
 //! The module tree mirrors the proto package names because generated code
 //! refers to types of other packages by relative paths.
@@ -44,5 +44,89 @@ impl storage::VersionPosition {
             node: dot.map(|d| d.node.clone()).unwrap_or_default(),
             seq: dot.map_or(0, |d| d.seq),
         }
+    }
+}
+
+impl From<geolog_core::ConsistencyLevel> for coordinator::Consistency {
+    fn from(level: geolog_core::ConsistencyLevel) -> Self {
+        use coordinator::Consistency as C;
+        use geolog_core::ConsistencyLevel as L;
+        match level {
+            L::Any => C::Any,
+            L::One => C::One,
+            L::Two => C::Two,
+            L::Three => C::Three,
+            L::Quorum => C::Quorum,
+            L::All => C::All,
+            L::LocalOne => C::LocalOne,
+            L::LocalQuorum => C::LocalQuorum,
+            L::EachQuorum => C::EachQuorum,
+        }
+    }
+}
+
+impl coordinator::Consistency {
+    /// The level a request asked for: `Ok(None)` when unset (the
+    /// default applies); an error for a number no level has.
+    pub fn requested(
+        wire: i32,
+    ) -> Result<Option<geolog_core::ConsistencyLevel>, geolog_core::GeologError> {
+        use coordinator::Consistency as C;
+        use geolog_core::ConsistencyLevel as L;
+        let unknown = || {
+            geolog_core::GeologError::new(
+                geolog_core::ErrorCode::InvalidConsistency,
+                format!("unknown consistency level number {wire}"),
+            )
+        };
+        Ok(Some(match C::try_from(wire).map_err(|_| unknown())? {
+            C::Unset => return Ok(None),
+            C::Any => L::Any,
+            C::One => L::One,
+            C::Two => L::Two,
+            C::Three => L::Three,
+            C::Quorum => L::Quorum,
+            C::All => L::All,
+            C::LocalOne => L::LocalOne,
+            C::LocalQuorum => L::LocalQuorum,
+            C::EachQuorum => L::EachQuorum,
+        }))
+    }
+}
+
+/// A level on the wire (for a field of type `Consistency`).
+pub fn consistency(level: geolog_core::ConsistencyLevel) -> i32 {
+    coordinator::Consistency::from(level) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use geolog_core::ConsistencyLevel as L;
+
+    #[test]
+    fn every_level_crosses_the_wire_and_back() {
+        let levels = [
+            L::Any,
+            L::One,
+            L::Two,
+            L::Three,
+            L::Quorum,
+            L::All,
+            L::LocalOne,
+            L::LocalQuorum,
+            L::EachQuorum,
+        ];
+        for level in levels {
+            assert_eq!(
+                coordinator::Consistency::requested(consistency(level)),
+                Ok(Some(level))
+            );
+        }
+        assert_eq!(coordinator::Consistency::requested(0), Ok(None));
+        assert_eq!(
+            coordinator::Consistency::requested(42).unwrap_err().code,
+            geolog_core::ErrorCode::InvalidConsistency
+        );
     }
 }

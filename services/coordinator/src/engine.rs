@@ -215,13 +215,10 @@ impl QuorumEngine {
         &self.region
     }
 
-    /// Parses a level name; empty means the configured default.
-    pub fn level(&self, name: &str) -> Result<ConsistencyLevel, GeologError> {
-        if name.is_empty() {
-            Ok(self.default_level)
-        } else {
-            name.parse()
-        }
+    /// The level a request asked for on the wire; unset means the
+    /// configured default.
+    pub fn level(&self, wire: i32) -> Result<ConsistencyLevel, GeologError> {
+        Ok(geolog_proto::coordinator::Consistency::requested(wire)?.unwrap_or(self.default_level))
     }
 
     fn requirement(

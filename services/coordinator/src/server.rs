@@ -74,7 +74,7 @@ pub const MAX_READ_BATCH: usize = 10_000;
 fn batch_level(
     engine: &QuorumEngine,
     op: &'static str,
-    consistency: &str,
+    consistency: i32,
     count: usize,
     max: usize,
     items: &str,
@@ -124,7 +124,7 @@ async fn read_one(
     .await?;
     Ok(pb::ReadResponse {
         acks: Some(acks(&outcome.acks)),
-        consistency: outcome.level.to_string(),
+        consistency: geolog_proto::consistency(outcome.level),
         version: outcome.version,
         siblings: outcome.siblings,
         context: outcome.context,
@@ -163,7 +163,7 @@ async fn write_one(
 fn written(outcome: Written) -> pb::WriteResponse {
     pb::WriteResponse {
         acks: Some(acks(&outcome.acks)),
-        consistency: outcome.level.to_string(),
+        consistency: geolog_proto::consistency(outcome.level),
         // Without its value: the writer sent it, and carrying it back made
         // a batch's answer as large as the batch (past the gateway's
         // message limit for big records, after they were committed).
@@ -228,7 +228,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let req = request.into_inner();
         let level = self
             .engine
-            .level(&req.consistency)
+            .level(req.consistency)
             .map_err(|e| fail("write", &req.key, e))?;
         let key = req.key.clone();
         let written = write_one(&self.engine, req, level, MintOrder::default())
@@ -245,7 +245,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let level = batch_level(
             &self.engine,
             "write_batch",
-            &req.consistency,
+            req.consistency,
             req.records.len(),
             MAX_WRITE_BATCH,
             "records",
@@ -350,7 +350,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let req = request.into_inner();
         let level = self
             .engine
-            .level(&req.consistency)
+            .level(req.consistency)
             .map_err(|e| fail("read", &req.key, e))?;
         let read = read_one(&self.engine, &req.key, level)
             .await
@@ -366,7 +366,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let level = batch_level(
             &self.engine,
             "read_batch",
-            &req.consistency,
+            req.consistency,
             req.reads.len(),
             MAX_READ_BATCH,
             "reads",
@@ -393,7 +393,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let req = request.into_inner();
         let level = self
             .engine
-            .level(&req.consistency)
+            .level(req.consistency)
             .map_err(|e| fail("history", &req.key, e))?;
         let (versions, more, outcome) = observed(
             "history",
@@ -407,7 +407,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         .map_err(|e| fail("history", &req.key, e))?;
         Ok(Response::new(pb::HistoryResponse {
             versions,
-            consistency: level.to_string(),
+            consistency: geolog_proto::consistency(level),
             acks: Some(acks(&outcome)),
             more,
         }))

@@ -10,7 +10,7 @@
 
 use crate::error::ApiError;
 use geolog_batch::{BatchLimits, Batcher};
-use geolog_core::{ConsistencyLevel, GeologError};
+use geolog_core::GeologError;
 use geolog_proto::coordinator as cpb;
 use geolog_proto::coordinator::coordinator_client::CoordinatorClient;
 use geolog_telemetry::trace::GrpcClient;
@@ -46,15 +46,15 @@ pub trait Coalesced: Sized + Send + 'static {
     type Answer: Send + 'static;
     /// Names the batches (metrics and spans).
     const KIND: &'static str;
-    /// Its consistency level's name (empty: the coordinators' default).
-    fn level(&self) -> &str;
+    /// Its consistency level on the wire (unset: the coordinators' default).
+    fn level(&self) -> i32;
     /// Rough bytes, to bound a call.
     fn weight(&self) -> usize;
     /// One call carrying `requests`, all at `level`, answered in order.
     fn send(
         client: Client,
         requests: Vec<Self>,
-        level: String,
+        level: i32,
         timeout: Duration,
     ) -> impl Future<Output = Answers<Self::Answer>> + Send + 'static;
 }
@@ -63,8 +63,8 @@ impl Coalesced for cpb::WriteRequest {
     type Answer = cpb::WriteResponse;
     const KIND: &'static str = "write";
 
-    fn level(&self) -> &str {
-        &self.consistency
+    fn level(&self) -> i32 {
+        self.consistency
     }
 
     fn weight(&self) -> usize {
@@ -74,7 +74,7 @@ impl Coalesced for cpb::WriteRequest {
     async fn send(
         mut client: Client,
         records: Vec<Self>,
-        consistency: String,
+        consistency: i32,
         timeout: Duration,
     ) -> Answers<Self::Answer> {
         // Not `together`: unrelated clients' writes, each admitted alone.
@@ -97,8 +97,8 @@ impl Coalesced for cpb::ReadRequest {
     type Answer = cpb::ReadResponse;
     const KIND: &'static str = "read";
 
-    fn level(&self) -> &str {
-        &self.consistency
+    fn level(&self) -> i32 {
+        self.consistency
     }
 
     fn weight(&self) -> usize {
@@ -108,7 +108,7 @@ impl Coalesced for cpb::ReadRequest {
     async fn send(
         mut client: Client,
         reads: Vec<Self>,
-        consistency: String,
+        consistency: i32,
         timeout: Duration,
     ) -> Answers<Self::Answer> {
         let mut request = tonic::Request::new(cpb::ReadBatchRequest { reads, consistency });
@@ -127,7 +127,7 @@ pub struct Coalescer<R: Coalesced> {
     client: Client,
     timeout: Duration,
     limits: BatchLimits,
-    by_level: Mutex<HashMap<String, LevelBatcher<R>>>,
+    by_level: Mutex<HashMap<i32, LevelBatcher<R>>>,
     to: String,
 }
 
@@ -164,30 +164,28 @@ impl<R: Coalesced> Coalescer<R> {
     /// Sends one request and answers as its own call would.
     pub async fn call(&self, request: R) -> Result<R::Answer, ApiError> {
         // Checked here, so that only real levels get a batcher.
-        if !request.level().is_empty() {
-            request.level().parse::<ConsistencyLevel>()?;
-        }
+        cpb::Consistency::requested(request.level())?;
         let batcher = self.batcher(request.level());
         Ok(batcher.call(request).await??)
     }
 
-    fn batcher(&self, level: &str) -> LevelBatcher<R> {
+    fn batcher(&self, level: i32) -> LevelBatcher<R> {
         let mut by_level = self
             .by_level
             .lock()
             .expect("lock is never poisoned: no panics while held");
-        if let Some(batcher) = by_level.get(level) {
+        if let Some(batcher) = by_level.get(&level) {
             return batcher.clone();
         }
-        let (client, timeout, level_name) = (self.client.clone(), self.timeout, level.to_string());
+        let (client, timeout) = (self.client.clone(), self.timeout);
         let batcher = Arc::new(Batcher::new(
             R::KIND,
             &self.to,
             self.limits,
             R::weight,
-            move |requests: Vec<R>| R::send(client.clone(), requests, level_name.clone(), timeout),
+            move |requests: Vec<R>| R::send(client.clone(), requests, level, timeout),
         ));
-        by_level.insert(level.to_string(), batcher.clone());
+        by_level.insert(level, batcher.clone());
         batcher
     }
 }

@@ -108,11 +108,17 @@ fn acks_view(acks: Option<cpb::Acks>) -> AcksView {
     }
 }
 
-fn level_name(query: &LogQuery) -> String {
-    query
-        .consistency
-        .map(|l| l.as_str().to_string())
-        .unwrap_or_default()
+/// The level a request asked for, on the wire (unset: the default).
+fn level_of(query: &LogQuery) -> i32 {
+    query.consistency.map_or(0, geolog_proto::consistency)
+}
+
+/// The name of a level a coordinator answered with.
+fn level_name(wire: i32) -> String {
+    match cpb::Consistency::requested(wire) {
+        Ok(Some(level)) => level.as_str().to_string(),
+        _ => String::new(),
+    }
 }
 
 fn missing_version() -> ApiError {
@@ -186,7 +192,7 @@ fn write_answer(key: String, answer: cpb::WriteResponse) -> Result<WriteAnswer, 
         context: answer.context,
         replayed: answer.replayed,
         hints: answer.hints,
-        consistency: answer.consistency,
+        consistency: level_name(answer.consistency),
         acks: acks_view(answer.acks),
     })
 }
@@ -198,7 +204,7 @@ fn write_request(
     body: extract::WriteBody,
     context: Option<String>,
     idempotency_key: Option<String>,
-    consistency: String,
+    consistency: i32,
 ) -> Result<cpb::WriteRequest, ApiError> {
     let context = context.unwrap_or_default();
     if !context.is_empty() {
@@ -241,7 +247,7 @@ pub async fn write(
         ErrorCode::InvalidRequest,
     )?;
     let key = body.key.clone();
-    let request = write_request(body, context, idempotency_key, level_name(&query))?;
+    let request = write_request(body, context, idempotency_key, level_of(&query))?;
     let answer = state.writes.call(request).await?;
     Ok((StatusCode::CREATED, Json(write_answer(key, answer)?)).into_response())
 }
@@ -315,7 +321,7 @@ pub async fn write_batch(
     for (index, record) in records.into_iter().enumerate() {
         let request = record.and_then(|body| {
             let (context, id) = (body.context.clone(), body.id.clone());
-            write_request(body, context, id, String::new())
+            write_request(body, context, id, 0)
         });
         match request {
             Ok(request) => {
@@ -326,12 +332,15 @@ pub async fn write_batch(
             Err(err) => results.push(Some(BatchRecordAnswer::failed(index, err.0))),
         }
     }
-    let mut consistency = level_name(&query);
+    let mut consistency = query
+        .consistency
+        .map(|l| l.as_str().to_string())
+        .unwrap_or_default();
     if !requests.is_empty() {
         let mut client = state.coordinator.clone();
         let mut request = tonic::Request::new(cpb::WriteBatchRequest {
             records: requests,
-            consistency: consistency.clone(),
+            consistency: level_of(&query),
             together: true,
         });
         request.set_timeout(state.request_timeout);
@@ -427,7 +436,7 @@ async fn read_key(
         .reads
         .call(cpb::ReadRequest {
             key: key.clone(),
-            consistency: level_name(&query),
+            consistency: level_of(&query),
         })
         .await?;
     let Some(version) = answer.version.as_ref() else {
@@ -435,7 +444,7 @@ async fn read_key(
             ErrorCode::NotFound,
             format!(
                 "key {key:?} has no versions at consistency {}",
-                answer.consistency
+                level_name(answer.consistency)
             ),
         ));
     };
@@ -446,7 +455,7 @@ async fn read_key(
         siblings: value_views(&answer.siblings)?,
         conflict: answer.siblings.len() > 1,
         context: answer.context,
-        consistency: answer.consistency,
+        consistency: level_name(answer.consistency),
         acks: acks_view(answer.acks),
     };
     Ok(Json(view).into_response())
@@ -484,7 +493,7 @@ pub async fn history(
     let mut client = state.coordinator.clone();
     let mut request = tonic::Request::new(cpb::HistoryRequest {
         key: key.clone(),
-        consistency: level_name(&query),
+        consistency: level_of(&query),
         limit: query.limit.unwrap_or(DEFAULT_HISTORY_LIMIT),
         before: cursor(query.before.clone()),
         after: cursor(query.after.clone()),
@@ -508,7 +517,7 @@ pub async fn history(
         key: &key,
         versions: value_views(&answer.versions)?,
         next,
-        consistency: answer.consistency,
+        consistency: level_name(answer.consistency),
         acks: acks_view(answer.acks),
     };
     Ok(Json(view).into_response())
