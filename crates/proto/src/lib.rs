@@ -94,6 +94,38 @@ impl coordinator::Consistency {
     }
 }
 
+/// A version vector on the wire: one `Dot` per node.
+pub fn dots(vector: geolog_core::causal::VersionVector) -> Vec<storage::Dot> {
+    vector
+        .0
+        .into_iter()
+        .map(|(node, seq)| storage::Dot { node, seq })
+        .collect()
+}
+
+/// [`dots`] of a borrowed vector.
+pub fn dots_of(vector: &geolog_core::causal::VersionVector) -> Vec<storage::Dot> {
+    vector
+        .0
+        .iter()
+        .map(|(node, &seq)| storage::Dot {
+            node: node.clone(),
+            seq,
+        })
+        .collect()
+}
+
+/// A version vector from the wire (a node listed twice: the last entry
+/// counts, as for the map the field once was).
+pub fn vector(dots: Vec<storage::Dot>) -> geolog_core::causal::VersionVector {
+    geolog_core::causal::VersionVector(dots.into_iter().map(|d| (d.node, d.seq)).collect())
+}
+
+/// [`vector`] of borrowed dots.
+pub fn vector_of(dots: &[storage::Dot]) -> geolog_core::causal::VersionVector {
+    geolog_core::causal::VersionVector(dots.iter().map(|d| (d.node.clone(), d.seq)).collect())
+}
+
 /// A level on the wire (for a field of type `Consistency`).
 pub fn consistency(level: geolog_core::ConsistencyLevel) -> i32 {
     coordinator::Consistency::from(level) as i32
@@ -128,5 +160,25 @@ mod tests {
             coordinator::Consistency::requested(42).unwrap_err().code,
             geolog_core::ErrorCode::InvalidConsistency
         );
+    }
+
+    #[test]
+    fn a_version_vector_crosses_the_wire_and_back() {
+        let v = geolog_core::causal::VersionVector(
+            [("a1".to_string(), 3), ("b2".to_string(), 1 << 40)].into(),
+        );
+        assert_eq!(vector(dots(v.clone())), v);
+        assert_eq!(vector_of(&dots_of(&v)), v);
+        let twice = [
+            storage::Dot {
+                node: "a1".into(),
+                seq: 1,
+            },
+            storage::Dot {
+                node: "a1".into(),
+                seq: 7,
+            },
+        ];
+        assert_eq!(vector_of(&twice).get("a1"), 7, "the last entry counts");
     }
 }

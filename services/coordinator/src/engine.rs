@@ -87,15 +87,6 @@ pub fn body_hash(key: &str, value_json: &str, context: Option<&VersionVector>) -
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
 }
 
-/// A context as the storage nodes take it.
-fn wire_context(context: VersionVector) -> Vec<pb::Dot> {
-    context
-        .0
-        .into_iter()
-        .map(|(node, seq)| pb::Dot { node, seq })
-        .collect()
-}
-
 /// Orders the mints of writes to one key inside a batch: a write waits
 /// for `after` — dropped by the previous write of the key once its record
 /// is queued on its minting replica, or once it failed — before queueing
@@ -337,7 +328,7 @@ impl QuorumEngine {
             value_json: value_json.to_bytes(),
             outbox_regions: remote_regions.clone(),
             has_context: context.is_some(),
-            context: context.clone().map(wire_context).unwrap_or_default(),
+            context: context.clone().map(geolog_proto::dots).unwrap_or_default(),
             idempotency_key: idempotency_key.clone().unwrap_or_default(),
             body_hash: hash.clone().unwrap_or_default(),
         };

@@ -72,8 +72,7 @@ fn version_view(v: &spb::Version) -> VersionView {
             })
             .unwrap_or_default();
     let dot = v.dot.clone().unwrap_or_default();
-    let seen: std::collections::BTreeMap<String, u64> =
-        v.context.iter().map(|d| (d.node.clone(), d.seq)).collect();
+    let seen = geolog_proto::vector_of(&v.context).0;
     let mut vector = seen.clone();
     let own = vector.entry(dot.node.clone()).or_insert(0);
     *own = (*own).max(dot.seq);

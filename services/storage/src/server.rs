@@ -4,7 +4,7 @@
 use crate::store::{
     HistoryCursor, Idempotency, MintInput, Queue, StoredVersion, VersionPosition, VersionStore,
 };
-use geolog_core::causal::{Dot, VersionVector};
+use geolog_core::causal::Dot;
 use geolog_core::merkle::{LEAF_DEPTH, LEVEL_BITS};
 use geolog_core::{ErrorCode, GeologError, Hlc, JsonText};
 use geolog_proto::storage as pb;
@@ -36,12 +36,7 @@ pub fn to_proto(v: StoredVersion) -> pb::Version {
             node: v.dot.node,
             seq: v.dot.seq,
         }),
-        context: v
-            .context
-            .0
-            .into_iter()
-            .map(|(node, seq)| pb::Dot { node, seq })
-            .collect(),
+        context: geolog_proto::dots(v.context),
         idempotency_key: v
             .idempotency
             .as_ref()
@@ -53,12 +48,6 @@ pub fn to_proto(v: StoredVersion) -> pb::Version {
 
 fn idempotency(key: String, body_hash: String) -> Option<Idempotency> {
     (!key.is_empty()).then_some(Idempotency { key, body_hash })
-}
-
-/// A context received from the network (a node listed twice: the last
-/// entry counts, as for the map it was on the wire).
-fn vector_of(context: Vec<pb::Dot>) -> VersionVector {
-    VersionVector(context.into_iter().map(|d| (d.node, d.seq)).collect())
 }
 
 /// Converts and checks a version received from the network.
@@ -91,7 +80,7 @@ pub fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
         value_json: value.detached(),
         hlc: Hlc::from_packed(ts.packed),
         dot: Dot::new(dot.node, dot.seq),
-        context: vector_of(v.context),
+        context: geolog_proto::vector(v.context),
         idempotency: idempotency(v.idempotency_key, v.body_hash),
     })
 }
@@ -204,7 +193,7 @@ impl pb::storage_server::Storage for StorageService {
             };
             results.push(None);
             inputs.push(MintInput {
-                context: req.has_context.then(|| vector_of(req.context)),
+                context: req.has_context.then(|| geolog_proto::vector(req.context)),
                 key: req.key,
                 value_json: value,
                 outbox_regions: req.outbox_regions,

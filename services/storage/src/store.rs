@@ -384,14 +384,7 @@ impl VersionStore {
 /// A version's context as its row stores it (migration 0013).
 fn context_bytes(context: &VersionVector) -> Vec<u8> {
     pb::StoredContext {
-        dots: context
-            .0
-            .iter()
-            .map(|(node, &seq)| pb::Dot {
-                node: node.clone(),
-                seq,
-            })
-            .collect(),
+        dots: geolog_proto::dots_of(context),
     }
     .encode_to_vec()
 }
@@ -401,9 +394,7 @@ fn context_of(bytes: &[u8]) -> Result<VersionVector, StoreError> {
     let stored = pb::StoredContext::decode(bytes).map_err(|e| {
         StoreError::Internal(format!("stored context is not a version vector: {e}"))
     })?;
-    Ok(VersionVector(
-        stored.dots.into_iter().map(|d| (d.node, d.seq)).collect(),
-    ))
+    Ok(geolog_proto::vector(stored.dots))
 }
 
 pub(crate) fn version_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredVersion, StoreError> {

@@ -12,7 +12,7 @@
 //! is replaced by the key's next alive local replica.
 
 use super::remote::{apply, mint_together, outbox_done, replicate, store_hints};
-use super::{Miss, QuorumEngine, Written, state_vector_of, wire_context};
+use super::{Miss, QuorumEngine, Written, state_vector_of};
 use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
@@ -109,7 +109,7 @@ impl QuorumEngine {
                 value_json: r.value_json.to_bytes(),
                 outbox_regions: remote_regions.clone(),
                 has_context: r.context.is_some(),
-                context: r.context.map(wire_context).unwrap_or_default(),
+                context: r.context.map(geolog_proto::dots).unwrap_or_default(),
                 ..Default::default()
             })
             .collect();

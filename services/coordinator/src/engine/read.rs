@@ -117,13 +117,7 @@ impl Wire {
             .as_ref()
             .map(|d| Dot::new(d.node.clone(), d.seq))
             .unwrap_or_else(|| Dot::new("", 0));
-        let context = VersionVector(
-            version
-                .context
-                .iter()
-                .map(|d| (d.node.clone(), d.seq))
-                .collect(),
-        );
+        let context = geolog_proto::vector_of(&version.context);
         Wire {
             dot,
             context,
