@@ -832,10 +832,12 @@ async fn coordinator_sees_all_alive(addr: &str) -> bool {
     else {
         return false;
     };
-    client
-        .health(cpb::HealthRequest {})
-        .await
-        .is_ok_and(|r| r.into_inner().replicas.iter().all(|r| r.state == "alive"))
+    client.health(cpb::HealthRequest {}).await.is_ok_and(|r| {
+        r.into_inner()
+            .replicas
+            .iter()
+            .all(|r| r.state() == cpb::ReplicaState::Alive)
+    })
 }
 
 async fn coordinator_healthy(addr: &str) -> bool {

@@ -13,6 +13,7 @@
 //! state also expires by itself (see [`HealthBoard`]) so a stalled prober
 //! cannot keep a node out forever.
 
+use geolog_proto::coordinator as cpb;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,12 +102,12 @@ pub enum ReplicaHealth {
     Dead,
 }
 
-impl ReplicaHealth {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReplicaHealth::Alive => "alive",
-            ReplicaHealth::Suspect => "suspect",
-            ReplicaHealth::Dead => "dead",
+impl From<ReplicaHealth> for cpb::ReplicaState {
+    fn from(health: ReplicaHealth) -> Self {
+        match health {
+            ReplicaHealth::Alive => cpb::ReplicaState::Alive,
+            ReplicaHealth::Suspect => cpb::ReplicaState::Suspect,
+            ReplicaHealth::Dead => cpb::ReplicaState::Dead,
         }
     }
 }
@@ -120,15 +121,17 @@ pub enum Circuit {
     Open,
 }
 
-impl Circuit {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Circuit::Closed => "closed",
-            Circuit::HalfOpen => "half_open",
-            Circuit::Open => "open",
+impl From<Circuit> for cpb::CircuitState {
+    fn from(circuit: Circuit) -> Self {
+        match circuit {
+            Circuit::Closed => cpb::CircuitState::Closed,
+            Circuit::HalfOpen => cpb::CircuitState::HalfOpen,
+            Circuit::Open => cpb::CircuitState::Open,
         }
     }
+}
 
+impl Circuit {
     /// The value of the `replica_circuit_state` gauge.
     pub fn gauge(self) -> f64 {
         match self {

@@ -6,9 +6,7 @@
 //! (cached with quick_cache: a lookup per record written) and the health
 //! prober.
 
-use crate::breaker::{
-    CircuitBreaker, CircuitBreakerLayer, HealthBoard, ReplicaHealth, ReplicaState,
-};
+use crate::breaker::{CircuitBreaker, CircuitBreakerLayer, HealthBoard, ReplicaState};
 use geolog_batch::{BatchLimits, Batcher};
 use geolog_config::GeologConfig;
 use geolog_core::Ring;
@@ -208,7 +206,7 @@ impl RemoteRegion {
                 .read()
                 .expect("lock is never poisoned: no panics while held")
                 .get(node)
-                .is_none_or(|r| r.state != ReplicaHealth::Dead.as_str())
+                .is_none_or(|r| r.state() != cpb::ReplicaState::Dead)
     }
 
     pub fn reported(&self, node: &str) -> Option<cpb::ReplicaHealth> {
@@ -405,10 +403,10 @@ impl ReplicaSet {
                         node: node.clone(),
                         region: region.clone(),
                         addr: addr.clone(),
-                        state: state.as_str().to_string(),
+                        state: cpb::ReplicaState::from(state) as i32,
                         last_ok_ms_ago: replica.state.last_ok_ago_ms(),
                         last_error: replica.state.last_error(),
-                        circuit: circuit.as_str().to_string(),
+                        circuit: cpb::CircuitState::from(circuit) as i32,
                     };
                 }
                 let remote = self.remote(region);
@@ -424,18 +422,18 @@ impl ReplicaSet {
                         .unwrap_or_default(),
                 };
                 let (state, circuit) = match &reported {
-                    _ if !link_up => (ReplicaHealth::Dead.as_str().to_string(), String::new()),
-                    Some(r) => (r.state.clone(), r.circuit.clone()),
-                    None => (ReplicaHealth::Alive.as_str().to_string(), String::new()),
+                    _ if !link_up => (cpb::ReplicaState::Dead, cpb::CircuitState::Unreported),
+                    Some(r) => (r.state(), r.circuit()),
+                    None => (cpb::ReplicaState::Alive, cpb::CircuitState::Unreported),
                 };
                 cpb::ReplicaHealth {
                     node: node.clone(),
                     region: region.clone(),
                     addr: addr.clone(),
-                    state,
+                    state: state as i32,
                     last_ok_ms_ago: reported.and_then(|r| r.last_ok_ms_ago),
                     last_error,
-                    circuit,
+                    circuit: circuit as i32,
                 }
             })
             .collect()
@@ -449,8 +447,8 @@ impl ReplicaSet {
                 let (state, circuit) = region.link.health();
                 cpb::RegionLinkHealth {
                     region: region.name.clone(),
-                    state: state.as_str().to_string(),
-                    circuit: circuit.as_str().to_string(),
+                    state: cpb::ReplicaState::from(state) as i32,
+                    circuit: cpb::CircuitState::from(circuit) as i32,
                     last_ok_ms_ago: region.link.last_ok_ago_ms(),
                     last_error: region.link.last_error(),
                 }

@@ -578,22 +578,43 @@ struct ReplicaView {
     region: String,
     addr: String,
     /// `alive`, `suspect` or `dead`.
-    state: String,
+    state: &'static str,
     /// The circuit breaker towards it: `closed`, `half_open` or `open`.
-    #[serde(skip_serializing_if = "String::is_empty")]
-    circuit: String,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    circuit: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_ok_ms_ago: Option<u64>,
     #[serde(skip_serializing_if = "String::is_empty")]
     last_error: String,
 }
 
+/// A replica's or link's state as the health document names it.
+fn state_name(state: cpb::ReplicaState) -> &'static str {
+    match state {
+        cpb::ReplicaState::Alive => "alive",
+        cpb::ReplicaState::Suspect => "suspect",
+        cpb::ReplicaState::Dead => "dead",
+        cpb::ReplicaState::Unknown => "unknown",
+    }
+}
+
+/// A circuit breaker's state as the health document names it (empty: a
+/// remote replica its region did not report).
+fn circuit_name(circuit: cpb::CircuitState) -> &'static str {
+    match circuit {
+        cpb::CircuitState::Closed => "closed",
+        cpb::CircuitState::HalfOpen => "half_open",
+        cpb::CircuitState::Open => "open",
+        cpb::CircuitState::Unreported => "",
+    }
+}
+
 /// The link from this region to another one.
 #[derive(Serialize)]
 struct LinkView {
     region: String,
-    state: String,
-    circuit: String,
+    state: &'static str,
+    circuit: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_ok_ms_ago: Option<u64>,
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -752,8 +773,8 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
                         .iter()
                         .map(|l| LinkView {
                             region: l.region.clone(),
-                            state: l.state.clone(),
-                            circuit: l.circuit.clone(),
+                            state: state_name(l.state()),
+                            circuit: circuit_name(l.circuit()),
                             last_ok_ms_ago: l.last_ok_ms_ago,
                             last_error: l.last_error.clone(),
                         })
@@ -764,11 +785,11 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
                         .replicas
                         .into_iter()
                         .map(|r| ReplicaView {
+                            state: state_name(r.state()),
+                            circuit: circuit_name(r.circuit()),
                             node: r.node,
                             region: r.region,
                             addr: r.addr,
-                            state: r.state,
-                            circuit: r.circuit,
                             last_ok_ms_ago: r.last_ok_ms_ago,
                             last_error: r.last_error,
                         })
