@@ -237,13 +237,22 @@ async fn held(api: &Api, key: &str, node: &str) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
+/// Fast failure detection, and hints that expire before they can be
+/// replayed (a 1 ms window): only anti-entropy, passing every
+/// `interval_ms`, can repair what a replica missed.
+fn anti_entropy_only(interval_ms: &str) -> Vec<(String, String)> {
+    let mut env = geolog_testkit::fast_failure_detection();
+    env.push(("GEOLOG__COORDINATOR__HINT_WINDOW_MS".into(), "1".into()));
+    env.push((
+        "GEOLOG__ANTI_ENTROPY__INTERVAL_MS".into(),
+        interval_ms.into(),
+    ));
+    env
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn anti_entropy_alone_repairs_a_node_that_missed_writes() {
-    let mut env = geolog_testkit::fast_failure_detection();
-    // Hints expire before they can be replayed: only anti-entropy can help.
-    env.push(("GEOLOG__COORDINATOR__HINT_WINDOW_MS".into(), "1".into()));
-    env.push(("GEOLOG__ANTI_ENTROPY__INTERVAL_MS".into(), "300".into()));
-    let mut cluster = TestCluster::start_with_env(TUTORIAL, env)
+    let mut cluster = TestCluster::start_with_env(TUTORIAL, anti_entropy_only("300"))
         .await
         .expect("cluster starts");
     let api = Api::new(cluster.gateway("a"));
@@ -268,12 +277,9 @@ async fn anti_entropy_alone_repairs_a_node_that_missed_writes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wiped_node_is_rebuilt_by_geolog_repair_run() {
-    let mut env = geolog_testkit::fast_failure_detection();
-    env.push(("GEOLOG__COORDINATOR__HINT_WINDOW_MS".into(), "1".into()));
     // The background worker makes its first pass at start and then waits:
     // only the explicit `geolog repair run` below can repair.
-    env.push(("GEOLOG__ANTI_ENTROPY__INTERVAL_MS".into(), "600000".into()));
-    let mut cluster = TestCluster::start_with_env(TUTORIAL, env)
+    let mut cluster = TestCluster::start_with_env(TUTORIAL, anti_entropy_only("600000"))
         .await
         .expect("cluster starts");
     let api = Api::new(cluster.gateway("a"));
@@ -320,10 +326,7 @@ async fn a_wiped_node_is_rebuilt_by_geolog_repair_run() {
 /// at a time and applies it in calls that fit a message.
 #[tokio::test(flavor = "multi_thread")]
 async fn anti_entropy_repairs_a_history_larger_than_a_message() {
-    let mut env = geolog_testkit::fast_failure_detection();
-    env.push(("GEOLOG__COORDINATOR__HINT_WINDOW_MS".into(), "1".into()));
-    env.push(("GEOLOG__ANTI_ENTROPY__INTERVAL_MS".into(), "600000".into()));
-    let mut cluster = TestCluster::start_with_env(TUTORIAL, env)
+    let mut cluster = TestCluster::start_with_env(TUTORIAL, anti_entropy_only("600000"))
         .await
         .expect("cluster starts");
     let api = Api::new(cluster.gateway("a"));
