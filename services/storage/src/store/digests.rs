@@ -148,16 +148,19 @@ impl VersionStore {
                         return Ok((found, true));
                     }
                     bytes += size;
+                    found.push(version);
+                }
+                // The next statement resumes after the last row kept.
+                if let Some(last) = found.last() {
                     after = Some((
-                        tree_token(&version.key),
+                        tree_token(&last.key),
                         VersionPosition {
-                            key: version.key.clone(),
-                            hlc: version.hlc.packed(),
-                            node: version.dot.node.clone(),
-                            seq: version.dot.seq,
+                            key: last.key.clone(),
+                            hlc: last.hlc.packed(),
+                            node: last.dot.node.clone(),
+                            seq: last.dot.seq,
                         },
                     ));
-                    found.push(version);
                 }
                 if complete {
                     break;
