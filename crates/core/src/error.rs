@@ -3,8 +3,16 @@
 //! gRPC code and an HTTP status, in one exhaustive `match` each, so the two
 //! transports can never disagree.
 
+use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+
+/// The error's wire form, generated from `proto/error.proto` (the service
+/// protos embed these types from here).
+#[allow(clippy::all, missing_docs)]
+pub mod wire {
+    include!(concat!(env!("OUT_DIR"), "/geolog.error.v1.rs"));
+}
 
 /// Stable, machine-readable error codes. The `snake_case` names are part of
 /// the public API: never rename one, only add.
@@ -120,6 +128,54 @@ impl ErrorCode {
     }
 }
 
+impl From<ErrorCode> for wire::ErrorCode {
+    fn from(code: ErrorCode) -> Self {
+        use wire::ErrorCode as W;
+        match code {
+            ErrorCode::InvalidJson => W::InvalidJson,
+            ErrorCode::InvalidKey => W::InvalidKey,
+            ErrorCode::InvalidConsistency => W::InvalidConsistency,
+            ErrorCode::InvalidContext => W::InvalidContext,
+            ErrorCode::InvalidRequest => W::InvalidRequest,
+            ErrorCode::PayloadTooLarge => W::PayloadTooLarge,
+            ErrorCode::UnsupportedMediaType => W::UnsupportedMediaType,
+            ErrorCode::NotFound => W::NotFound,
+            ErrorCode::IdempotencyConflict => W::IdempotencyConflict,
+            ErrorCode::RouteNotFound => W::RouteNotFound,
+            ErrorCode::MethodNotAllowed => W::MethodNotAllowed,
+            ErrorCode::Unavailable => W::Unavailable,
+            ErrorCode::Timeout => W::Timeout,
+            ErrorCode::Overloaded => W::Overloaded,
+            ErrorCode::Internal => W::Internal,
+        }
+    }
+}
+
+impl ErrorCode {
+    /// The code a wire code stands for; none for `UNSPECIFIED`.
+    fn from_wire(code: wire::ErrorCode) -> Option<ErrorCode> {
+        use wire::ErrorCode as W;
+        Some(match code {
+            W::Unspecified => return None,
+            W::InvalidJson => ErrorCode::InvalidJson,
+            W::InvalidKey => ErrorCode::InvalidKey,
+            W::InvalidConsistency => ErrorCode::InvalidConsistency,
+            W::InvalidContext => ErrorCode::InvalidContext,
+            W::InvalidRequest => ErrorCode::InvalidRequest,
+            W::PayloadTooLarge => ErrorCode::PayloadTooLarge,
+            W::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
+            W::NotFound => ErrorCode::NotFound,
+            W::IdempotencyConflict => ErrorCode::IdempotencyConflict,
+            W::RouteNotFound => ErrorCode::RouteNotFound,
+            W::MethodNotAllowed => ErrorCode::MethodNotAllowed,
+            W::Unavailable => ErrorCode::Unavailable,
+            W::Timeout => ErrorCode::Timeout,
+            W::Overloaded => ErrorCode::Overloaded,
+            W::Internal => ErrorCode::Internal,
+        })
+    }
+}
+
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -184,34 +240,79 @@ impl GeologError {
         Self::new(ErrorCode::Internal, message)
     }
 
-    /// The JSON form that crosses services: in gRPC status details and in
-    /// the per-record errors of batch answers.
-    pub fn to_json_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("GeologError always serializes")
+    /// The form that crosses services (`proto/error.proto`): in gRPC
+    /// status details and as the error of one record of a batch answer.
+    pub fn to_wire(&self) -> wire::Error {
+        let quorum = self.quorum.as_ref().map(|q| wire::QuorumDetails {
+            required: q.required,
+            alive: q.alive,
+            received: q.received,
+            regions: q
+                .regions
+                .iter()
+                .map(|r| wire::RegionDetails {
+                    region: r.region.clone(),
+                    required: r.required,
+                    alive: r.alive,
+                    received: r.received,
+                })
+                .collect(),
+        });
+        wire::Error {
+            code: wire::ErrorCode::from(self.code).into(),
+            message: self.message.clone(),
+            quorum,
+        }
     }
 
-    /// Decodes [`GeologError::to_json_bytes`]; anything else is an internal error.
-    pub fn from_json_bytes(bytes: &[u8]) -> Self {
-        serde_json::from_slice(bytes).unwrap_or_else(|e| {
-            GeologError::internal(format!("undecodable error from another service: {e}"))
-        })
+    /// Reads [`GeologError::to_wire`]; a code this version does not know
+    /// (a newer peer's) is `internal`, with the message kept.
+    pub fn from_wire(err: wire::Error) -> Self {
+        let code = wire::ErrorCode::try_from(err.code)
+            .ok()
+            .and_then(ErrorCode::from_wire)
+            .unwrap_or(ErrorCode::Internal);
+        let quorum = err.quorum.map(|q| QuorumDetails {
+            required: q.required,
+            alive: q.alive,
+            received: q.received,
+            regions: q
+                .regions
+                .into_iter()
+                .map(|r| RegionDetails {
+                    region: r.region,
+                    required: r.required,
+                    alive: r.alive,
+                    received: r.received,
+                })
+                .collect(),
+        });
+        GeologError {
+            code,
+            message: err.message,
+            quorum,
+        }
     }
 
-    /// Encodes this error as a gRPC status whose details carry the JSON form,
-    /// so the receiving side recovers the exact code and quorum details.
+    /// Encodes this error as a gRPC status whose details carry its wire
+    /// form, so the receiving side recovers the exact code and quorum
+    /// details.
     pub fn to_status(&self) -> tonic::Status {
         tonic::Status::with_details(
             self.code.grpc_code(),
             self.message.clone(),
-            self.to_json_bytes().into(),
+            self.to_wire().encode_to_vec().into(),
         )
     }
 
     /// Decodes a gRPC status produced by [`GeologError::to_status`], or maps a
-    /// bare status (transport failure) to the closest code.
+    /// bare status (transport failure, a peer that is not geolog) to the
+    /// closest code.
     pub fn from_status(status: &tonic::Status) -> Self {
-        if let Ok(err) = serde_json::from_slice::<GeologError>(status.details()) {
-            return err;
+        if !status.details().is_empty()
+            && let Ok(err) = wire::Error::decode(status.details())
+        {
+            return GeologError::from_wire(err);
         }
         GeologError::new(
             ErrorCode::from_bare_grpc(status.code()),
@@ -238,6 +339,62 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(GeologError::from_status(&err.to_status()), err);
+    }
+
+    #[test]
+    fn every_code_and_every_detail_survive_the_wire() {
+        let codes = [
+            ErrorCode::InvalidJson,
+            ErrorCode::InvalidKey,
+            ErrorCode::InvalidConsistency,
+            ErrorCode::InvalidContext,
+            ErrorCode::InvalidRequest,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::UnsupportedMediaType,
+            ErrorCode::NotFound,
+            ErrorCode::IdempotencyConflict,
+            ErrorCode::RouteNotFound,
+            ErrorCode::MethodNotAllowed,
+            ErrorCode::Unavailable,
+            ErrorCode::Timeout,
+            ErrorCode::Overloaded,
+            ErrorCode::Internal,
+        ];
+        let mut numbers = std::collections::BTreeSet::new();
+        for code in codes {
+            let number = i32::from(wire::ErrorCode::from(code));
+            assert!(number > 0 && numbers.insert(number), "{code}: {number}");
+            let err =
+                GeologError::new(code, format!("{code} happened")).with_quorum(QuorumDetails {
+                    required: 2,
+                    alive: Some(1),
+                    received: None,
+                    regions: vec![RegionDetails {
+                        region: "b".into(),
+                        required: 2,
+                        alive: None,
+                        received: Some(0),
+                    }],
+                });
+            assert_eq!(GeologError::from_status(&err.to_status()), err);
+            assert_eq!(GeologError::from_wire(err.to_wire()), err);
+        }
+    }
+
+    #[test]
+    fn a_code_from_a_newer_peer_is_internal_with_its_message() {
+        let newer = wire::Error {
+            code: 999,
+            message: "something new".into(),
+            quorum: None,
+        };
+        let err = GeologError::from_wire(newer);
+        assert_eq!(
+            (err.code, err.message.as_str()),
+            (ErrorCode::Internal, "something new")
+        );
+        let none = GeologError::from_wire(wire::Error::default());
+        assert_eq!(none.code, ErrorCode::Internal);
     }
 
     #[test]

@@ -27,6 +27,22 @@ pub use generated::geolog::storage::v1 as storage;
 /// Coordinator API (`proto/coordinator.proto`).
 pub use generated::geolog::coordinator::v1 as coordinator;
 
+/// One item of a batch answer (a minted record, a written record, a read)
+/// as a result: its answer, or the error it carries instead. An item with
+/// neither is a peer's bug, reported as an internal error.
+pub fn item_outcome<T>(
+    answer: Option<T>,
+    error: Option<geolog_core::error::wire::Error>,
+) -> Result<T, geolog_core::GeologError> {
+    match (answer, error) {
+        (_, Some(error)) => Err(geolog_core::GeologError::from_wire(error)),
+        (Some(answer), None) => Ok(answer),
+        (None, None) => Err(geolog_core::GeologError::internal(
+            "a batch answer's item carried neither its answer nor an error",
+        )),
+    }
+}
+
 /// Largest gRPC message any geolog service sends or accepts, on every hop
 /// (gateway, coordinators, storage nodes, anti-entropy). Answers that could
 /// outgrow it are paged (a quarter of it per page: `ReadMany`,
@@ -135,6 +151,7 @@ pub fn consistency(level: geolog_core::ConsistencyLevel) -> i32 {
 mod tests {
     use super::*;
     use geolog_core::ConsistencyLevel as L;
+    use geolog_core::{ErrorCode, GeologError};
 
     #[test]
     fn every_level_crosses_the_wire_and_back() {
@@ -180,5 +197,24 @@ mod tests {
             },
         ];
         assert_eq!(vector_of(&twice).get("a1"), 7, "the last entry counts");
+    }
+
+    #[test]
+    fn a_batch_item_is_its_answer_or_its_error_and_never_silently_empty() {
+        assert_eq!(item_outcome(Some(7), None), Ok(7));
+        let refused = GeologError::new(ErrorCode::Overloaded, "queue full");
+        assert_eq!(
+            item_outcome(Some(7), Some(refused.to_wire())),
+            Err(refused.clone()),
+            "an error wins over an answer"
+        );
+        assert_eq!(
+            item_outcome::<u8>(None, Some(refused.to_wire())),
+            Err(refused)
+        );
+        assert_eq!(
+            item_outcome::<u8>(None, None).unwrap_err().code,
+            ErrorCode::Internal
+        );
     }
 }

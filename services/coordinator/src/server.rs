@@ -99,12 +99,13 @@ fn context_of(token: &str) -> Result<Option<VersionVector>, GeologError> {
     }
 }
 
-/// One item's outcome in a batch answer: its answer, or the error as JSON
-/// (the form of a gRPC status's details).
-fn answer_or_error<T>(result: Result<T, GeologError>) -> (Option<T>, bytes::Bytes) {
+/// One item's outcome in a batch answer: its answer, or its error.
+fn answer_or_error<T>(
+    result: Result<T, GeologError>,
+) -> (Option<T>, Option<geolog_core::error::wire::Error>) {
     match result {
-        Ok(answer) => (Some(answer), bytes::Bytes::new()),
-        Err(err) => (None, err.to_json_bytes().into()),
+        Ok(answer) => (Some(answer), None),
+        Err(err) => (None, Some(err.to_wire())),
     }
 }
 
@@ -332,12 +333,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let results = results
             .into_iter()
             .map(|result| {
-                let (written, error_json) =
-                    answer_or_error(result.expect("every record has a result"));
-                pb::WriteResult {
-                    written,
-                    error_json,
-                }
+                let (written, error) = answer_or_error(result.expect("every record has a result"));
+                pb::WriteResult { written, error }
             })
             .collect();
         Ok(Response::new(pb::WriteBatchResponse { results }))
@@ -379,8 +376,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             if let Err(err) = &result {
                 log_failure("read_batch", &read.key, err);
             }
-            let (read, error_json) = answer_or_error(result);
-            pb::ReadResult { read, error_json }
+            let (read, error) = answer_or_error(result);
+            pb::ReadResult { read, error }
         });
         let results = futures_util::future::join_all(reads).await;
         Ok(Response::new(pb::ReadBatchResponse { results }))

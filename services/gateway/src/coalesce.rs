@@ -32,15 +32,6 @@ type LevelBatcher<R> = Arc<Batcher<R, Result<<R as Coalesced>::Answer, GeologErr
 /// coordinators' message limit (a larger request still goes, alone).
 const MAX_CALL_BYTES: usize = 1 << 20;
 
-/// One item of a coordinator's batch answer as a result: its answer, or
-/// the error its `error_json` carries.
-pub fn item_outcome<T>(answer: Option<T>, error_json: &[u8]) -> Result<T, GeologError> {
-    match answer {
-        Some(answer) if error_json.is_empty() => Ok(answer),
-        _ => Err(GeologError::from_json_bytes(error_json)),
-    }
-}
-
 /// A request the gateway may send together with others of its level.
 pub trait Coalesced: Sized + Send + 'static {
     type Answer: Send + 'static;
@@ -88,7 +79,7 @@ impl Coalesced for cpb::WriteRequest {
         Ok(answer
             .results
             .into_iter()
-            .map(|result| item_outcome(result.written, &result.error_json))
+            .map(|result| geolog_proto::item_outcome(result.written, result.error))
             .collect())
     }
 }
@@ -117,7 +108,7 @@ impl Coalesced for cpb::ReadRequest {
         Ok(answer
             .results
             .into_iter()
-            .map(|result| item_outcome(result.read, &result.error_json))
+            .map(|result| geolog_proto::item_outcome(result.read, result.error))
             .collect())
     }
 }

@@ -2,7 +2,6 @@
 //! coordinator over gRPC, and renders the answer; no quorum logic here.
 
 use crate::AppState;
-use crate::coalesce;
 use crate::error::ApiError;
 use crate::extract::{self, LogQuery};
 use axum::Json;
@@ -352,7 +351,7 @@ pub async fn write_batch(
         }
         for ((index, key), result) in sent.into_iter().zip(answer.results) {
             results[index] = Some(
-                match coalesce::item_outcome(result.written, &result.error_json) {
+                match geolog_proto::item_outcome(result.written, result.error) {
                     Ok(written) => {
                         let written = write_answer(key, written)?;
                         consistency.clone_from(&written.consistency);

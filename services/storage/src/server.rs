@@ -148,7 +148,7 @@ const PAGE_BYTES: usize = geolog_proto::MAX_MESSAGE_BYTES / 4;
 fn record_error(err: &GeologError) -> pb::MintResult {
     pb::MintResult {
         minted: None,
-        error_json: err.to_json_bytes().into(),
+        error: Some(err.to_wire()),
     }
 }
 
@@ -222,7 +222,7 @@ impl pb::storage_server::Storage for StorageService {
                             frontier: minted.frontier.into_iter().map(to_proto).collect(),
                             replayed: minted.replayed,
                         }),
-                        error_json: Default::default(),
+                        error: None,
                     },
                     Err(err) => record_error(&GeologError::from(err)),
                 })

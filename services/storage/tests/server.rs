@@ -133,3 +133,67 @@ async fn apply_refuses_a_version_whose_value_is_not_json() {
         .expect("a JSON value");
     assert_eq!(store.frontier("ok").await.unwrap().len(), 1);
 }
+
+/// A mint batch answers per record: a record refused alone carries its own
+/// error (code and message, in the wire's error form), and the records
+/// around it are minted.
+#[tokio::test]
+async fn a_mint_batch_answers_each_refused_record_with_its_own_error() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let store = open(&pg, 1 << 20).await;
+    let service = StorageService::new(store.clone(), "r1".into());
+    let record = |key: &str, value: &str, id: &str, hash: &str| pb::MintRequest {
+        key: key.into(),
+        value_json: value.as_bytes().to_vec().into(),
+        idempotency_key: id.into(),
+        body_hash: hash.into(),
+        ..Default::default()
+    };
+    let answer = service
+        .mint_batch(Request::new(pb::MintBatchRequest {
+            records: vec![
+                record("good", "1", "", ""),
+                record("", "1", "", ""),
+                record("once", "1", "retry-1", "h1"),
+                record("once", "2", "retry-1", "h2"),
+                record("bad-json", "{", "", ""),
+                record("good", "2", "", ""),
+            ],
+        }))
+        .await
+        .expect("the batch is answered")
+        .into_inner();
+    let outcomes: Vec<Result<pb::MintResponse, geolog_core::GeologError>> = answer
+        .results
+        .into_iter()
+        .map(|r| geolog_proto::item_outcome(r.minted, r.error))
+        .collect();
+    let codes: Vec<Option<geolog_core::ErrorCode>> = outcomes
+        .iter()
+        .map(|o| o.as_ref().err().map(|e| e.code))
+        .collect();
+    use geolog_core::ErrorCode as C;
+    assert_eq!(
+        codes,
+        vec![
+            None,
+            Some(C::InvalidKey),
+            None,
+            Some(C::IdempotencyConflict),
+            Some(C::InvalidJson),
+            None
+        ]
+    );
+    let conflict = outcomes[3].as_ref().unwrap_err();
+    assert!(conflict.message.contains("retry-1"), "{}", conflict.message);
+    assert_eq!(store.frontier("good").await.unwrap().len(), 1);
+    assert_eq!(
+        store.history("good", 10, None, None).await.unwrap().len(),
+        2
+    );
+    assert_eq!(
+        store.history("once", 10, None, None).await.unwrap().len(),
+        1
+    );
+    assert!(store.frontier("bad-json").await.unwrap().is_empty());
+}

@@ -6,7 +6,6 @@ use super::read::ReadKind;
 use super::{Miss, QuorumEngine};
 use crate::SpawnTraced;
 use crate::replicas::{Replica, collect};
-use geolog_core::GeologError;
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::HashMap;
@@ -158,10 +157,7 @@ fn minted(
     result: Result<pb::MintResult, tonic::Status>,
 ) -> Result<pb::MintResponse, tonic::Status> {
     let result = result?;
-    match result.minted {
-        Some(minted) if result.error_json.is_empty() => Ok(minted),
-        _ => Err(GeologError::from_json_bytes(&result.error_json).to_status()),
-    }
+    geolog_proto::item_outcome(result.minted, result.error).map_err(|err| err.to_status())
 }
 
 /// Applies versions to one local replica (batched with concurrent calls).
