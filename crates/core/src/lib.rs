@@ -15,4 +15,5 @@ pub use consistency::{AckTracker, ConsistencyLevel, Requirement};
 pub use error::{ErrorCode, GeologError};
 pub use hlc::{Hlc, HlcClock};
 pub use json::JsonText;
+pub use key::Key;
 pub use ring::Ring;

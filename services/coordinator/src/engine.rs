@@ -34,7 +34,9 @@ use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
 use geolog_core::error::QuorumDetails;
 use geolog_core::ring::Placement;
-use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError, JsonText, Requirement};
+use geolog_core::{
+    AckTracker, ConsistencyLevel, ErrorCode, GeologError, JsonText, Key, Requirement,
+};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::HashMap;
@@ -284,7 +286,7 @@ impl QuorumEngine {
     /// mint after another write's (see [`MintOrder`]).
     pub async fn write(
         &self,
-        key: &str,
+        key: &Key,
         value_json: &JsonText,
         level: ConsistencyLevel,
         context: Option<VersionVector>,
@@ -295,7 +297,6 @@ impl QuorumEngine {
             after,
             minted: mut minted_signal,
         } = order;
-        geolog_core::key::validate_key(key)?;
         let requirement = self.requirement(level, Operation::Write)?;
         // One deadline for the whole write, the lookup of an earlier one
         // with the same idempotency key included.

@@ -7,7 +7,7 @@ use crate::observe::{observed, observed_batch};
 use crate::outbox::OutboxView;
 use geolog_core::causal::VersionVector;
 use geolog_core::error::QuorumDetails;
-use geolog_core::{ConsistencyLevel, ErrorCode, GeologError, JsonText};
+use geolog_core::{ConsistencyLevel, ErrorCode, GeologError, JsonText, Key};
 use geolog_proto::coordinator as pb;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -115,6 +115,7 @@ async fn read_one(
     key: &str,
     level: ConsistencyLevel,
 ) -> Result<pb::ReadResponse, GeologError> {
+    let key = &Key::new(key)?;
     let outcome = observed(
         "read",
         engine.region(),
@@ -140,15 +141,16 @@ async fn write_one(
     level: geolog_core::ConsistencyLevel,
     order: MintOrder,
 ) -> Result<pb::WriteResponse, GeologError> {
+    let key = Key::new(req.key)?;
     let context = context_of(&req.context)?;
     let value = JsonText::from_wire(req.value_json)?;
     let outcome = observed(
         "write",
         engine.region(),
-        &req.key,
+        &key,
         level.as_str(),
         engine.write(
-            &req.key,
+            &key,
             &value,
             level,
             context,
@@ -204,7 +206,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::RegionReadRequest>,
     ) -> Result<Response<Self::RegionReadStream>, Status> {
         let req = request.into_inner();
-        geolog_core::key::validate_key(&req.key)?;
+        let key = Key::new(req.key)?;
         let kind = match req.history {
             None if !req.idempotency_key.is_empty() => ReadKind::Idempotent {
                 idempotency_key: req.idempotency_key,
@@ -216,7 +218,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 after: h.after,
             },
         };
-        let answers = self.engine.read_local(req.key, req.replicas as usize, kind);
+        let answers = self.engine.read_local(key, req.replicas as usize, kind);
         Ok(Response::new(Box::pin(
             UnboundedReceiverStream::new(answers).map(Ok),
         )))
@@ -283,9 +285,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let mut batched_at = Vec::new();
         for (index, record) in req.records.into_iter().enumerate() {
             if !single[index] {
-                let parsed = context_of(&record.context)
-                    .and_then(|context| Ok((context, JsonText::from_wire(record.value_json)?)));
-                let (context, value) = match parsed {
+                let parsed = Key::new(record.key).and_then(|key| {
+                    let context = context_of(&record.context)?;
+                    Ok((key, context, JsonText::from_wire(record.value_json)?))
+                });
+                let (key, context, value) = match parsed {
                     Ok(parsed) => parsed,
                     Err(err) => {
                         results[index] = Some(Err(err));
@@ -294,7 +298,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 };
                 batched_at.push(index);
                 batched.push(BatchRecord {
-                    key: record.key,
+                    key,
                     value_json: value,
                     context,
                 });
@@ -312,7 +316,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             });
         }
         let region = self.engine.region().to_string();
-        let keys: Vec<String> = batched.iter().map(|r| r.key.clone()).collect();
+        let keys: Vec<Key> = batched.iter().map(|r| r.key.clone()).collect();
         let outcomes = observed_batch(
             &region,
             level.as_str(),
@@ -388,17 +392,18 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryResponse>, Status> {
         let req = request.into_inner();
-        let level = self
+        let (level, key) = self
             .engine
             .level(req.consistency)
+            .and_then(|level| Ok((level, Key::new(req.key.clone())?)))
             .map_err(|e| fail("history", &req.key, e))?;
         let (versions, more, outcome) = observed(
             "history",
             self.engine.region(),
-            &req.key,
+            &key,
             level.as_str(),
             self.engine
-                .history(&req.key, level, req.limit, req.before, req.after),
+                .history(&key, level, req.limit, req.before, req.after),
         )
         .await
         .map_err(|e| fail("history", &req.key, e))?;
@@ -415,9 +420,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::ReplicasRequest>,
     ) -> Result<Response<pb::ReplicasResponse>, Status> {
         let req = request.into_inner();
+        let key = Key::new(req.key.clone()).map_err(|e| fail("replicas", &req.key, e))?;
         let replicas = self
             .engine
-            .replica_view(&req.key)
+            .replica_view(&key)
             .await
             .map_err(|e| fail("replicas", &req.key, e))?;
         Ok(Response::new(pb::ReplicasResponse { replicas }))

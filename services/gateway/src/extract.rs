@@ -4,7 +4,7 @@
 
 use crate::error::ApiError;
 use axum::body::Body;
-use geolog_core::{ConsistencyLevel, ErrorCode};
+use geolog_core::{ConsistencyLevel, ErrorCode, Key};
 use http::HeaderMap;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
@@ -161,19 +161,29 @@ pub fn parse_batch(
     Ok(records)
 }
 
-/// The body of `POST /api/logs`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The body of `POST /api/logs`, checked.
+#[derive(Debug)]
 pub struct WriteBody {
-    pub key: String,
+    pub key: Key,
     /// Any JSON value, kept verbatim.
     pub value: Box<RawValue>,
     /// Context token from a read: the write supersedes what it saw.
-    #[serde(default)]
     pub context: Option<String>,
     /// Idempotency key (same as the `Idempotency-Key` header).
-    #[serde(default)]
     pub id: Option<String>,
+}
+
+/// [`WriteBody`] as sent: the key is checked after parsing, so that a bad
+/// one is `invalid_key`, not `invalid_json`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SentWriteBody {
+    key: String,
+    value: Box<RawValue>,
+    #[serde(default)]
+    context: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
 }
 
 /// A value a client may send as a body field or as a header: either, or
@@ -230,10 +240,14 @@ pub fn parse_write(bytes: &[u8]) -> Result<WriteBody, ApiError> {
             "request body is empty; expected {\"key\": ..., \"value\": ...}",
         ));
     }
-    let body: WriteBody = serde_json::from_slice(bytes)
+    let body: SentWriteBody = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("invalid JSON body: {e}")))?;
-    geolog_core::key::validate_key(&body.key)?;
-    Ok(body)
+    Ok(WriteBody {
+        key: Key::new(body.key)?,
+        value: body.value,
+        context: body.context,
+        id: body.id,
+    })
 }
 
 /// Query parameters accepted by the log routes.

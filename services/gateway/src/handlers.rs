@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State, rejection::PathRejection};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use geolog_core::{ErrorCode, Hlc};
+use geolog_core::{ErrorCode, Hlc, Key};
 use geolog_proto::{coordinator as cpb, storage as spb};
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -129,11 +129,10 @@ fn missing_version() -> ApiError {
 /// Header that may carry the context token instead of the body field.
 pub const CONTEXT_HEADER: &str = "x-geolog-context";
 
-fn key_from_path(key: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+fn key_from_path(key: Result<Path<String>, PathRejection>) -> Result<Key, ApiError> {
     let Path(key) =
         key.map_err(|e| ApiError::new(ErrorCode::InvalidKey, format!("invalid key in path: {e}")))?;
-    geolog_core::key::validate_key(&key)?;
-    Ok(key)
+    Ok(Key::new(key)?)
 }
 
 fn raw_value(version: &spb::Version) -> Result<Box<RawValue>, ApiError> {
@@ -166,7 +165,7 @@ fn value_views(versions: &[spb::Version]) -> Result<Vec<ValueView>, ApiError> {
 
 #[derive(Serialize)]
 struct WriteAnswer {
-    key: String,
+    key: Key,
     version: VersionView,
     /// Context token of the key's state after this write.
     context: String,
@@ -182,7 +181,7 @@ struct WriteAnswer {
     acks: AcksView,
 }
 
-fn write_answer(key: String, answer: cpb::WriteResponse) -> Result<WriteAnswer, ApiError> {
+fn write_answer(key: Key, answer: cpb::WriteResponse) -> Result<WriteAnswer, ApiError> {
     let version = answer.version.as_ref().ok_or_else(missing_version)?;
     Ok(WriteAnswer {
         key,
@@ -213,7 +212,7 @@ fn write_request(
     }
     Ok(cpb::WriteRequest {
         value_json: String::from(Box::<str>::from(body.value)).into(),
-        key: body.key,
+        key: body.key.into_string(),
         consistency,
         context,
         idempotency_key: idempotency_key.unwrap_or_default(),
@@ -318,12 +317,12 @@ pub async fn write_batch(
     let (mut sent, mut requests) = (Vec::new(), Vec::new());
     for (index, record) in records.into_iter().enumerate() {
         let request = record.and_then(|body| {
-            let (context, id) = (body.context.clone(), body.id.clone());
-            write_request(body, context, id, 0)
+            let (key, context, id) = (body.key.clone(), body.context.clone(), body.id.clone());
+            Ok((key, write_request(body, context, id, 0)?))
         });
         match request {
-            Ok(request) => {
-                sent.push((index, request.key.clone()));
+            Ok((key, request)) => {
+                sent.push((index, key));
                 requests.push(request);
                 results.push(None);
             }
@@ -421,19 +420,15 @@ pub async fn read_batch_key(
     State(state): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    read_key(&state, "batch".to_string(), raw).await
+    read_key(&state, Key::new("batch")?, raw).await
 }
 
-async fn read_key(
-    state: &AppState,
-    key: String,
-    raw: Option<String>,
-) -> Result<Response, ApiError> {
+async fn read_key(state: &AppState, key: Key, raw: Option<String>) -> Result<Response, ApiError> {
     let query = extract::parse_query(raw.as_deref(), extract::LOG_PARAMS)?;
     let answer = state
         .reads
         .call(cpb::ReadRequest {
-            key: key.clone(),
+            key: key.to_string(),
             consistency: level_of(&query),
         })
         .await?;
@@ -441,7 +436,8 @@ async fn read_key(
         return Err(ApiError::new(
             ErrorCode::NotFound,
             format!(
-                "key {key:?} has no versions at consistency {}",
+                "key {:?} has no versions at consistency {}",
+                key.as_str(),
                 level_name(answer.consistency)
             ),
         ));
@@ -490,7 +486,7 @@ pub async fn history(
     };
     let mut client = state.coordinator.clone();
     let mut request = tonic::Request::new(cpb::HistoryRequest {
-        key: key.clone(),
+        key: key.to_string(),
         consistency: level_of(&query),
         limit: query.limit.unwrap_or(DEFAULT_HISTORY_LIMIT),
         before: cursor(query.before.clone()),
@@ -542,7 +538,9 @@ pub async fn replicas(
     let key = key_from_path(key)?;
     extract::parse_query(raw.as_deref(), &[])?;
     let mut client = state.coordinator.clone();
-    let mut request = tonic::Request::new(cpb::ReplicasRequest { key: key.clone() });
+    let mut request = tonic::Request::new(cpb::ReplicasRequest {
+        key: key.to_string(),
+    });
     request.set_timeout(state.request_timeout);
     let answer = client.replicas(request).await?.into_inner();
     let replicas = answer

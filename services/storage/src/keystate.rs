@@ -274,7 +274,7 @@ mod tests {
 
     fn version(key: &str, seq: u64) -> StoredVersion {
         StoredVersion {
-            key: key.into(),
+            key: geolog_core::Key::new(key).expect("a valid key"),
             value_json: "1".into(),
             hlc: Hlc::new(1, 0),
             dot: Dot::new("n1", seq),

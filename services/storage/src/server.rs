@@ -6,7 +6,7 @@ use crate::store::{
 };
 use geolog_core::causal::Dot;
 use geolog_core::merkle::{LEAF_DEPTH, LEVEL_BITS};
-use geolog_core::{ErrorCode, GeologError, Hlc, JsonText};
+use geolog_core::{ErrorCode, GeologError, Hlc, JsonText, Key};
 use geolog_proto::storage as pb;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ impl StorageService {
 /// Converts a stored version to its wire form.
 pub fn to_proto(v: StoredVersion) -> pb::Version {
     pb::Version {
-        key: v.key,
+        key: v.key.into_string(),
         value_json: v.value_json.to_bytes(),
         timestamp: Some(pb::Hlc {
             packed: v.hlc.packed(),
@@ -58,7 +58,7 @@ pub fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
             "version without timestamp or dot",
         ));
     };
-    geolog_core::key::validate_key(&v.key)?;
+    let key = Key::new(v.key)?;
     let fits = |n: u64| n > 0 && n <= i64::MAX as u64;
     if dot.node.is_empty()
         || !fits(dot.seq)
@@ -75,7 +75,7 @@ pub fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
         .check_syntax()
         .map_err(|m| GeologError::new(ErrorCode::InvalidRequest, m))?;
     Ok(StoredVersion {
-        key: v.key,
+        key,
         // Its own allocation: the cache may keep it long after the message.
         value_json: value.detached(),
         hlc: Hlc::from_packed(ts.packed),
@@ -182,10 +182,10 @@ impl pb::storage_server::Storage for StorageService {
         let mut results: Vec<Option<pb::MintResult>> = Vec::with_capacity(records.len());
         let mut inputs = Vec::with_capacity(records.len());
         for req in records {
-            let value = geolog_core::key::validate_key(&req.key)
-                .and_then(|()| JsonText::from_wire(req.value_json));
-            let value = match value {
-                Ok(value) => value.detached(),
+            let checked =
+                Key::new(req.key).and_then(|key| Ok((key, JsonText::from_wire(req.value_json)?)));
+            let (key, value) = match checked {
+                Ok((key, value)) => (key, value.detached()),
                 Err(err) => {
                     results.push(Some(record_error(&err)));
                     continue;
@@ -194,7 +194,7 @@ impl pb::storage_server::Storage for StorageService {
             results.push(None);
             inputs.push(MintInput {
                 context: req.has_context.then(|| geolog_proto::vector(req.context)),
-                key: req.key,
+                key,
                 value_json: value,
                 outbox_regions: req.outbox_regions,
                 idempotency: idempotency(req.idempotency_key, req.body_hash),
@@ -255,9 +255,8 @@ impl pb::storage_server::Storage for StorageService {
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<pb::ReadResponse>, Status> {
         let started = Instant::now();
-        let req = request.into_inner();
-        geolog_core::key::validate_key(&req.key)?;
-        let result = self.store.frontier(&req.key).await;
+        let key = Key::new(request.into_inner().key)?;
+        let result = self.store.frontier(&key).await;
         observe("read", started, result.is_ok());
         let frontier = result.map_err(|e| fail("read", e))?;
         Ok(Response::new(pb::ReadResponse {
@@ -278,10 +277,12 @@ impl pb::storage_server::Storage for StorageService {
             )
             .to_status());
         }
-        for key in &req.keys {
-            geolog_core::key::validate_key(key)?;
-        }
-        let keys: Vec<&str> = req.keys.iter().map(String::as_str).collect();
+        let keys = req
+            .keys
+            .into_iter()
+            .map(Key::new)
+            .collect::<Result<Vec<Key>, _>>()?;
+        let keys: Vec<&str> = keys.iter().map(Key::as_str).collect();
         let result = self.store.frontiers(&keys).await;
         observe("read_many", started, result.is_ok());
         let found = result.map_err(|e| fail("read_many", e))?;
@@ -315,12 +316,12 @@ impl pb::storage_server::Storage for StorageService {
     ) -> Result<Response<pb::HistoryResponse>, Status> {
         let started = Instant::now();
         let req = request.into_inner();
-        geolog_core::key::validate_key(&req.key)?;
+        let key = Key::new(req.key)?;
         let (before, after) = (cursor(req.before), cursor(req.after));
         let limit = req.limit.clamp(1, 1_000);
         let result = self
             .store
-            .history(&req.key, limit, before.as_ref(), after.as_ref())
+            .history(&key, limit, before.as_ref(), after.as_ref())
             .await;
         observe("history", started, result.is_ok());
         let versions = result.map_err(|e| fail("history", e))?;
@@ -334,10 +335,10 @@ impl pb::storage_server::Storage for StorageService {
         request: Request<pb::FindIdempotentRequest>,
     ) -> Result<Response<pb::FindIdempotentResponse>, Status> {
         let req = request.into_inner();
-        geolog_core::key::validate_key(&req.key)?;
+        let key = Key::new(req.key)?;
         let found = self
             .store
-            .find_idempotent(&req.key, &req.idempotency_key)
+            .find_idempotent(&key, &req.idempotency_key)
             .await
             .map_err(|e| fail("find_idempotent", e))?;
         Ok(Response::new(pb::FindIdempotentResponse {
@@ -389,15 +390,12 @@ impl pb::storage_server::Storage for StorageService {
         let req = request.into_inner();
         let ranges = token_ranges(&req.ranges)?;
         let after = match req.after {
-            Some(p) => {
-                geolog_core::key::validate_key(&p.key)?;
-                Some(VersionPosition {
-                    key: p.key,
-                    hlc: p.hlc,
-                    node: p.node,
-                    seq: p.seq,
-                })
-            }
+            Some(p) => Some(VersionPosition {
+                key: Key::new(p.key)?,
+                hlc: p.hlc,
+                node: p.node,
+                seq: p.seq,
+            }),
             None => None,
         };
         let (versions, more) = self

@@ -22,7 +22,7 @@ mod versions;
 use crate::digest_tree::{Digest, DigestTree};
 use crate::keystate::KeyStates;
 use geolog_core::causal::{Causal, Dot, VersionVector};
-use geolog_core::{ErrorCode, GeologError, Hlc, HlcClock, JsonText};
+use geolog_core::{ErrorCode, GeologError, Hlc, HlcClock, JsonText, Key};
 use geolog_proto::storage as pb;
 use prost::Message;
 use sqlx::Row;
@@ -37,7 +37,7 @@ type LeafRow = (i32, Option<i64>, i64, Option<i64>, Option<i64>);
 /// A stored version (the storage node's view of `proto::storage::Version`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredVersion {
-    pub key: String,
+    pub key: Key,
     /// Shared, not copied: a version's value is held by the cache, the
     /// frontiers computed from it, the statement that stores it and the
     /// answers that carry it.
@@ -67,7 +67,7 @@ impl StoredVersion {
 /// the key), key, timestamp, then dot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionPosition {
-    pub key: String,
+    pub key: Key,
     pub hlc: u64,
     pub node: String,
     pub seq: u64,
@@ -108,7 +108,7 @@ pub enum Queue {
 /// One record to mint (see [`VersionStore::mint_batch`]).
 #[derive(Debug, Clone)]
 pub struct MintInput {
-    pub key: String,
+    pub key: Key,
     pub value_json: JsonText,
     /// The client's context: the version supersedes exactly what it covers;
     /// without one, what this node has seen of the key.
@@ -399,8 +399,11 @@ fn context_of(bytes: &[u8]) -> Result<VersionVector, StoreError> {
 
 pub(crate) fn version_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredVersion, StoreError> {
     let context = context_of(row.try_get("context")?)?;
+    let key = Key::new(row.try_get::<String, _>("key")?).map_err(|e| {
+        StoreError::Internal(format!("a stored key breaks the rules: {}", e.message))
+    })?;
     Ok(StoredVersion {
-        key: row.try_get("key")?,
+        key,
         value_json: row.try_get::<String, _>("value")?.into(),
         hlc: Hlc::from_packed(row.try_get::<i64, _>("hlc")? as u64),
         dot: Dot::new(

@@ -10,6 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::Request;
 
+/// A key the test knows to be valid.
+fn k(key: &str) -> geolog_core::Key {
+    geolog_core::Key::new(key).expect("a valid key")
+}
+
 /// Node `n1`'s store on `pg`, caching up to `cache_bytes` of frontiers.
 async fn open(pg: &TestPostgres, cache_bytes: u64) -> Arc<VersionStore> {
     let settings = StoreSettings {
@@ -32,9 +37,9 @@ async fn read_many_answers_every_key_in_order_and_defers_what_does_not_fit() {
     // answered "ask alone", and so is the first key asked again.
     let big = format!("\"{}\"", "x".repeat(1_500_000));
     for key in ["big1", "big2", "big3"] {
-        store.mint(key, &big).await.unwrap();
+        store.mint(&k(key), &big).await.unwrap();
     }
-    let small = store.mint("small", r#"{"n": 1}"#).await.unwrap();
+    let small = store.mint(&k("small"), r#"{"n": 1}"#).await.unwrap();
     let service = StorageService::new(store.clone(), "r1".into());
     let keys = [
         "big1",
@@ -123,15 +128,15 @@ async fn apply_refuses_a_version_whose_value_is_not_json() {
         geolog_core::GeologError::from_status(&refused).code,
         geolog_core::ErrorCode::InvalidRequest
     );
-    assert!(store.frontier("ok").await.unwrap().is_empty());
-    assert!(store.frontier("bad").await.unwrap().is_empty());
+    assert!(store.frontier(&k("ok")).await.unwrap().is_empty());
+    assert!(store.frontier(&k("bad")).await.unwrap().is_empty());
     service
         .apply(Request::new(pb::ApplyRequest {
             versions: vec![version("ok", 1, "[1]")],
         }))
         .await
         .expect("a JSON value");
-    assert_eq!(store.frontier("ok").await.unwrap().len(), 1);
+    assert_eq!(store.frontier(&k("ok")).await.unwrap().len(), 1);
 }
 
 /// A mint batch answers per record: a record refused alone carries its own
@@ -186,14 +191,22 @@ async fn a_mint_batch_answers_each_refused_record_with_its_own_error() {
     );
     let conflict = outcomes[3].as_ref().unwrap_err();
     assert!(conflict.message.contains("retry-1"), "{}", conflict.message);
-    assert_eq!(store.frontier("good").await.unwrap().len(), 1);
+    assert_eq!(store.frontier(&k("good")).await.unwrap().len(), 1);
     assert_eq!(
-        store.history("good", 10, None, None).await.unwrap().len(),
+        store
+            .history(&k("good"), 10, None, None)
+            .await
+            .unwrap()
+            .len(),
         2
     );
     assert_eq!(
-        store.history("once", 10, None, None).await.unwrap().len(),
+        store
+            .history(&k("once"), 10, None, None)
+            .await
+            .unwrap()
+            .len(),
         1
     );
-    assert!(store.frontier("bad-json").await.unwrap().is_empty());
+    assert!(store.frontier(&k("bad-json")).await.unwrap().is_empty());
 }

@@ -9,6 +9,11 @@ use geolog_storage::store::{
 use geolog_testkit::TestPostgres;
 use std::time::Duration;
 
+/// A key the test knows to be valid.
+fn k(key: &str) -> geolog_core::Key {
+    geolog_core::Key::new(key).expect("a valid key")
+}
+
 fn pool() -> StoreSettings {
     StoreSettings {
         max_connections: 4,
@@ -37,7 +42,7 @@ fn version(
     ctx: &[(&str, u64)],
 ) -> StoredVersion {
     StoredVersion {
-        key: key.into(),
+        key: k(key),
         value_json: value.into(),
         hlc,
         dot: Dot::new(node, seq),
@@ -50,14 +55,14 @@ fn version(
 async fn sequential_mints_replace_and_every_version_is_kept() {
     let pg = TestPostgres::start().await.expect("start postgres");
     let store = open(&pg, "n1").await;
-    let first = store.mint("k", r#"{"a": 1}"#).await.unwrap();
-    let second = store.mint("k", "[1, 2,  3]").await.unwrap();
+    let first = store.mint(&k("k"), r#"{"a": 1}"#).await.unwrap();
+    let second = store.mint(&k("k"), "[1, 2,  3]").await.unwrap();
     assert!(second.dot.seq > first.dot.seq && second.hlc > first.hlc);
     assert!(
         second.context.covers(&first.dot),
         "a write without context supersedes what the node saw"
     );
-    assert_eq!(store.frontier("k").await.unwrap(), vec![second.clone()]);
+    assert_eq!(store.frontier(&k("k")).await.unwrap(), vec![second.clone()]);
     assert_eq!(
         store.count_versions("k").await.unwrap(),
         2,
@@ -65,10 +70,10 @@ async fn sequential_mints_replace_and_every_version_is_kept() {
     );
     // The JSON comes back byte for byte, whitespace included.
     assert_eq!(
-        &*store.frontier("k").await.unwrap()[0].value_json,
+        &*store.frontier(&k("k")).await.unwrap()[0].value_json,
         "[1, 2,  3]"
     );
-    assert!(store.frontier("absent").await.unwrap().is_empty());
+    assert!(store.frontier(&k("absent")).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -86,12 +91,12 @@ async fn concurrent_states_become_siblings_and_a_context_resolves_them() {
         0,
         "merging again stores nothing"
     );
-    let frontier = store.frontier("k").await.unwrap();
+    let frontier = store.frontier(&k("k")).await.unwrap();
     assert_eq!(frontier.len(), 2, "concurrent versions are siblings");
 
     // A write carrying a context that saw only `a` supersedes `a`, not `b`.
     let minted = store
-        .mint_full("k", "\"saw a\"", Some(vv(&[("a", 1)])), &[], None)
+        .mint_full(&k("k"), "\"saw a\"", Some(vv(&[("a", 1)])), &[], None)
         .await
         .unwrap();
     let dots: Vec<&Dot> = minted.frontier.iter().map(|v| &v.dot).collect();
@@ -101,11 +106,14 @@ async fn concurrent_states_become_siblings_and_a_context_resolves_them() {
     // A context that saw everything resolves the conflict.
     let all = geolog_core::causal::state_vector(&minted.frontier);
     let resolved = store
-        .mint_full("k", "\"resolved\"", Some(all), &[], None)
+        .mint_full(&k("k"), "\"resolved\"", Some(all), &[], None)
         .await
         .unwrap();
     assert_eq!(resolved.frontier, vec![resolved.version.clone()]);
-    assert_eq!(store.frontier("k").await.unwrap(), vec![resolved.version]);
+    assert_eq!(
+        store.frontier(&k("k")).await.unwrap(),
+        vec![resolved.version]
+    );
     assert_eq!(store.count_versions("k").await.unwrap(), 4);
 }
 
@@ -121,8 +129,8 @@ async fn a_superseded_version_arriving_late_goes_to_history_only() {
         1,
         "stored for history"
     );
-    assert_eq!(store.frontier("k").await.unwrap(), vec![new.clone()]);
-    let history = store.history("k", 10, None, None).await.unwrap();
+    assert_eq!(store.frontier(&k("k")).await.unwrap(), vec![new.clone()]);
+    let history = store.history(&k("k"), 10, None, None).await.unwrap();
     assert_eq!(history, vec![new.clone(), old.clone()], "newest first");
     let cursor = HistoryCursor {
         hlc: new.hlc.packed(),
@@ -130,7 +138,10 @@ async fn a_superseded_version_arriving_late_goes_to_history_only() {
         seq: 2,
     };
     assert_eq!(
-        store.history("k", 10, Some(&cursor), None).await.unwrap(),
+        store
+            .history(&k("k"), 10, Some(&cursor), None)
+            .await
+            .unwrap(),
         vec![old.clone()]
     );
     let cursor = HistoryCursor {
@@ -139,20 +150,26 @@ async fn a_superseded_version_arriving_late_goes_to_history_only() {
         seq: 1,
     };
     assert_eq!(
-        store.history("k", 10, None, Some(&cursor)).await.unwrap(),
+        store
+            .history(&k("k"), 10, None, Some(&cursor))
+            .await
+            .unwrap(),
         vec![new]
     );
-    assert_eq!(store.history("k", 1, None, None).await.unwrap().len(), 1);
+    assert_eq!(
+        store.history(&k("k"), 1, None, None).await.unwrap().len(),
+        1
+    );
 }
 
 #[tokio::test]
 async fn reopening_never_reuses_a_dot_or_goes_back_in_time() {
     let pg = TestPostgres::start().await.expect("start postgres");
     let store = open(&pg, "n1").await;
-    let before = store.mint("k", "1").await.unwrap();
+    let before = store.mint(&k("k"), "1").await.unwrap();
     store.close().await;
     let store = open(&pg, "n1").await;
-    let after = store.mint("k", "2").await.unwrap();
+    let after = store.mint(&k("k"), "2").await.unwrap();
     assert!(after.dot.seq > before.dot.seq);
     assert!(after.hlc > before.hlc);
     // A version from the future moves the clock past it.
@@ -167,7 +184,7 @@ async fn reopening_never_reuses_a_dot_or_goes_back_in_time() {
         )])
         .await
         .unwrap();
-    let minted = store.mint("k", "4").await.unwrap();
+    let minted = store.mint(&k("k"), "4").await.unwrap();
     assert!(minted.hlc > Hlc::new(u64::from(u32::MAX) * 1000, 5));
 }
 
@@ -175,7 +192,7 @@ async fn reopening_never_reuses_a_dot_or_goes_back_in_time() {
 async fn invalid_json_is_rejected_not_an_internal_error() {
     let pg = TestPostgres::start().await.expect("start postgres");
     let store = open(&pg, "n1").await;
-    let err = store.mint("k", "{not json").await.unwrap_err();
+    let err = store.mint(&k("k"), "{not json").await.unwrap_err();
     assert!(matches!(err, StoreError::Rejected(_)), "{err:?}");
     assert_eq!(store.count_versions("k").await.unwrap(), 0);
 }
@@ -184,10 +201,10 @@ async fn invalid_json_is_rejected_not_an_internal_error() {
 async fn stopped_postgres_is_unavailable() {
     let mut pg = TestPostgres::start().await.expect("start postgres");
     let store = open(&pg, "n1").await;
-    store.mint("k", "1").await.unwrap();
+    store.mint(&k("k"), "1").await.unwrap();
     pg.stop();
     assert!(!store.ping(Duration::from_millis(500)).await);
-    let err = store.mint("k", "2").await.unwrap_err();
+    let err = store.mint(&k("k"), "2").await.unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
 }
 
@@ -200,13 +217,13 @@ async fn connections_kept_between_statements_survive_cancelled_statements_and_a_
     let mut acknowledged = Vec::new();
     for i in 0..300u64 {
         let cut = Duration::from_micros(40 * (i % 25));
-        if let Ok(minted) = tokio::time::timeout(cut, store.mint("k", &i.to_string())).await {
+        if let Ok(minted) = tokio::time::timeout(cut, store.mint(&k("k"), &i.to_string())).await {
             acknowledged.push(minted.expect("an uncut mint succeeds"));
         }
     }
-    let last = store.mint("k", "\"after\"").await.unwrap();
-    assert_eq!(store.frontier("k").await.unwrap(), vec![last.clone()]);
-    let history = store.history("k", 1_000, None, None).await.unwrap();
+    let last = store.mint(&k("k"), "\"after\"").await.unwrap();
+    assert_eq!(store.frontier(&k("k")).await.unwrap(), vec![last.clone()]);
+    let history = store.history(&k("k"), 1_000, None, None).await.unwrap();
     for version in acknowledged.iter().chain([&last]) {
         assert!(history.contains(version), "{:?} kept", version.dot);
     }
@@ -216,14 +233,14 @@ async fn connections_kept_between_statements_survive_cancelled_statements_and_a_
     pg.restart().await.expect("restart postgres");
     let mut failures = 0;
     let after_restart = loop {
-        match store.mint("k", "\"restarted\"").await {
+        match store.mint(&k("k"), "\"restarted\"").await {
             Ok(minted) => break minted,
             Err(StoreError::Unavailable(_)) if failures < 1 => failures += 1,
             Err(err) => panic!("after {failures} failures: {err:?}"),
         }
     };
     assert_eq!(
-        store.frontier("k").await.unwrap(),
+        store.frontier(&k("k")).await.unwrap(),
         vec![after_restart.clone()]
     );
     assert!(after_restart.context.covers(&last.dot));
@@ -241,28 +258,28 @@ async fn idempotency_key_replays_the_first_version_or_refuses_another_body() {
         })
     };
     let first = store
-        .mint_full("k", "1", None, &["b".to_string()], idem("h1"))
+        .mint_full(&k("k"), "1", None, &["b".to_string()], idem("h1"))
         .await
         .unwrap();
     assert!(!first.replayed && first.outbox.len() == 1);
     let retry = store
-        .mint_full("k", "1", None, &["b".to_string()], idem("h1"))
+        .mint_full(&k("k"), "1", None, &["b".to_string()], idem("h1"))
         .await
         .unwrap();
     assert!(retry.replayed);
     assert_eq!(retry.version, first.version);
     assert!(retry.outbox.is_empty(), "a replay stores nothing");
     let err = store
-        .mint_full("k", "2", None, &[], idem("h2"))
+        .mint_full(&k("k"), "2", None, &[], idem("h2"))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::IdempotencyConflict(_)), "{err:?}");
     assert_eq!(store.count_versions("k").await.unwrap(), 1);
     assert_eq!(
-        store.find_idempotent("k", "req-1").await.unwrap(),
+        store.find_idempotent(&k("k"), "req-1").await.unwrap(),
         Some(first.version.clone())
     );
-    assert_eq!(store.find_idempotent("k", "other").await.unwrap(), None);
+    assert_eq!(store.find_idempotent(&k("k"), "other").await.unwrap(), None);
     // The record travels with the version: a replica that merges it knows it too.
     let pg2 = TestPostgres::start().await.expect("start postgres");
     let other = open(&pg2, "n2").await;
@@ -272,7 +289,7 @@ async fn idempotency_key_replays_the_first_version_or_refuses_another_body() {
         .unwrap();
     assert!(
         other
-            .mint_full("k", "1", None, &[], idem("h1"))
+            .mint_full(&k("k"), "1", None, &[], idem("h1"))
             .await
             .unwrap()
             .replayed
@@ -283,8 +300,8 @@ async fn idempotency_key_replays_the_first_version_or_refuses_another_body() {
 async fn hints_wait_for_their_target_and_expire_after_the_window() {
     let pg = TestPostgres::start().await.expect("start postgres");
     let store = open(&pg, "n1").await;
-    let v1 = store.mint("k1", "1").await.unwrap();
-    let v2 = store.mint("k2", "2").await.unwrap();
+    let v1 = store.mint(&k("k1"), "1").await.unwrap();
+    let v2 = store.mint(&k("k2"), "2").await.unwrap();
     let elsewhere = version("k3", "zz", 1, Hlc::new(1, 0), "3", &[]);
     // Only versions this node holds can be hinted.
     assert_eq!(
@@ -332,9 +349,9 @@ async fn hints_wait_for_their_target_and_expire_after_the_window() {
 async fn a_batch_mints_in_one_transaction_in_order_and_bad_records_fail_alone() {
     let pg = TestPostgres::start().await.expect("start postgres");
     let store = open(&pg, "n1").await;
-    let before = store.mint("hot", "0").await.unwrap();
+    let before = store.mint(&k("hot"), "0").await.unwrap();
     let record = |key: &str, value: &str, id: Option<(&str, &str)>| MintInput {
-        key: key.into(),
+        key: k(key),
         value_json: value.into(),
         context: None,
         outbox_regions: vec!["b".into(), "c".into()],
@@ -361,7 +378,7 @@ async fn a_batch_mints_in_one_transaction_in_order_and_bad_records_fail_alone() 
     assert!(ok(3).version.context.covers(&ok(0).version.dot));
     assert_eq!(ok(3).frontier, vec![ok(3).version.clone()]);
     assert_eq!(
-        store.frontier("hot").await.unwrap(),
+        store.frontier(&k("hot")).await.unwrap(),
         vec![ok(3).version.clone()]
     );
     assert_eq!(store.count_versions("hot").await.unwrap(), 3);
@@ -411,7 +428,7 @@ async fn concurrent_batches_on_shared_keys_never_deadlock_or_lose_versions() {
             // Keys in different orders in each batch.
             let inputs: Vec<MintInput> = (0..50u32)
                 .map(|i| MintInput {
-                    key: format!("k{}", (i * 7 + b * 13) % 20),
+                    key: k(&format!("k{}", (i * 7 + b * 13) % 20)),
                     value_json: format!("{}", b * 100 + i).into(),
                     context: None,
                     outbox_regions: Vec::new(),
@@ -433,7 +450,7 @@ async fn concurrent_batches_on_shared_keys_never_deadlock_or_lose_versions() {
     assert_eq!(minted, 400);
     let mut stored = 0;
     for k in 0..20 {
-        let key = format!("k{k}");
+        let key = self::k(&format!("k{k}"));
         stored += store.count_versions(&key).await.unwrap();
         assert_eq!(
             store.frontier(&key).await.unwrap().len(),
@@ -448,8 +465,8 @@ async fn concurrent_batches_on_shared_keys_never_deadlock_or_lose_versions() {
 async fn digests_can_leave_out_versions_minted_after_a_cutoff() {
     let pg = TestPostgres::start().await.expect("start postgres");
     let store = open(&pg, "n1").await;
-    let old = store.mint("old", "1").await.unwrap();
-    let recent = store.mint("recent", "2").await.unwrap();
+    let old = store.mint(&k("old"), "1").await.unwrap();
+    let recent = store.mint(&k("recent"), "2").await.unwrap();
     let everything = [(i64::MIN, i64::MAX)];
     let all = store.digests(&everything, 0, None).await.unwrap();
     assert_eq!(all.len(), 1);
@@ -483,7 +500,7 @@ async fn frontiers_in_memory_match_the_database_after_eviction_and_reopen() {
     // For a handful of keys: a local write, two concurrent ones from other
     // nodes, and for every other key a write whose context resolves the two.
     for i in 0..6 {
-        let key = format!("k{i}");
+        let key = k(&format!("k{i}"));
         let mine = warm.mint(&key, "1").await.unwrap();
         let theirs = version(&key, "n2", 10, mine.hlc, "2", &[]);
         let old = version(&key, "z", 1, Hlc::new(1, 0), "3", &[]);
@@ -501,7 +518,7 @@ async fn frontiers_in_memory_match_the_database_after_eviction_and_reopen() {
     };
     let mut expected = Vec::new();
     for i in 0..6 {
-        let frontier = sorted(warm.frontier(&format!("k{i}")).await.unwrap());
+        let frontier = sorted(warm.frontier(&k(&format!("k{i}"))).await.unwrap());
         assert_eq!(
             frontier.len(),
             if i % 2 == 0 { 2 } else { 3 },
@@ -512,7 +529,7 @@ async fn frontiers_in_memory_match_the_database_after_eviction_and_reopen() {
     warm.close().await;
     let reopened = open(&pg, "n1").await;
     for (i, frontier) in expected.iter().enumerate() {
-        let seen = sorted(reopened.frontier(&format!("k{i}")).await.unwrap());
+        let seen = sorted(reopened.frontier(&k(&format!("k{i}"))).await.unwrap());
         assert_eq!(&seen, frontier, "k{i} after reopening");
     }
     reopened.close().await;
@@ -524,7 +541,7 @@ async fn frontiers_in_memory_match_the_database_after_eviction_and_reopen() {
         .await
         .expect("open store");
     for (i, frontier) in expected.iter().enumerate() {
-        let key = format!("k{i}");
+        let key = k(&format!("k{i}"));
         assert_eq!(
             &sorted(cold.frontier(&key).await.unwrap()),
             frontier,
@@ -563,11 +580,11 @@ async fn merges_store_each_version_once_whether_or_not_it_looks_new() {
     );
     assert_eq!(store.merge(&[seen_elsewhere]).await.unwrap(), 0);
     assert_eq!(store.count_versions("m").await.unwrap(), 3);
-    assert_eq!(store.frontier("m").await.unwrap().len(), 1);
+    assert_eq!(store.frontier(&k("m")).await.unwrap().len(), 1);
 
     // The first handle caches "o" as empty; a second one stores a version
     // of it; the first then merges that version, believing it new.
-    assert!(store.frontier("o").await.unwrap().is_empty());
+    assert!(store.frontier(&k("o")).await.unwrap().is_empty());
     let behind = open(&pg, "n9").await;
     let hidden = version("o", "n2", 7, Hlc::new(30, 0), "4", &[]);
     assert_eq!(
@@ -584,7 +601,7 @@ async fn merges_store_each_version_once_whether_or_not_it_looks_new() {
 async fn rows_without_tree_tokens_are_filled_at_open_and_found_again() {
     let pg = TestPostgres::start().await.expect("start postgres");
     let store = open(&pg, "n1").await;
-    let hinted = store.mint("k1", "1").await.unwrap();
+    let hinted = store.mint(&k("k1"), "1").await.unwrap();
     assert_eq!(
         store
             .store_hints("n2", std::slice::from_ref(&hinted))
@@ -593,7 +610,7 @@ async fn rows_without_tree_tokens_are_filled_at_open_and_found_again() {
         1
     );
     let sent = store
-        .mint_full("k2", "2", None, &["b".to_string()], None)
+        .mint_full(&k("k2"), "2", None, &["b".to_string()], None)
         .await
         .unwrap()
         .version;
@@ -620,9 +637,12 @@ async fn rows_without_tree_tokens_are_filled_at_open_and_found_again() {
     }
     // Found through the one version index again: frontier (not cached in
     // this new store), history, hints, outbox and digests.
-    assert_eq!(store.frontier("k1").await.unwrap(), vec![hinted.clone()]);
     assert_eq!(
-        store.history("k2", 10, None, None).await.unwrap(),
+        store.frontier(&k("k1")).await.unwrap(),
+        vec![hinted.clone()]
+    );
+    assert_eq!(
+        store.history(&k("k2"), 10, None, None).await.unwrap(),
         vec![sent.clone()]
     );
     let hints = store
@@ -651,10 +671,10 @@ async fn heads_not_checkpointed_before_a_crash_are_recovered_exactly() {
     let (first, second, other);
     {
         let crashed = open(&pg, "n1").await;
-        let v1 = crashed.mint("k1", "1").await.unwrap();
-        let v2 = crashed.mint("k1", "2").await.unwrap();
+        let v1 = crashed.mint(&k("k1"), "1").await.unwrap();
+        let v2 = crashed.mint(&k("k1"), "2").await.unwrap();
         assert!(v2.context.covers(&v1.dot));
-        first = crashed.mint("k2", "\"a\"").await.unwrap();
+        first = crashed.mint(&k("k2"), "\"a\"").await.unwrap();
         // A version of k2 from another replica, concurrent with `first`.
         other = version("k2", "n9", 7, hlc(1_000), "\"b\"", &[]);
         crashed.merge(std::slice::from_ref(&other)).await.unwrap();
@@ -662,8 +682,11 @@ async fn heads_not_checkpointed_before_a_crash_are_recovered_exactly() {
         // Dropped without a checkpoint: as if the process were killed.
     }
     let store = open(&pg, "n1").await;
-    assert_eq!(store.frontier("k1").await.unwrap(), vec![second.clone()]);
-    let mut k2 = store.frontier("k2").await.unwrap();
+    assert_eq!(
+        store.frontier(&k("k1")).await.unwrap(),
+        vec![second.clone()]
+    );
+    let mut k2 = store.frontier(&k("k2")).await.unwrap();
     k2.sort_by(|a, b| a.dot.cmp(&b.dot));
     let mut expected = vec![first.clone(), other.clone()];
     expected.sort_by(|a, b| a.dot.cmp(&b.dot));
@@ -671,21 +694,24 @@ async fn heads_not_checkpointed_before_a_crash_are_recovered_exactly() {
 
     // A checkpointed change plus one after it, crashed again.
     assert_eq!(store.checkpoint().await.unwrap(), 0, "recovery saved them");
-    let third = store.mint("k1", "3").await.unwrap();
+    let third = store.mint(&k("k1"), "3").await.unwrap();
     assert_eq!(store.checkpoint().await.unwrap(), 1);
-    let merged = store.mint("k2", "\"c\"").await.unwrap();
+    let merged = store.mint(&k("k2"), "\"c\"").await.unwrap();
     assert!(merged.context.covers(&first.dot) && merged.context.covers(&other.dot));
     drop(store);
     let store = open(&pg, "n1").await;
-    assert_eq!(store.frontier("k1").await.unwrap(), vec![third.clone()]);
-    assert_eq!(store.frontier("k2").await.unwrap(), vec![merged]);
-    assert_eq!(store.history("k1", 10, None, None).await.unwrap().len(), 3);
+    assert_eq!(store.frontier(&k("k1")).await.unwrap(), vec![third.clone()]);
+    assert_eq!(store.frontier(&k("k2")).await.unwrap(), vec![merged]);
+    assert_eq!(
+        store.history(&k("k1"), 10, None, None).await.unwrap().len(),
+        3
+    );
     // Recovery moved the mark: the next start has nothing to merge, and a
     // clean key (not cached) is loaded from its heads alone.
     assert_eq!(store.checkpoint().await.unwrap(), 0);
     drop(store);
     let store = open(&pg, "n1").await;
-    assert_eq!(store.frontier("k1").await.unwrap(), vec![third]);
+    assert_eq!(store.frontier(&k("k1")).await.unwrap(), vec![third]);
 }
 
 #[tokio::test]
@@ -696,7 +722,7 @@ async fn recovery_merges_many_changes_step_by_step_into_exact_frontiers() {
     {
         let crashed = open(&pg, "n1").await;
         // Siblings made early, resolved by a mint hundreds of changes later.
-        crashed.mint("s", "1").await.unwrap();
+        crashed.mint(&k("s"), "1").await.unwrap();
         let concurrent = version("s", "n9", 3, Hlc::new(1_000, 0), "2", &[]);
         crashed
             .merge(std::slice::from_ref(&concurrent))
@@ -706,11 +732,11 @@ async fn recovery_merges_many_changes_step_by_step_into_exact_frontiers() {
         // in many of them.
         for i in 0..700 {
             crashed
-                .mint(&keys[i % keys.len()], &i.to_string())
+                .mint(&k(&keys[i % keys.len()]), &i.to_string())
                 .await
                 .unwrap();
         }
-        crashed.mint("s", "3").await.unwrap();
+        crashed.mint(&k("s"), "3").await.unwrap();
         let all: Vec<&str> = keys.iter().map(String::as_str).chain(["s"]).collect();
         before_crash = crashed.frontiers(&all).await.unwrap();
         // Dropped without a checkpoint: as if the process were killed.
@@ -718,7 +744,7 @@ async fn recovery_merges_many_changes_step_by_step_into_exact_frontiers() {
     let store = open(&pg, "n1").await;
     assert_eq!(store.checkpoint().await.unwrap(), 0, "recovery saved them");
     for (key, frontier) in &before_crash {
-        assert_eq!(&store.frontier(key).await.unwrap(), frontier, "{key}");
+        assert_eq!(&store.frontier(&k(key)).await.unwrap(), frontier, "{key}");
     }
     assert_eq!(
         before_crash["s"].len(),
@@ -764,7 +790,7 @@ async fn digests_held_in_memory_match_aggregating_the_database() {
     let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
     let store = open(&pg, "n1").await;
     for i in 0..300 {
-        store.mint(&format!("k{i}"), "1").await.unwrap();
+        store.mint(&k(&format!("k{i}")), "1").await.unwrap();
     }
     let old = version("k1", "n2", 1, Hlc::new(1_000, 0), "2", &[]);
     store.merge(&[old.clone(), old.clone()]).await.unwrap();
@@ -775,7 +801,7 @@ async fn digests_held_in_memory_match_aggregating_the_database() {
     let store = open(&pg, "n1").await;
     let start = geolog_core::hlc::system_ms();
     for i in 0..200 {
-        store.mint(&format!("k{}", i * 7), "3").await.unwrap();
+        store.mint(&k(&format!("k{}", i * 7)), "3").await.unwrap();
     }
     let later: Vec<StoredVersion> = (0..60)
         .map(|i| {
@@ -859,7 +885,7 @@ async fn rows_from_before_the_compact_context_read_back_the_same() {
 
     let store = open(&pg, "n1").await;
     let expected = StoredVersion {
-        key: "k".into(),
+        key: k("k"),
         value_json: "{\"a\":  [1, 2]}".into(),
         hlc,
         dot: Dot::new("n2", 301),
@@ -867,17 +893,17 @@ async fn rows_from_before_the_compact_context_read_back_the_same() {
         idempotency: None,
     };
     assert_eq!(
-        store.history("k", 10, None, None).await.unwrap(),
+        store.history(&k("k"), 10, None, None).await.unwrap(),
         vec![expected.clone()]
     );
-    assert_eq!(store.frontier("k").await.unwrap(), vec![expected]);
+    assert_eq!(store.frontier(&k("k")).await.unwrap(), vec![expected]);
     // A version minted after the migration keeps its context too.
-    let next = store.mint("k", "2").await.unwrap();
+    let next = store.mint(&k("k"), "2").await.unwrap();
     assert!(next.context.covers(&Dot::new("n2", 301)));
     store.close().await;
     let reopened = open(&pg, "n1").await;
     assert_eq!(
-        reopened.history("k", 1, None, None).await.unwrap(),
+        reopened.history(&k("k"), 1, None, None).await.unwrap(),
         vec![next]
     );
 }
@@ -893,8 +919,11 @@ async fn range_versions_page_by_bytes_and_resume_after_the_last() {
     // size (some larger than a page alone).
     for i in 0..60u64 {
         let pad = "v".repeat((i as usize * 397) % 5_000);
-        store.mint("hot", &format!("\"{pad}\"")).await.unwrap();
-        store.mint(&format!("k{i}"), &i.to_string()).await.unwrap();
+        store.mint(&k("hot"), &format!("\"{pad}\"")).await.unwrap();
+        store
+            .mint(&k(&format!("k{i}")), &i.to_string())
+            .await
+            .unwrap();
     }
     let everything = [(i64::MIN, i64::MAX)];
     let halves = [(i64::MIN, -1), (0, i64::MAX)];

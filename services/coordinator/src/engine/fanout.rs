@@ -16,7 +16,7 @@ use super::{Miss, QuorumEngine, Written, state_vector_of};
 use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
-use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError, JsonText};
+use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError, JsonText, Key};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::BTreeMap;
@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 /// One record of a batch (no idempotency key: those take the single path).
 pub struct BatchRecord {
-    pub key: String,
+    pub key: Key,
     pub value_json: JsonText,
     pub context: Option<VersionVector>,
 }
@@ -75,8 +75,7 @@ impl QuorumEngine {
         let deadline = tokio::time::Instant::now() + self.write_timeout;
         let mut flights: Vec<InFlight> = Vec::with_capacity(records.len());
         for record in &records {
-            let planned = geolog_core::key::validate_key(&record.key)
-                .and_then(|()| self.plan(&record.key, &requirement));
+            let planned = self.plan(&record.key, &requirement);
             let (placement, alive, result) = match planned {
                 Ok((placement, alive)) => (placement, alive, None),
                 Err(err) => (
@@ -105,7 +104,7 @@ impl QuorumEngine {
         let requests: Vec<pb::MintRequest> = records
             .into_iter()
             .map(|r| pb::MintRequest {
-                key: r.key,
+                key: r.key.into_string(),
                 value_json: r.value_json.to_bytes(),
                 outbox_regions: remote_regions.clone(),
                 has_context: r.context.is_some(),

@@ -11,7 +11,7 @@ use super::{Miss, QuorumEngine, Written, state_vector_of};
 use crate::SpawnTraced;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
-use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError};
+use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError, Key};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use tokio::sync::mpsc;
@@ -36,7 +36,7 @@ impl QuorumEngine {
     /// first write made on the other side.
     pub(super) async fn find_idempotent(
         &self,
-        key: &str,
+        key: &Key,
         id: &str,
         deadline: tokio::time::Instant,
     ) -> Option<Earlier> {
@@ -56,7 +56,7 @@ impl QuorumEngine {
             .iter()
             .filter(|p| p.region == self.region && self.replicas.is_alive(p))
         {
-            let query = kind.query(self.local_replica(&p.node), key.to_string());
+            let query = kind.query(self.local_replica(&p.node), key.clone());
             let node = p.node.clone();
             lookups.spawn_traced(async move { vec![(node, query.await.unwrap_or_default())] });
         }
@@ -134,7 +134,7 @@ impl QuorumEngine {
     /// request.
     pub(super) async fn replay(
         &self,
-        key: &str,
+        key: &Key,
         id: &str,
         hash: &str,
         earlier: Earlier,
@@ -188,7 +188,7 @@ impl QuorumEngine {
     /// holding it answers.
     async fn deliver_earlier(
         &self,
-        key: &str,
+        key: &Key,
         earlier: &Earlier,
         placement: &[Placement],
         tracker: &mut AckTracker,
@@ -204,7 +204,7 @@ impl QuorumEngine {
         }) else {
             return;
         };
-        let query = ReadKind::Frontier.query(self.local_replica(&holder.node), key.to_string());
+        let query = ReadKind::Frontier.query(self.local_replica(&holder.node), key.clone());
         let Ok(Ok(frontier)) = tokio::time::timeout_at(deadline, query).await else {
             return;
         };

@@ -14,7 +14,7 @@ use geolog_core::causal::{self, Causal, Dot, VersionVector};
 use geolog_core::consistency::Operation;
 use geolog_core::error::QuorumDetails;
 use geolog_core::ring::Placement;
-use geolog_core::{ConsistencyLevel, GeologError, Requirement};
+use geolog_core::{ConsistencyLevel, GeologError, Key, Requirement};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -43,14 +43,14 @@ impl ReadKind {
     pub(super) fn query(
         &self,
         replica: Arc<Replica>,
-        key: String,
+        key: Key,
     ) -> impl Future<Output = Result<Vec<pb::Version>, tonic::Status>> + Send + 'static {
         let kind = self.clone();
         async move {
             let mut client = replica.client.clone();
             match kind {
                 // Concurrent frontier reads of one node share one call.
-                ReadKind::Frontier => replica.batches.read.call(key).await,
+                ReadKind::Frontier => replica.batches.read.call(key.into_string()).await,
                 ReadKind::History { .. } => {
                     let request = kind
                         .history_request(&key)
@@ -59,7 +59,7 @@ impl ReadKind {
                 }
                 ReadKind::Idempotent { idempotency_key } => {
                     let request = pb::FindIdempotentRequest {
-                        key,
+                        key: key.into_string(),
                         idempotency_key,
                     };
                     Ok(client.find_idempotent(request).await?.into_inner().versions)
@@ -171,11 +171,10 @@ impl QuorumEngine {
     /// returns every answer, by replica index, once the level is met.
     async fn gather(
         &self,
-        key: &str,
+        key: &Key,
         level: ConsistencyLevel,
         kind: &ReadKind,
     ) -> Result<Gathered, GeologError> {
-        geolog_core::key::validate_key(key)?;
         let requirement = self.requirement(level, Operation::Read)?;
         let (placement, alive) = self.plan(key, &requirement)?;
         let started = tokio::time::Instant::now();
@@ -197,7 +196,7 @@ impl QuorumEngine {
         let mut local = FuturesUnordered::new();
         let send_local = |local: &mut FuturesUnordered<_>, idx: usize| {
             let replica = self.local_replica(&placement[idx].node);
-            let query = kind.query(replica, key.to_string());
+            let query = kind.query(replica, key.clone());
             local.push(async move { (idx, query.await.map_err(|s| Miss::of(&s))) });
         };
         let mut in_flight = 0;
@@ -323,7 +322,7 @@ impl QuorumEngine {
     /// replicas as `level` needs. Replicas that disagree with the merge are
     /// written back before answering (so quorum reads never go backwards);
     /// the key's other replicas are repaired in the background.
-    pub async fn read(&self, key: &str, level: ConsistencyLevel) -> Result<ReadValue, GeologError> {
+    pub async fn read(&self, key: &Key, level: ConsistencyLevel) -> Result<ReadValue, GeologError> {
         let gathered = self.gather(key, level, &ReadKind::Frontier).await?;
         let merged: Vec<pb::Version> =
             merge_frontiers(gathered.answers.iter().flat_map(|(_, v)| v.iter().cloned()));
@@ -421,7 +420,7 @@ impl QuorumEngine {
     /// from as many replicas as `level` needs.
     pub async fn history(
         &self,
-        key: &str,
+        key: &Key,
         level: ConsistencyLevel,
         limit: u32,
         before: Option<pb::HistoryCursor>,
@@ -456,8 +455,7 @@ impl QuorumEngine {
 
     /// Every replica of `key` and what it holds (its frontier), or why it
     /// did not answer. Asks all of them, whatever their believed health.
-    pub async fn replica_view(&self, key: &str) -> Result<Vec<cpb::ReplicaView>, GeologError> {
-        geolog_core::key::validate_key(key)?;
+    pub async fn replica_view(&self, key: &Key) -> Result<Vec<cpb::ReplicaView>, GeologError> {
         let placement = self.replicas.placement(key);
         let mut calls = tokio::task::JoinSet::new();
         for p in placement.iter().filter(|p| p.region == self.region) {

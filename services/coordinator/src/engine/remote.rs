@@ -6,6 +6,7 @@ use super::read::ReadKind;
 use super::{Miss, QuorumEngine};
 use crate::SpawnTraced;
 use crate::replicas::{Replica, collect};
+use geolog_core::Key;
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::collections::HashMap;
@@ -67,7 +68,7 @@ impl QuorumEngine {
     /// streaming answers.
     pub fn read_local(
         &self,
-        key: String,
+        key: Key,
         wanted: usize,
         kind: ReadKind,
     ) -> mpsc::UnboundedReceiver<cpb::ReplicaVersions> {

@@ -132,7 +132,7 @@ impl VersionStore {
                         .bind(high)
                         .bind(limit as i64)
                         .bind(*token)
-                        .bind(&p.key)
+                        .bind(p.key.as_str())
                         .bind(p.hlc as i64)
                         .bind(&p.node)
                         .bind(p.seq as i64)

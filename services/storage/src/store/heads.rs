@@ -95,7 +95,7 @@ pub(super) async fn load<'c>(
     let mut frontiers = BTreeMap::<String, Vec<StoredVersion>>::new();
     for row in &rows {
         let v = version_from_row(row)?;
-        frontiers.entry(v.key.clone()).or_default().push(v);
+        frontiers.entry(v.key.to_string()).or_default().push(v);
     }
     Ok(frontiers)
 }
@@ -230,7 +230,7 @@ pub(super) async fn recover(pool: &PgPool) -> Result<u64, StoreError> {
         let mut arrived = BTreeMap::<String, Vec<StoredVersion>>::new();
         for row in &rows {
             let v = version_from_row(row)?;
-            arrived.entry(v.key.clone()).or_default().push(v);
+            arrived.entry(v.key.to_string()).or_default().push(v);
         }
         let first_seen: Vec<&str> = arrived
             .keys()

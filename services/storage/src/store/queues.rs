@@ -58,7 +58,7 @@ impl VersionStore {
         Ok(entries
             .into_iter()
             .map(|(id, v)| {
-                let frontier = frontiers.get(&v.key).cloned().unwrap_or_default();
+                let frontier = frontiers.get(v.key.as_str()).cloned().unwrap_or_default();
                 (id, v, frontier)
             })
             .collect())

@@ -12,6 +12,7 @@ use super::{HistoryCursor, version_from_row};
 use super::{Idempotency, MintInput, Minted, StoreError, StoredVersion, VersionStore};
 use crate::digest_tree::Entry;
 use crate::keystate::{Frontier, KeyGuard};
+use geolog_core::Key;
 use geolog_core::causal::{self, Dot, VersionVector};
 use geolog_core::merkle::{tree_token, version_hash};
 use sqlx::Row;
@@ -27,7 +28,7 @@ type Frontiers = BTreeMap<String, Vec<StoredVersion>>;
 
 impl VersionStore {
     /// Mints a new version of `key` without a client context.
-    pub async fn mint(&self, key: &str, value_json: &str) -> Result<StoredVersion, StoreError> {
+    pub async fn mint(&self, key: &Key, value_json: &str) -> Result<StoredVersion, StoreError> {
         Ok(self
             .mint_full(key, value_json, None, &[], None)
             .await?
@@ -37,7 +38,7 @@ impl VersionStore {
     /// The version of `key` created with idempotency key `idempotency_key`, if held here.
     pub async fn find_idempotent(
         &self,
-        key: &str,
+        key: &Key,
         idempotency_key: &str,
     ) -> Result<Option<StoredVersion>, StoreError> {
         Ok(self
@@ -53,14 +54,14 @@ impl VersionStore {
     /// supersedes everything this node has seen of the key.
     pub async fn mint_full(
         &self,
-        key: &str,
+        key: &Key,
         value_json: &str,
         context: Option<VersionVector>,
         outbox_regions: &[String],
         idempotency: Option<Idempotency>,
     ) -> Result<Minted, StoreError> {
         let input = MintInput {
-            key: key.to_string(),
+            key: key.clone(),
             value_json: value_json.into(),
             context,
             outbox_regions: outbox_regions.to_vec(),
@@ -111,9 +112,9 @@ impl VersionStore {
                 results.push(Err(StoreError::Rejected(err)));
                 continue;
             }
-            let current = frontiers.entry(input.key.clone()).or_default();
+            let current = frontiers.entry(input.key.to_string()).or_default();
             if let Some(idem) = &input.idempotency
-                && let Some(version) = idempotent.get(&(input.key.clone(), idem.key.clone()))
+                && let Some(version) = idempotent.get(&(input.key.to_string(), idem.key.clone()))
             {
                 results.push(
                     if version.idempotency.as_ref().map(|i| &i.body_hash) == Some(&idem.body_hash) {
@@ -140,7 +141,7 @@ impl VersionStore {
                 idempotency: input.idempotency,
             };
             if let Some(idem) = &version.idempotency {
-                idempotent.insert((version.key.clone(), idem.key.clone()), version.clone());
+                idempotent.insert((version.key.to_string(), idem.key.clone()), version.clone());
             }
             let frontier = causal::frontier(current.drain(..).chain([version.clone()]));
             current.extend(frontier.iter().cloned());
@@ -249,11 +250,11 @@ impl VersionStore {
     }
 
     /// The key's frontier: every current (concurrent) version.
-    pub async fn frontier(&self, key: &str) -> Result<Vec<StoredVersion>, StoreError> {
+    pub async fn frontier(&self, key: &Key) -> Result<Vec<StoredVersion>, StoreError> {
         Ok(self
             .frontiers(&[key])
             .await?
-            .remove(key)
+            .remove(key.as_str())
             .unwrap_or_default())
     }
 
@@ -406,7 +407,7 @@ impl VersionStore {
                     .as_ref()
                     .map(|i| i.key.clone())
                     .unwrap_or_default();
-                Ok(((v.key.clone(), id), v))
+                Ok(((v.key.to_string(), id), v))
             })
             .collect()
     }
@@ -415,7 +416,7 @@ impl VersionStore {
     /// between the cursors when given.
     pub async fn history(
         &self,
-        key: &str,
+        key: &Key,
         limit: u32,
         before: Option<&HistoryCursor>,
         after: Option<&HistoryCursor>,
@@ -430,7 +431,7 @@ impl VersionStore {
                AND ($5::bigint IS NULL OR (hlc, node, seq) > ($5, $6::text, $7::bigint)) \
              ORDER BY hlc DESC, node DESC, seq DESC LIMIT $8",
         )
-        .bind(key)
+        .bind(key.as_str())
         .bind(before.as_ref().map(|b| b.0))
         .bind(before.as_ref().map(|b| b.1.clone()))
         .bind(before.as_ref().map(|b| b.2))
