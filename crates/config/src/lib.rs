@@ -132,8 +132,9 @@ pub struct CoordinatorSettings {
     pub outbox_batch: u32,
     /// Hints older than this are dropped and left to anti-entropy.
     pub hint_window_ms: u64,
-    /// Cross-region outbox entries older than this (a region unreachable
-    /// for longer) are dropped and left to anti-entropy; 0 keeps them.
+    /// Versions owed to a remote region for longer than this (a region
+    /// unreachable for longer) are passed and left to anti-entropy; 0 keeps
+    /// them.
     pub outbox_window_ms: u64,
     /// A read that has not met its level after this long asks one more
     /// local replica (speculative retry).

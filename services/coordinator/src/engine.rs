@@ -4,14 +4,14 @@
 //! met, becomes impossible, or the deadline passes.
 //!
 //! Writes: a local replica (the first alive in preference order) mints the
-//! version — its dot and HLC timestamp — and, in the same transaction, one
-//! outbox entry per remote region. The version is then applied to the other
-//! local replicas directly and sent once to each remote region's
-//! coordinator, which applies it to that region's replicas and streams
-//! their acks back. The client is answered once the level is met; delivery
-//! continues in detached tasks, and a region's outbox entry is deleted only
-//! when all its replicas have the version — otherwise the replay worker
-//! (`outbox`) delivers it later.
+//! version — its dot and HLC timestamp — which the node then owes every
+//! remote region (its outbox, a cursor per region over its own versions).
+//! The version is then applied to the other local replicas directly and
+//! sent once to each remote region's coordinator, which applies it to that
+//! region's replicas and streams their acks back. The client is answered
+//! once the level is met; delivery continues in detached tasks, and the
+//! minting node is told the version reached a region once all its replicas
+//! have it — otherwise the replay worker (`outbox`) delivers it later.
 //!
 //! Reads: ask as many alive replicas as the level needs (local first, remote
 //! ones through their region's coordinator), replace a local replica that
@@ -400,10 +400,10 @@ impl QuorumEngine {
             };
             return self.replay(key, id, hash, earlier, level, deadline).await;
         }
-        let outbox: HashMap<String, u64> = minted
+        let outbox: HashMap<String, pb::OutboxEntry> = minted
             .outbox
             .into_iter()
-            .map(|e| (e.region, e.id))
+            .map(|e| (e.region.clone(), e))
             .collect();
         // What travels is the minting replica's whole frontier for the key
         // (state-based: see geolog_core::causal), which contains `version`.
@@ -437,7 +437,7 @@ impl QuorumEngine {
                 .collect();
             let remote = remote.clone();
             let (tx, frontier, placement) = (tx.clone(), frontier.clone(), placement.clone());
-            let outbox_id = outbox.get(&remote.name).copied();
+            let delivery = outbox.get(&remote.name).cloned();
             let mint_node = mint_node.clone();
             crate::spawn_traced(async move {
                 let acks = replicate(&remote, frontier).await;
@@ -449,9 +449,9 @@ impl QuorumEngine {
                     let _ = tx.send((idx, result));
                 }
                 if delivered == idxs.len()
-                    && let Some(id) = outbox_id
+                    && let Some(entry) = delivery
                 {
-                    outbox_done(&mint_node, vec![id]).await;
+                    outbox_done(&mint_node, vec![entry]).await;
                 }
             });
         }
@@ -483,8 +483,8 @@ impl QuorumEngine {
     }
 
     /// `ANY` when no replica of the key could take the write: another alive
-    /// node of the region mints the version (with the outbox entries for
-    /// the other regions) and keeps it with a durable hint for every local
+    /// node of the region mints the version (owed to the other regions by
+    /// its outbox) and keeps it with a durable hint for every local
     /// replica of the key; the stored hints are the acknowledgement. Hint
     /// replay delivers it when the replicas answer again (the holder keeps
     /// its copy, which anti-entropy never compares: it replicates no such

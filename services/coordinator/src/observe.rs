@@ -192,11 +192,11 @@ pub fn describe_metrics(local: &[String], remote: &[String]) {
     );
     describe_gauge!(
         "outbox_depth",
-        "cross-region outbox entries not yet delivered, by region"
+        "versions minted in this region not yet delivered to a remote region, by region"
     );
     describe_gauge!(
         "outbox_oldest_age_seconds",
-        "age of the oldest undelivered outbox entry (replication lag)"
+        "age of the oldest version not yet delivered to a remote region (replication lag)"
     );
     describe_gauge!(
         "outbox_worker_state",

@@ -1,13 +1,15 @@
-//! The replay worker: the cross-region outbox and hinted handoff. Every version minted in this
-//! region has, for each remote region, an outbox entry stored with it on the
-//! minting node; the write path deletes it once the remote region's replicas
-//! all have the version. Whatever is left — the region was unreachable, a
-//! replica there was down, this coordinator died mid-write — this worker
-//! sends again, oldest first, in batches, with exponential backoff per
-//! region while it keeps failing. Replays are idempotent on the receiving
-//! side. Its state is visible in metrics (`outbox_worker_state`,
-//! `outbox_depth`, `outbox_oldest_age_seconds`, `outbox_replayed_total`) and
-//! in health answers.
+//! The replay worker: the cross-region outbox and hinted handoff. Every
+//! version minted in this region is owed to each remote region by its
+//! minting node, which keeps a cursor per remote region over its own
+//! versions (see the storage node's `delivery`); the write path reports the
+//! versions it delivered to every replica of a region. Whatever is left —
+//! the region was unreachable, a replica there was down, this coordinator
+//! died mid-write — this worker sends again, oldest first, in batches, with
+//! exponential backoff per region while it keeps failing, and reports them
+//! delivered so the cursor moves on. Replays are idempotent on the
+//! receiving side. Its state is visible in metrics (`outbox_worker_state`,
+//! `outbox_depth`, `outbox_oldest_age_seconds`, `outbox_replayed_total`)
+//! and in health answers.
 
 use crate::engine::{QuorumEngine, apply, outbox_done, replicate};
 use geolog_proto::coordinator as cpb;
@@ -84,7 +86,7 @@ pub struct ReplaySettings {
     /// Entries younger than this may still be in their first delivery.
     pub min_age: Duration,
     pub hint_window: Duration,
-    /// `None`: outbox entries never expire.
+    /// `None`: versions owed to a region are never passed undelivered.
     pub outbox_window: Option<Duration>,
 }
 
@@ -197,7 +199,14 @@ async fn replay_region(
                 break;
             }
             let full = entries.len() as u32 == batch;
-            let ids: Vec<u64> = entries.iter().map(|e| e.id).collect();
+            let delivered: Vec<pb::OutboxEntry> = entries
+                .iter()
+                .map(|e| pb::OutboxEntry {
+                    id: e.id,
+                    region: region.to_string(),
+                    ..Default::default()
+                })
+                .collect();
             let count = entries.iter().filter(|e| e.version.is_some()).count();
             // Each version with its key's frontier on this node: the
             // receiver merges whole states, never a bare version (see
@@ -215,7 +224,7 @@ async fn replay_region(
                     failed.node, failed.error
                 ));
             }
-            outbox_done(replica, ids).await;
+            outbox_done(replica, delivered).await;
             sent += count;
             metrics::counter!("outbox_replayed_total", "region" => region.to_string())
                 .increment(count as u64);

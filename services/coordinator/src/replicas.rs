@@ -48,8 +48,8 @@ pub struct ReplicaBatches {
     pub mint: Batcher<pb::MintRequest, pb::MintResult>,
     /// One `Apply` call for the queued key states.
     pub apply: Batcher<Vec<pb::Version>, ()>,
-    /// One `OutboxDone` call for the queued outbox entry ids.
-    pub outbox_done: Batcher<Vec<u64>, ()>,
+    /// One `OutboxDone` call for the queued delivered entries.
+    pub outbox_done: Batcher<Vec<pb::OutboxEntry>, ()>,
     /// One `ReadMany` call for the queued frontier reads (keys).
     pub read: Batcher<String, Vec<pb::Version>>,
 }
@@ -100,11 +100,13 @@ impl ReplicaBatches {
             "outbox_done",
             node,
             limits,
-            |ids| ids.len() * 8,
-            move |ids| {
+            |entries: &[pb::OutboxEntry]| entries.iter().map(|e| e.region.len() + 16).sum(),
+            move |entries| {
                 let mut client = c.clone();
                 async move {
-                    client.outbox_done(pb::OutboxDoneRequest { ids }).await?;
+                    client
+                        .outbox_done(pb::OutboxDeliveredRequest { entries })
+                        .await?;
                     Ok(())
                 }
             },

@@ -54,6 +54,23 @@ struct Unsaved {
     suspect: HashMap<String, u64>,
 }
 
+impl Unsaved {
+    /// Every change numbered up to this has ended (its keys are in `dirty`
+    /// or were saved before) — except those of suspect keys, which hold the
+    /// mark back until they are loaded again.
+    fn settled_through(&self) -> u64 {
+        let lowest_open = self
+            .in_flight
+            .first()
+            .copied()
+            .into_iter()
+            .chain(self.suspect.values().copied())
+            .min()
+            .unwrap_or(self.next_change);
+        lowest_open.saturating_sub(1)
+    }
+}
+
 /// What a checkpoint stores: the unsaved keys' frontiers, and the change
 /// number up to which every change is reflected by them and the heads.
 pub struct Checkpoint {
@@ -145,6 +162,13 @@ impl KeyStates {
             .cloned()
     }
 
+    /// The change number up to which every change has ended: committed or
+    /// failed, none still in flight or of unknown outcome. A reader of the
+    /// version rows by arrival never waits for rows numbered up to it.
+    pub fn settled_through(&self) -> u64 {
+        self.unsaved().settled_through()
+    }
+
     /// True when `key`'s state must be loaded from its whole history: its
     /// last change may or may not have committed.
     pub fn is_suspect(&self, key: &str) -> bool {
@@ -175,23 +199,10 @@ impl KeyStates {
         if !unsaved.saving.is_empty() {
             return None;
         }
-        // Every change numbered up to `through` has ended (its keys are in
-        // `dirty` or were saved before) — except those of suspect keys,
-        // which hold the mark back until they are loaded again.
-        let lowest_open = unsaved
-            .in_flight
-            .first()
-            .copied()
-            .into_iter()
-            .chain(unsaved.suspect.values().copied())
-            .min()
-            .unwrap_or(unsaved.next_change);
+        let through = unsaved.settled_through();
         let frontiers = Arc::new(std::mem::take(&mut unsaved.dirty));
         unsaved.saving = frontiers.clone();
-        Some(Checkpoint {
-            frontiers,
-            through: lowest_open.saturating_sub(1),
-        })
+        Some(Checkpoint { frontiers, through })
     }
 
     /// The running checkpoint is stored.

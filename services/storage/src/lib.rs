@@ -98,7 +98,7 @@ fn describe_metrics() {
     );
     describe_counter!(
         "outbox_expired_total",
-        "outbox entries dropped after their time to live, by region"
+        "versions passed undelivered by a remote region's cursor after the outbox window, by region"
     );
     metrics::counter!("hints_expired_total").absolute(0);
 }

@@ -2,12 +2,13 @@
 //! [`VersionStore`] calls. No SQL and no replication logic here.
 
 use crate::store::{
-    HistoryCursor, Idempotency, MintInput, Queue, StoredVersion, VersionPosition, VersionStore,
+    HistoryCursor, Idempotency, MintInput, StoredVersion, VersionPosition, VersionStore,
 };
 use geolog_core::causal::Dot;
 use geolog_core::merkle::{LEAF_DEPTH, LEVEL_BITS};
 use geolog_core::{ErrorCode, GeologError, Hlc, JsonText, Key};
 use geolog_proto::storage as pb;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
@@ -468,7 +469,7 @@ impl pb::storage_server::Storage for StorageService {
     ) -> Result<Response<pb::OutboxDoneResponse>, Status> {
         let deleted = self
             .store
-            .queue_done(Queue::Hints, &request.into_inner().ids)
+            .hints_done(&request.into_inner().ids)
             .await
             .map_err(|e| fail("hint_done", e))?;
         Ok(Response::new(pb::OutboxDoneResponse {
@@ -482,7 +483,7 @@ impl pb::storage_server::Storage for StorageService {
     ) -> Result<Response<pb::HintStatsResponse>, Status> {
         let stats = self
             .store
-            .queue_stats(Queue::Hints)
+            .hint_stats()
             .await
             .map_err(|e| fail("hint_stats", e))?;
         Ok(Response::new(pb::HintStatsResponse {
@@ -499,15 +500,18 @@ impl pb::storage_server::Storage for StorageService {
 
     async fn outbox_done(
         &self,
-        request: Request<pb::OutboxDoneRequest>,
+        request: Request<pb::OutboxDeliveredRequest>,
     ) -> Result<Response<pb::OutboxDoneResponse>, Status> {
-        let deleted = self
-            .store
-            .queue_done(Queue::Outbox, &request.into_inner().ids)
-            .await
-            .map_err(|e| fail("outbox_done", e))?;
+        let mut by_region: HashMap<String, Vec<u64>> = HashMap::new();
+        for entry in request.into_inner().entries {
+            by_region.entry(entry.region).or_default().push(entry.id);
+        }
+        let recorded: u64 = by_region
+            .iter()
+            .map(|(region, seqs)| self.store.outbox_delivered(region, seqs))
+            .sum();
         Ok(Response::new(pb::OutboxDoneResponse {
-            deleted: deleted as u32,
+            deleted: recorded as u32,
         }))
     }
 
@@ -517,7 +521,7 @@ impl pb::storage_server::Storage for StorageService {
     ) -> Result<Response<pb::OutboxStatsResponse>, Status> {
         let stats = self
             .store
-            .queue_stats(Queue::Outbox)
+            .outbox_stats()
             .await
             .map_err(|e| fail("outbox_stats", e))?;
         Ok(Response::new(pb::OutboxStatsResponse {

@@ -10,10 +10,12 @@
 //! about quorums.
 //!
 //! By concern: `versions` (minting, merging, reads), `heads` (checkpoints
-//! of the keys' frontiers and their recovery), `queues` (outbox and hints),
+//! of the keys' frontiers and their recovery), `delivery` (to remote
+//! regions, by cursor), `queues` (hints),
 //! `digests` (anti-entropy).
 
 mod connections;
+mod delivery;
 mod digests;
 mod heads;
 mod queues;
@@ -97,14 +99,6 @@ pub struct HistoryCursor {
     pub seq: u64,
 }
 
-/// The two delivery queues a node keeps: the cross-region outbox and the
-/// hints for replicas of its own region that missed writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Queue {
-    Outbox,
-    Hints,
-}
-
 /// One record to mint (see [`VersionStore::mint_batch`]).
 #[derive(Debug, Clone)]
 pub struct MintInput {
@@ -113,7 +107,7 @@ pub struct MintInput {
     /// The client's context: the version supersedes exactly what it covers;
     /// without one, what this node has seen of the key.
     pub context: Option<VersionVector>,
-    /// Remote regions that still need the version: one outbox entry each.
+    /// Remote regions the version must reach (see `delivery`).
     pub outbox_regions: Vec<String>,
     pub idempotency: Option<Idempotency>,
 }
@@ -124,7 +118,8 @@ pub struct Minted {
     pub version: StoredVersion,
     /// The key's frontier after the mint (includes `version`).
     pub frontier: Vec<StoredVersion>,
-    /// Outbox entries stored with it: (id, remote region).
+    /// What reports its delivery to each remote region (see
+    /// [`VersionStore::outbox_delivered`]): (id — its own sequence —, region).
     pub outbox: Vec<(u64, String)>,
     /// True when `version` is an earlier write with the same idempotency
     /// key: nothing was minted.
@@ -215,6 +210,8 @@ pub struct VersionStore {
     keys: KeyStates,
     /// Anti-entropy digests of every version stored here.
     tree: std::sync::Mutex<DigestTree>,
+    /// Cross-region delivery reported by the write path.
+    deliveries: delivery::Deliveries,
 }
 
 impl VersionStore {
@@ -318,7 +315,9 @@ impl VersionStore {
             .max_connections(1)
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(options);
+        let deliveries = delivery::Deliveries::load(&pool).await?;
         Ok(VersionStore {
+            deliveries,
             connections: connections::Connections::new(pool.clone()),
             pool,
             health,

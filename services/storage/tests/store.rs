@@ -3,7 +3,7 @@
 use geolog_core::Hlc;
 use geolog_core::causal::{Dot, VersionVector};
 use geolog_storage::store::{
-    HistoryCursor, Idempotency, MintInput, Queue, StoreError, StoreSettings, StoredVersion,
+    HistoryCursor, Idempotency, MintInput, StoreError, StoreSettings, StoredVersion,
     VersionPosition, VersionStore,
 };
 use geolog_testkit::TestPostgres;
@@ -311,7 +311,7 @@ async fn hints_wait_for_their_target_and_expire_after_the_window() {
             .unwrap(),
         2
     );
-    assert_eq!(store.queue_stats(Queue::Hints).await.unwrap()[0].0, "n2");
+    assert_eq!(store.hint_stats().await.unwrap()[0].0, "n2");
     let pending = store
         .hint_pending("n2", 10, Duration::from_secs(3600))
         .await
@@ -326,13 +326,7 @@ async fn hints_wait_for_their_target_and_expire_after_the_window() {
             .unwrap()
             .is_empty()
     );
-    assert_eq!(
-        store
-            .queue_done(Queue::Hints, &[pending[0].0])
-            .await
-            .unwrap(),
-        1
-    );
+    assert_eq!(store.hints_done(&[pending[0].0]).await.unwrap(), 1);
     // Past the window, hints are dropped (anti-entropy's job then).
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(
@@ -342,7 +336,7 @@ async fn hints_wait_for_their_target_and_expire_after_the_window() {
             .unwrap()
             .is_empty()
     );
-    assert!(store.queue_stats(Queue::Hints).await.unwrap().is_empty());
+    assert!(store.hint_stats().await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -391,17 +385,18 @@ async fn a_batch_mints_in_one_transaction_in_order_and_bad_records_fail_alone() 
     // A retry within the batch is answered with the first write.
     assert!(ok(4).replayed && ok(4).version == ok(1).version && ok(4).outbox.is_empty());
     assert_eq!(store.count_versions("cold").await.unwrap(), 1);
-    // Each minted record has its own outbox entries, all distinct.
-    let mut ids: Vec<u64> = Vec::new();
+    // Each minted record is to be reported delivered to each remote region
+    // by its own sequence.
     for i in [0, 1, 3] {
-        let mut regions: Vec<&str> = ok(i).outbox.iter().map(|(_, r)| r.as_str()).collect();
-        regions.sort();
-        assert_eq!(regions, ["b", "c"]);
-        ids.extend(ok(i).outbox.iter().map(|(id, _)| *id));
+        let mut entries: Vec<(u64, &str)> = ok(i)
+            .outbox
+            .iter()
+            .map(|(id, r)| (*id, r.as_str()))
+            .collect();
+        entries.sort();
+        let seq = ok(i).version.dot.seq;
+        assert_eq!(entries, [(seq, "b"), (seq, "c")]);
     }
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), 6);
     let pending = store
         .outbox_pending("b", 10, Duration::ZERO, None)
         .await
@@ -620,17 +615,15 @@ async fn rows_without_tree_tokens_are_filled_at_open_and_found_again() {
     for statement in [
         "UPDATE versions SET token = NULL, vhash = NULL",
         "UPDATE hints SET token = NULL",
-        "UPDATE outbox SET token = NULL",
     ] {
         sqlx::query(statement).execute(&db).await.unwrap();
     }
 
     let store = open(&pg, "n1").await;
-    for table in ["versions", "hints", "outbox"] {
+    for table in ["versions", "hints"] {
         let statement = match table {
             "versions" => "SELECT count(*) FROM versions WHERE token IS NULL OR vhash IS NULL",
-            "hints" => "SELECT count(*) FROM hints WHERE token IS NULL",
-            _ => "SELECT count(*) FROM outbox WHERE token IS NULL",
+            _ => "SELECT count(*) FROM hints WHERE token IS NULL",
         };
         let left: i64 = sqlx::query_scalar(statement).fetch_one(&db).await.unwrap();
         assert_eq!(left, 0, "{table} rows left without a token");
@@ -969,4 +962,115 @@ async fn range_versions_page_by_bytes_and_resume_after_the_last() {
             }
         }
     }
+}
+
+/// Delivery to a remote region by cursor: the node's own versions after
+/// the cursor, in arrival order, less those reported delivered; the cursor
+/// passes what was delivered (or is older than the window) up to the first
+/// version still open, survives a restart, and never answers a version
+/// younger than the replay delay that may still be on its way.
+#[tokio::test]
+async fn a_remote_region_gets_what_its_cursor_has_not_passed() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let b = ["b".to_string()];
+    let depth = |stats: Vec<(String, u64, u64)>| {
+        stats
+            .into_iter()
+            .find(|(region, ..)| region == "b")
+            .map(|(_, depth, _)| depth)
+    };
+    let (v1, v2, v3, v4);
+    {
+        let store = open(&pg, "n1").await;
+        // Nothing was ever minted for b: no cursor, nothing pending.
+        assert!(pending(&store, Duration::ZERO, None).await.is_empty());
+        assert_eq!(store.outbox_delivered("b", &[1]), 0);
+        let mint = |key: &'static str| {
+            let (store, b) = (&store, &b);
+            async move {
+                let key = k(key);
+                store
+                    .mint_full(&key, "1", None, b, None)
+                    .await
+                    .unwrap()
+                    .version
+            }
+        };
+        v1 = mint("k1").await;
+        v2 = mint("k2").await;
+        // Another node's version, merged here: never this node's to send.
+        store
+            .merge(&[version("k9", "n2", 5, Hlc::new(1, 0), "9", &[])])
+            .await
+            .unwrap();
+        v3 = mint("k3").await;
+        assert_eq!(
+            pending(&store, Duration::ZERO, None).await,
+            vec![v1.clone(), v2.clone(), v3.clone()]
+        );
+        assert_eq!(depth(store.outbox_stats().await.unwrap()), Some(3));
+
+        // The write path delivered the first and the third.
+        assert_eq!(store.outbox_delivered("b", &[v1.dot.seq, v3.dot.seq]), 2);
+        assert_eq!(depth(store.outbox_stats().await.unwrap()), Some(1));
+        assert_eq!(
+            pending(&store, Duration::ZERO, None).await,
+            vec![v2.clone()]
+        );
+        store.outbox_delivered("b", &[v2.dot.seq]);
+        assert!(pending(&store, Duration::ZERO, None).await.is_empty());
+        assert_eq!(depth(store.outbox_stats().await.unwrap()), Some(0));
+
+        // A young version may still be on its way: not answered, not passed.
+        v4 = mint("k4").await;
+        assert!(
+            pending(&store, Duration::from_secs(3600), None)
+                .await
+                .is_empty()
+        );
+        assert_eq!(depth(store.outbox_stats().await.unwrap()), Some(1));
+        store.close().await;
+    }
+    // After a restart the cursor is where it was: only v4 is still owed.
+    let store = open(&pg, "n1").await;
+    assert_eq!(
+        pending(&store, Duration::ZERO, None).await,
+        vec![v4.clone()]
+    );
+    // Past the outbox window it is passed undelivered (anti-entropy's job).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        pending(&store, Duration::ZERO, Some(Duration::from_millis(1)))
+            .await
+            .is_empty()
+    );
+    assert_eq!(depth(store.outbox_stats().await.unwrap()), Some(0));
+    assert!(pending(&store, Duration::ZERO, None).await.is_empty());
+    // One row per mint change was stored for delivery; those every cursor
+    // passed are gone (the cursor's own change may stay).
+    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM own_changes")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert!(rows <= 1, "{rows} rows left");
+}
+
+/// What region b is owed by `store`, checking each entry's shape.
+async fn pending(
+    store: &VersionStore,
+    min_age: Duration,
+    window: Option<Duration>,
+) -> Vec<StoredVersion> {
+    store
+        .outbox_pending("b", 10, min_age, window)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, v, frontier)| {
+            assert_eq!(id, v.dot.seq, "an entry is named by its sequence");
+            assert!(frontier.contains(&v), "with its key's frontier");
+            v
+        })
+        .collect()
 }

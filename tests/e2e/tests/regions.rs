@@ -314,7 +314,7 @@ async fn coordinator_killed_mid_stream_loses_nothing_acknowledged() {
     }
 }
 
-/// A region cut off for longer than the outbox window: the outbox entries
+/// A region cut off for longer than the outbox window: the versions owed
 /// for it expire, and anti-entropy alone brings it back after the heal.
 /// Anti-entropy crosses regions over the same links as replication, so
 /// during the partition it cannot reach the other side either.
@@ -343,7 +343,7 @@ async fn a_region_cut_off_longer_than_the_outbox_window_is_repaired_by_anti_entr
     // before the writes could read as empty while an attempt is held up
     // by the cut (then every entry was delivered at the heal).
     wait_until(Duration::from_secs(40), || async {
-        outbox_rows(&cluster, "a").await == 0
+        owed_versions(&cluster, "a").await == 0
     })
     .await;
     // And no replication call to b is still queued in a's coordinator (one
@@ -409,26 +409,31 @@ async fn a_region_cut_off_longer_than_the_outbox_window_is_repaired_by_anti_entr
     assert!(printed.contains("last pass"), "{printed}");
 }
 
-/// A connection pool to each of `region`'s nodes' databases.
-async fn node_databases(cluster: &TestCluster, region: &str) -> Vec<sqlx::PgPool> {
+/// Each of `region`'s nodes with a connection pool to its database.
+async fn node_databases(cluster: &TestCluster, region: &str) -> Vec<(String, sqlx::PgPool)> {
     let config = cluster.cluster.config();
     let region = config.regions.iter().find(|r| r.name == region).unwrap();
     let mut pools = Vec::new();
     for node in &region.nodes {
         let url = node.database_url.clone().expect("managed nodes have a URL");
-        pools.push(sqlx::PgPool::connect(&url).await.unwrap());
+        pools.push((node.id.clone(), sqlx::PgPool::connect(&url).await.unwrap()));
     }
     pools
 }
 
-/// Outbox entries stored on `region`'s nodes, counted in their databases.
-async fn outbox_rows(cluster: &TestCluster, region: &str) -> i64 {
+/// Versions `region`'s nodes minted that the cursor of another region has
+/// not passed yet, counted in their databases.
+async fn owed_versions(cluster: &TestCluster, region: &str) -> i64 {
     let mut rows = 0;
-    for pool in node_databases(cluster, region).await {
-        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    for (node, pool) in node_databases(cluster, region).await {
+        let (count,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM versions v JOIN region_cursors c \
+               ON (v.arrived, v.seq) > (c.change, c.seq) WHERE v.node = $1",
+        )
+        .bind(&node)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
         rows += count;
         pool.close().await;
     }
@@ -458,9 +463,9 @@ async fn two_regions_without_periodic_repair(extra: &[(&str, &str)]) -> (TestClu
 }
 
 /// Cross-region replay ships each version with its key's frontier on the
-/// minting node, never bare: a concurrent sibling whose own outbox entry is
-/// gone (dropped, say, after the outbox window) still reaches the other
-/// region with the sibling minted after it. A bare version would make the
+/// minting node, never bare: a concurrent sibling the region's cursor has
+/// passed undelivered (dropped, say, after the outbox window) still reaches
+/// the other region with the sibling minted after it. A bare version would make the
 /// receiver's state claim a dot it lacks (its vector covers the minter's
 /// earlier sequence numbers), and the lost sibling would never show.
 #[tokio::test(flavor = "multi_thread")]
@@ -482,20 +487,25 @@ async fn outbox_replay_ships_the_frontier_not_a_bare_version() {
     let (_, read) = a.read("doc", Some("LOCAL_QUORUM")).await;
     assert_eq!(read["siblings"].as_array().map(Vec::len), Some(2), "{read}");
 
-    // Every outbox entry of the key but the newest is lost.
-    let mut deleted = 0;
-    for pool in node_databases(&cluster, "a").await {
+    // The cursor to b passes every version of the key but the newest, as
+    // if they had expired undelivered (the node reads its cursor from its
+    // database on every replay).
+    let mut passed = 0;
+    for (node, pool) in node_databases(&cluster, "a").await {
         let done = sqlx::query(
-            "DELETE FROM outbox WHERE key = 'doc' \
-             AND seq < (SELECT max(seq) FROM outbox WHERE key = 'doc')",
+            "UPDATE region_cursors c SET change = v.arrived, seq = v.seq \
+             FROM (SELECT arrived, seq FROM versions WHERE key = 'doc' AND node = $1 \
+                   ORDER BY arrived DESC, seq DESC OFFSET 1 LIMIT 1) v \
+             WHERE c.region = 'b'",
         )
+        .bind(&node)
         .execute(&pool)
         .await
         .unwrap();
-        deleted += done.rows_affected();
+        passed += done.rows_affected();
         pool.close().await;
     }
-    assert_eq!(deleted, 2, "the base's and the first sibling's entries");
+    assert_eq!(passed, 1, "the minting node's cursor");
     // The health's outbox depth is sampled: wait until it shows the one
     // entry left, so that "empty" below means delivered.
     wait_until(Duration::from_secs(30), || async {

@@ -254,8 +254,8 @@ impl QuorumEngine {
     /// local replica and per remote region) and counts acks until every
     /// record's level is met or lost, or the deadline passes. Delivery goes
     /// on after that; a local replica that misses gets hints on the minting
-    /// nodes, a remote region's outbox entries are deleted once all its
-    /// replicas have the records.
+    /// nodes, and the minting nodes are told which records reached every
+    /// replica of a remote region.
     async fn deliver(
         &self,
         flights: &mut [InFlight],
@@ -333,17 +333,17 @@ impl QuorumEngine {
                 continue;
             };
             let versions: Vec<pb::Version> = records.iter().flat_map(|&i| frontier_of(i)).collect();
-            // Outbox entries per minting node, deleted once delivered.
-            let mut outbox: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+            // Deliveries to report, per minting node, once delivered.
+            let mut outbox: BTreeMap<String, Vec<pb::OutboxEntry>> = BTreeMap::new();
             for &i in &records {
                 if let Some((_, m)) = &flights[i].minted {
-                    let ids = m.outbox.iter().filter(|e| e.region == region).map(|e| e.id);
-                    outbox.entry(minter_of(i)).or_default().extend(ids);
+                    let entries = m.outbox.iter().filter(|e| e.region == region).cloned();
+                    outbox.entry(minter_of(i)).or_default().extend(entries);
                 }
             }
             let holders: Vec<_> = outbox
                 .into_iter()
-                .map(|(minter, ids)| (self.local_replica(&minter), ids))
+                .map(|(minter, entries)| (self.local_replica(&minter), entries))
                 .collect();
             let wanted: usize = {
                 let mut nodes: Vec<&str> = records
@@ -363,8 +363,8 @@ impl QuorumEngine {
                     .as_ref()
                     .is_ok_and(|acks| acks.iter().filter(|a| a.ok).count() >= wanted);
                 if delivered {
-                    for (holder, ids) in holders {
-                        outbox_done(&holder, ids).await;
+                    for (holder, entries) in holders {
+                        outbox_done(&holder, entries).await;
                     }
                 }
                 let _ = tx

@@ -173,10 +173,11 @@ pub async fn apply(replica: &Replica, versions: Vec<pb::Version>) -> Result<(), 
         })
 }
 
-/// Deletes delivered outbox entries on the node that holds them; failures
-/// only mean the replay worker sends them once more.
-pub async fn outbox_done(replica: &Replica, ids: Vec<u64>) {
-    if let Err(status) = replica.batches.outbox_done.call(ids).await {
+/// Reports versions delivered to a remote region to the node that minted
+/// them (entries as its mint or pending answer gave them); failures only
+/// mean the replay worker sends them once more.
+pub async fn outbox_done(replica: &Replica, entries: Vec<pb::OutboxEntry>) {
+    if let Err(status) = replica.batches.outbox_done.call(entries).await {
         tracing::debug!(replica = %replica.node, error = %status.message(), "outbox cleanup failed; replay will resend");
     }
 }

@@ -174,13 +174,13 @@ impl VersionStore {
 }
 
 /// Fills the tree columns of rows written before they existed (migration
-/// 0007), a batch at a time: the hints and outbox entries that name such
-/// versions (migration 0010 copied the tokens that existed), then the
-/// versions themselves, found and updated through the `token IS NULL` end
-/// of their index. A queue entry lacks a token only while its version
-/// does, and versions are filled last, so when no version lacks one (one
-/// index probe) there is nothing to do — the queue tables, which have no
-/// index on their token, are not scanned at every start.
+/// 0007), a batch at a time: the hints that name such versions (migration
+/// 0010 copied the tokens that existed), then the versions themselves,
+/// found and updated through the `token IS NULL` end of their index. A
+/// hint lacks a token only while its version does, and versions are
+/// filled last, so when no version lacks one (one index probe) there is
+/// nothing to do — the hints table, which has no index on its token, is
+/// not scanned at every start.
 pub(super) async fn fill_tree_columns(pool: &PgPool) -> Result<(), StoreError> {
     let legacy: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM versions WHERE token IS NULL)")
@@ -189,28 +189,20 @@ pub(super) async fn fill_tree_columns(pool: &PgPool) -> Result<(), StoreError> {
     if !legacy {
         return Ok(());
     }
-    const QUEUES: [(&str, &str); 2] = [
-        (
-            "SELECT DISTINCT key FROM hints WHERE token IS NULL",
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT key FROM hints WHERE token IS NULL")
+            .fetch_all(pool)
+            .await?;
+    for chunk in keys.chunks(5_000) {
+        let tokens: Vec<i64> = chunk.iter().map(|k| tree_token(k)).collect();
+        sqlx::query(
             "UPDATE hints q SET token = t.tk FROM UNNEST($1::text[], $2::bigint[]) AS t(k, tk) \
              WHERE q.token IS NULL AND q.key = t.k",
-        ),
-        (
-            "SELECT DISTINCT key FROM outbox WHERE token IS NULL",
-            "UPDATE outbox q SET token = t.tk FROM UNNEST($1::text[], $2::bigint[]) AS t(k, tk) \
-             WHERE q.token IS NULL AND q.key = t.k",
-        ),
-    ];
-    for (select, update) in QUEUES {
-        let keys: Vec<String> = sqlx::query_scalar(select).fetch_all(pool).await?;
-        for chunk in keys.chunks(5_000) {
-            let tokens: Vec<i64> = chunk.iter().map(|k| tree_token(k)).collect();
-            sqlx::query(update)
-                .bind(chunk)
-                .bind(tokens)
-                .execute(pool)
-                .await?;
-        }
+        )
+        .bind(chunk)
+        .bind(tokens)
+        .execute(pool)
+        .await?;
     }
     loop {
         let rows: Vec<(String, i64, String, i64)> = sqlx::query_as(

@@ -1,53 +1,21 @@
-//! The two delivery queues a node keeps (see [`Queue`]): the cross-region
-//! outbox — versions minted here that a remote region has not fully
-//! received — and hints for replicas of this region that missed writes.
-//! Entries name a version held here; pending entries travel with their
-//! key's current frontier, so receivers merge whole states.
+//! Hints: versions held here that a replica of this region missed. A hint
+//! names the version and its target; pending hints travel with their key's
+//! current frontier, so receivers merge whole states (as cross-region
+//! deliveries do, see `delivery`).
 
-use super::{Queue, StoreError, StoredVersion, VersionStore, version_from_row};
+use super::{StoreError, StoredVersion, VersionStore, version_from_row};
 use geolog_core::merkle::tree_token;
 use sqlx::Row;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 impl VersionStore {
-    /// The oldest `limit` outbox entries for `region` older than `min_age`,
-    /// each with its version and its key's current frontier here.
-    pub async fn outbox_pending(
+    /// Pending entries (an id and a version) with each key's current
+    /// frontier here, so receivers merge whole states.
+    pub(super) async fn with_frontiers(
         &self,
-        region: &str,
-        limit: u32,
-        min_age: Duration,
-        window: Option<Duration>,
+        entries: Vec<(u64, StoredVersion)>,
     ) -> Result<Vec<(u64, StoredVersion, Vec<StoredVersion>)>, StoreError> {
-        if let Some(window) = window {
-            self.expire(Queue::Outbox, region, window).await?;
-        }
-        let rows = sqlx::query(
-            "SELECT o.id, v.key, v.node, v.seq, v.hlc, v.value, v.context, v.idempotency_key, v.body_hash \
-             FROM outbox o JOIN versions v \
-               ON v.token = o.token AND (v.key, v.hlc, v.node, v.seq) = (o.key, o.hlc, o.node, o.seq) \
-             WHERE o.region = $1 AND o.created_at <= now() - make_interval(secs => $3) \
-             ORDER BY o.id LIMIT $2",
-        )
-        .bind(region)
-        .bind(i64::from(limit))
-        .bind(min_age.as_secs_f64())
-        .fetch_all(&self.pool)
-        .await?;
-        self.with_frontiers(&rows).await
-    }
-
-    /// Pending entries (rows with an `id` and a version) with each key's
-    /// current frontier here, so receivers merge whole states.
-    async fn with_frontiers(
-        &self,
-        rows: &[sqlx::postgres::PgRow],
-    ) -> Result<Vec<(u64, StoredVersion, Vec<StoredVersion>)>, StoreError> {
-        let entries: Vec<(u64, StoredVersion)> = rows
-            .iter()
-            .map(|row| Ok((row.try_get::<i64, _>("id")? as u64, version_from_row(row)?)))
-            .collect::<Result<_, StoreError>>()?;
         let keys: Vec<&str> = entries
             .iter()
             .map(|(_, v)| v.key.as_str())
@@ -102,7 +70,7 @@ impl VersionStore {
         limit: u32,
         window: Duration,
     ) -> Result<Vec<(u64, StoredVersion, Vec<StoredVersion>)>, StoreError> {
-        self.expire(Queue::Hints, target, window).await?;
+        self.expire_hints(window).await?;
         let rows = sqlx::query(
             "SELECT h.id, v.key, v.node, v.seq, v.hlc, v.value, v.context, \
                     v.idempotency_key, v.body_hash \
@@ -114,77 +82,51 @@ impl VersionStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        self.with_frontiers(&rows).await
+        let entries = rows
+            .iter()
+            .map(|row| Ok((row.try_get::<i64, _>("id")? as u64, version_from_row(row)?)))
+            .collect::<Result<_, StoreError>>()?;
+        self.with_frontiers(entries).await
     }
 
-    /// Deletes delivered entries of `queue`; returns how many existed.
-    pub async fn queue_done(&self, queue: Queue, ids: &[u64]) -> Result<u64, StoreError> {
+    /// Deletes delivered hints; returns how many existed.
+    pub async fn hints_done(&self, ids: &[u64]) -> Result<u64, StoreError> {
         let ids: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
-        let sql = match queue {
-            Queue::Outbox => "DELETE FROM outbox WHERE id = ANY($1)",
-            Queue::Hints => "DELETE FROM hints WHERE id = ANY($1)",
-        };
-        Ok(sqlx::query(sql)
+        Ok(sqlx::query("DELETE FROM hints WHERE id = ANY($1)")
             .bind(ids)
             .execute(&self.pool)
             .await?
             .rows_affected())
     }
 
-    /// Deletes entries of `queue` older than `window` — the outbox's for
-    /// the region `destination`; hints for every target — and counts them:
-    /// anti-entropy must repair what they held.
-    async fn expire(
-        &self,
-        queue: Queue,
-        destination: &str,
-        window: Duration,
-    ) -> Result<(), StoreError> {
-        let query = match queue {
-            Queue::Outbox => sqlx::query(
-                "DELETE FROM outbox WHERE created_at < now() - make_interval(secs => $1) AND region = $2",
-            )
-            .bind(window.as_secs_f64())
-            .bind(destination),
-            Queue::Hints => {
-                sqlx::query("DELETE FROM hints WHERE created_at < now() - make_interval(secs => $1)")
-                    .bind(window.as_secs_f64())
-            }
-        };
-        let expired = query.execute(&self.pool).await?.rows_affected();
+    /// Deletes hints older than `window` (for every target) and counts
+    /// them: anti-entropy must repair what they held.
+    async fn expire_hints(&self, window: Duration) -> Result<(), StoreError> {
+        let expired =
+            sqlx::query("DELETE FROM hints WHERE created_at < now() - make_interval(secs => $1)")
+                .bind(window.as_secs_f64())
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
         if expired > 0 {
             tracing::warn!(
-                ?queue,
                 expired,
-                "dropped entries older than their window; anti-entropy must repair them"
+                "dropped hints older than their window; anti-entropy must repair them"
             );
-            match queue {
-                Queue::Outbox => {
-                    metrics::counter!("outbox_expired_total", "region" => destination.to_string())
-                        .increment(expired)
-                }
-                Queue::Hints => metrics::counter!("hints_expired_total").increment(expired),
-            }
+            metrics::counter!("hints_expired_total").increment(expired);
         }
         Ok(())
     }
 
-    /// Per destination (remote region, or target node for hints): pending
-    /// entries of `queue` and the age of the oldest, in ms.
-    pub async fn queue_stats(&self, queue: Queue) -> Result<Vec<(String, u64, u64)>, StoreError> {
-        let sql = match queue {
-            Queue::Outbox => {
-                "SELECT region, count(*), \
-                        COALESCE(EXTRACT(EPOCH FROM (now() - min(created_at))) * 1000, 0)::float8 \
-                 FROM outbox GROUP BY region ORDER BY region"
-            }
-            Queue::Hints => {
-                "SELECT target, count(*), \
-                        COALESCE(EXTRACT(EPOCH FROM (now() - min(created_at))) * 1000, 0)::float8 \
-                 FROM hints GROUP BY target ORDER BY target"
-            }
-        };
-        let rows: Vec<(String, i64, f64)> = sqlx::query_as(sql).fetch_all(&self.pool).await?;
+    /// Per target node: pending hints and the age of the oldest, in ms.
+    pub async fn hint_stats(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let rows: Vec<(String, i64, f64)> = sqlx::query_as(
+            "SELECT target, count(*), \
+                    COALESCE(EXTRACT(EPOCH FROM (now() - min(created_at))) * 1000, 0)::float8 \
+             FROM hints GROUP BY target ORDER BY target",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows
             .into_iter()
             .map(|(d, n, age)| (d, n as u64, age.max(0.0) as u64))

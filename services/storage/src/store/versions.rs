@@ -2,8 +2,9 @@
 //! their writer locks ([`KeyStates`](crate::keystate::KeyStates)), reads
 //! their frontiers from memory (loading the keys not held), decides every
 //! record in memory, and writes the result as one statement — the version
-//! rows (numbered with the change, in arrival order) and the outbox
-//! entries — so a batch costs one round trip and one commit. The frontiers
+//! rows, numbered with the change, in arrival order (the order in which
+//! `delivery` reads a node's own versions for remote regions) — so a batch
+//! costs one round trip and one commit. The frontiers
 //! held in memory change only after that statement committed; when its
 //! outcome is unknown the keys are forgotten and loaded again from their
 //! history. The stored heads are written by checkpoints (`heads`), not here.
@@ -16,7 +17,7 @@ use geolog_core::Key;
 use geolog_core::causal::{self, Dot, VersionVector};
 use geolog_core::merkle::{tree_token, version_hash};
 use sqlx::Row;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -48,8 +49,8 @@ impl VersionStore {
             .next())
     }
 
-    /// Mints a new version of `key` and stores, in the same statement, one
-    /// outbox entry per region in `outbox_regions`. With a `context` the
+    /// Mints a new version of `key`, to be delivered to the regions in
+    /// `outbox_regions` (see `delivery`). With a `context` the
     /// version supersedes exactly the versions it covers; without, it
     /// supersedes everything this node has seen of the key.
     pub async fn mint_full(
@@ -85,6 +86,14 @@ impl VersionStore {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
+        // Before the change is numbered: a region's cursor starts below it.
+        let mut regions: Vec<String> = inputs
+            .iter()
+            .flat_map(|i| i.outbox_regions.iter().cloned())
+            .collect();
+        regions.sort_unstable();
+        regions.dedup();
+        self.ensure_cursors(&regions).await?;
         let keys: Vec<&str> = inputs
             .iter()
             .map(|i| i.key.as_str())
@@ -106,7 +115,6 @@ impl VersionStore {
         // Decide every record in memory, in order.
         let mut results: Vec<Result<Minted, StoreError>> = Vec::with_capacity(inputs.len());
         let mut new: Vec<StoredVersion> = Vec::new();
-        let mut outbox_rows: Vec<(usize, String)> = Vec::new();
         for (input, seq) in inputs.into_iter().zip(first_seq..) {
             if let Err(err) = input.value_json.check_syntax() {
                 results.push(Err(StoreError::Rejected(err)));
@@ -145,16 +153,15 @@ impl VersionStore {
             }
             let frontier = causal::frontier(current.drain(..).chain([version.clone()]));
             current.extend(frontier.iter().cloned());
-            outbox_rows.extend(
-                input
-                    .outbox_regions
-                    .into_iter()
-                    .map(|region| (new.len(), region)),
-            );
+            let seq = version.dot.seq;
             results.push(Ok(Minted {
                 version: version.clone(),
                 frontier,
-                outbox: Vec::new(),
+                outbox: input
+                    .outbox_regions
+                    .into_iter()
+                    .map(|region| (seq, region))
+                    .collect(),
                 replayed: false,
             }));
             new.push(version);
@@ -164,31 +171,13 @@ impl VersionStore {
             versions: new.iter().collect(),
             change: guard.change(),
         };
-        let outbox = match write.mint(self, &outbox_rows).await {
-            Ok(ids) => ids,
-            Err(err) => {
-                keys.iter().for_each(|k| guard.forget(k));
-                return Err(err);
-            }
-        };
+        if let Err(err) = write.mint(self, !regions.is_empty()).await {
+            keys.iter().for_each(|k| guard.forget(k));
+            return Err(err);
+        }
         for key in keys {
             let frontier = frontiers.remove(&key).unwrap_or_default();
             guard.set(key, frontier);
-        }
-        drop(guard);
-
-        // Hand each minted record its outbox entry ids.
-        let mut outbox_of: BTreeMap<Dot, Vec<(u64, String)>> = BTreeMap::new();
-        for ((version, region), id) in outbox_rows.into_iter().zip(outbox) {
-            outbox_of
-                .entry(new[version].dot.clone())
-                .or_default()
-                .push((id, region));
-        }
-        for minted in results.iter_mut().flatten() {
-            if !minted.replayed {
-                minted.outbox = outbox_of.remove(&minted.version.dot).unwrap_or_default();
-            }
         }
         Ok(results)
     }
@@ -532,58 +521,25 @@ impl StateChange<'_> {
             .bind(self.change as i64)
     }
 
-    /// Stores freshly minted versions with their outbox entries `(index
-    /// into versions, region)`; returns the entries' ids in that order.
-    async fn mint(
-        &self,
-        store: &VersionStore,
-        outbox: &[(usize, String)],
-    ) -> Result<Vec<u64>, StoreError> {
-        let columns = VersionColumns::of(&self.versions);
-        let outbox_keys: Vec<&str> = outbox.iter().map(|(i, _)| columns.keys[*i]).collect();
-        let outbox_nodes: Vec<&str> = outbox.iter().map(|(i, _)| columns.nodes[*i]).collect();
-        let outbox_seqs: Vec<i64> = outbox.iter().map(|(i, _)| columns.seqs[*i]).collect();
-        let outbox_hlcs: Vec<i64> = outbox.iter().map(|(i, _)| columns.hlcs[*i]).collect();
-        let outbox_tokens: Vec<i64> = outbox.iter().map(|(i, _)| columns.tokens[*i]).collect();
-        let regions: Vec<&str> = outbox.iter().map(|(_, r)| r.as_str()).collect();
-        let query = sqlx::query(concat!(
+    /// Stores freshly minted versions; when they are `owed` to remote
+    /// regions, also where they are, as the change's row of `own_changes`
+    /// (see `delivery`): one row for the whole change.
+    async fn mint(&self, store: &VersionStore, owed: bool) -> Result<(), StoreError> {
+        const MINT: &str = concat!(insert_versions!(""), "SELECT count(*) FROM ins_versions");
+        const MINT_OWED: &str = concat!(
             insert_versions!(""),
-            "INSERT INTO outbox (region, key, node, seq, hlc, token) \
-             SELECT r, k, n, s, h, tk FROM UNNEST($12::text[], $13::text[], $14::bigint[], $15::text[], $16::bigint[], $17::bigint[]) \
-                  AS t(k, n, s, r, h, tk) \
-             RETURNING id, seq, region"
-        ));
-        let query = self
-            .bind(query, &columns)
-            .bind(outbox_keys)
-            .bind(outbox_nodes)
-            .bind(&outbox_seqs)
-            .bind(&regions)
-            .bind(outbox_hlcs)
-            .bind(outbox_tokens);
+            ", ins_owed AS (INSERT INTO own_changes (change, seqs, hlcs, keys, tokens) \
+               SELECT $11, $3, $4, $1, $9 WHERE cardinality($3::bigint[]) > 0) \
+             SELECT count(*) FROM ins_versions"
+        );
+        let columns = VersionColumns::of(&self.versions);
+        let query = self.bind(sqlx::query(if owed { MINT_OWED } else { MINT }), &columns);
         let mut conn = store.connections.lease().await?;
-        let rows = query.fetch_all(&mut *conn).await;
-        let rows = conn.done(rows);
-        store.counted(&columns, rows.as_ref().map(|_| ()));
-        let rows = rows?;
-        let returned: Vec<(i64, i64, String)> = rows
-            .iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
-            .collect::<Result<_, sqlx::Error>>()?;
-        // The versions are this node's own, so (seq, region) names an entry.
-        let ids: HashMap<(i64, &str), u64> = returned
-            .iter()
-            .map(|(id, seq, region)| ((*seq, region.as_str()), *id as u64))
-            .collect();
-        outbox_seqs
-            .iter()
-            .zip(&regions)
-            .map(|(seq, region)| {
-                ids.get(&(*seq, *region)).copied().ok_or_else(|| {
-                    StoreError::Internal("an outbox entry was not returned by its insert".into())
-                })
-            })
-            .collect()
+        let row = query.fetch_one(&mut *conn).await;
+        let row = conn.done(row);
+        store.counted(&columns, row.as_ref().map(|_| ()));
+        row?;
+        Ok(())
     }
 
     /// Stores versions from other replicas (those already stored are
