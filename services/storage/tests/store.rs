@@ -1074,3 +1074,77 @@ async fn pending(
         })
         .collect()
 }
+
+/// Outbox entries pending before migration 0014 are still owed after it:
+/// their versions become the changes after each region's new cursor, and
+/// what was delivered already is not sent again.
+#[tokio::test]
+async fn outbox_entries_pending_before_the_cursors_are_still_delivered() {
+    use geolog_core::merkle::{tree_token, version_hash};
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    let mut before = sqlx::migrate!("../../migrations");
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| m.version < 14)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    before.run(&db).await.unwrap();
+    // Three versions minted here, one change each; b still lacks the last
+    // two, c only the last.
+    let hlc = |i: i64| Hlc::new(1_700_000_000_000 + i as u64, 0).packed() as i64;
+    for seq in 1..=3i64 {
+        let key = format!("k{seq}");
+        sqlx::query(
+            "INSERT INTO versions (key, node, seq, hlc, value, context, token, vhash, arrived) \
+             VALUES ($1, 'n1', $2, $3, '1', ''::bytea, $4, $5, $6)",
+        )
+        .bind(&key)
+        .bind(seq)
+        .bind(hlc(seq))
+        .bind(tree_token(&key))
+        .bind(version_hash(&key, "n1", seq as u64))
+        .bind(10 + seq)
+        .execute(&db)
+        .await
+        .unwrap();
+    }
+    for (region, seq) in [("b", 2i64), ("b", 3), ("c", 3)] {
+        let key = format!("k{seq}");
+        sqlx::query(
+            "INSERT INTO outbox (region, key, node, seq, hlc, token) VALUES ($1, $2, 'n1', $3, $4, $5)",
+        )
+        .bind(region)
+        .bind(&key)
+        .bind(seq)
+        .bind(hlc(seq))
+        .bind(tree_token(&key))
+        .execute(&db)
+        .await
+        .unwrap();
+    }
+
+    let store = open(&pg, "n1").await;
+    let owed = |region: &'static str| {
+        let store = &store;
+        async move {
+            let mut seqs: Vec<u64> = store
+                .outbox_pending(region, 10, Duration::ZERO, None)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(id, v, _)| {
+                    assert_eq!((id, v.key.to_string()), (v.dot.seq, format!("k{id}")));
+                    id
+                })
+                .collect();
+            seqs.sort();
+            seqs
+        }
+    };
+    assert_eq!(owed("b").await, vec![2, 3]);
+    assert_eq!(owed("c").await, vec![3]);
+    assert!(owed("d").await.is_empty(), "no cursor: nothing was owed");
+}
