@@ -112,6 +112,7 @@ pub async fn run(
 ) {
     let interval = settings.interval;
     let mut backoff: BTreeMap<String, Backoff> = BTreeMap::new();
+    let mut last_stats = LastStats::default();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -119,7 +120,7 @@ pub async fn run(
             _ = tick.tick() => {},
             _ = stop.changed() => return,
         }
-        measure(&engine, &view).await;
+        measure(&engine, &view, &mut last_stats).await;
         let mut state = WorkerState::Idle;
         for remote in engine.replicas().remote_regions() {
             if backoff
@@ -236,8 +237,17 @@ async fn replay_region(
     Ok(sent)
 }
 
+/// Each local node's last outbox and hint figures: a node whose stats call
+/// fails counts with its last answer, not as empty (an outbox that cannot
+/// be measured is not an empty one).
+#[derive(Default)]
+struct LastStats {
+    outbox: BTreeMap<String, Vec<pb::OutboxRegionStats>>,
+    hints: BTreeMap<String, Vec<pb::HintTargetStats>>,
+}
+
 /// Sums the outbox of every alive local node into `view` and the gauges.
-async fn measure(engine: &QuorumEngine, view: &OutboxView) {
+async fn measure(engine: &QuorumEngine, view: &OutboxView, last: &mut LastStats) {
     let mut totals: BTreeMap<String, (u64, u64)> = engine
         .replicas()
         .remote_regions()
@@ -246,11 +256,17 @@ async fn measure(engine: &QuorumEngine, view: &OutboxView) {
         .collect();
     for replica in engine.replicas().all_local().filter(|r| r.state.is_alive()) {
         let mut client = replica.client.clone();
-        let Ok(response) = client.outbox_stats(pb::OutboxStatsRequest {}).await else {
-            continue;
-        };
-        for stats in response.into_inner().regions {
-            add_queue_stats(&mut totals, stats.region, stats.depth, stats.oldest_age_ms);
+        if let Ok(response) = client.outbox_stats(pb::OutboxStatsRequest {}).await {
+            last.outbox
+                .insert(replica.node.clone(), response.into_inner().regions);
+        }
+        for stats in last.outbox.get(&replica.node).into_iter().flatten() {
+            add_queue_stats(
+                &mut totals,
+                stats.region.clone(),
+                stats.depth,
+                stats.oldest_age_ms,
+            );
         }
     }
     for (region, (depth, age)) in &totals {
@@ -266,11 +282,17 @@ async fn measure(engine: &QuorumEngine, view: &OutboxView) {
     let mut hints: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for replica in engine.replicas().all_local().filter(|r| r.state.is_alive()) {
         let mut client = replica.client.clone();
-        let Ok(response) = client.hint_stats(pb::HintStatsRequest {}).await else {
-            continue;
-        };
-        for stats in response.into_inner().targets {
-            add_queue_stats(&mut hints, stats.target, stats.pending, stats.oldest_age_ms);
+        if let Ok(response) = client.hint_stats(pb::HintStatsRequest {}).await {
+            last.hints
+                .insert(replica.node.clone(), response.into_inner().targets);
+        }
+        for stats in last.hints.get(&replica.node).into_iter().flatten() {
+            add_queue_stats(
+                &mut hints,
+                stats.target.clone(),
+                stats.pending,
+                stats.oldest_age_ms,
+            );
         }
     }
     for replica in engine.replicas().all_local() {

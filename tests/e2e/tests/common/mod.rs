@@ -183,13 +183,19 @@ pub const THREE_BY_THREE: Shape = Shape {
 
 impl Api {
     /// The cross-region outbox depth this region's coordinator reports.
+    /// Versions this region still owes the others, as its health reports
+    /// them; `u64::MAX` when the health answer does not say (a failed or
+    /// partial answer is not an empty outbox).
     pub async fn outbox_depth(&self) -> u64 {
-        let (_, health) = self
+        let (status, health) = self
             .raw(reqwest::Method::GET, "/api/logs/health", Vec::new())
             .await;
-        health["outbox"].as_array().map_or(0, |o| {
-            o.iter().map(|e| e["depth"].as_u64().unwrap_or(0)).sum()
-        })
+        let depths: Option<Vec<u64>> = health["outbox"]
+            .as_array()
+            .filter(|_| status == 200)
+            .map(|o| o.iter().map(|e| e["depth"].as_u64()).collect())
+            .and_then(|depths: Option<Vec<u64>>| depths);
+        depths.map_or(u64::MAX, |d| d.iter().sum())
     }
 
     /// Waits until this region's outbox is empty (everything delivered).
