@@ -24,6 +24,7 @@ mod read;
 mod remote;
 
 pub use fanout::BatchRecord;
+use fanout::InFlight;
 pub use read::{ReadKind, state_vector_of};
 use remote::is_timeout;
 pub use remote::{apply, mint, outbox_done, replicate, store_hint, store_hints};
@@ -39,10 +40,8 @@ use geolog_core::{
 };
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 /// A write that met its level.
 #[derive(Debug)]
@@ -283,7 +282,10 @@ impl QuorumEngine {
     }
 
     /// Writes `value_json` as a new version of `key`; `order` chains the
-    /// mint after another write's (see [`MintOrder`]).
+    /// mint after another write's (see [`MintOrder`]). The batch path
+    /// (`fanout`) with one record, plus what only a lone write has: the
+    /// lookup of an earlier write with the same idempotency key, and `ANY`
+    /// held as hints when no replica of the key takes it.
     pub async fn write(
         &self,
         key: &Key,
@@ -293,10 +295,6 @@ impl QuorumEngine {
         idempotency_key: Option<String>,
         order: MintOrder,
     ) -> Result<Written, GeologError> {
-        let MintOrder {
-            after,
-            minted: mut minted_signal,
-        } = order;
         let requirement = self.requirement(level, Operation::Write)?;
         // One deadline for the whole write, the lookup of an earlier one
         // with the same idempotency key included.
@@ -316,170 +314,79 @@ impl QuorumEngine {
             }
             plan => plan?,
         };
-        let mut tracker = Self::tracker(requirement, &placement);
-        let remote_regions = self.remote_region_names();
-
-        // Mint on the first alive local replica that accepts, after the
-        // write this one is ordered after has minted (or failed).
-        if let Some(after) = after {
-            let _ = after.await;
-        }
+        let tracker = Self::tracker(requirement, &placement);
+        let flight =
+            InFlight::new(placement.clone(), alive, tracker, &self.region).signalling(order.minted);
         let request = pb::MintRequest {
             key: key.to_string(),
             value_json: value_json.to_bytes(),
-            outbox_regions: remote_regions.clone(),
+            outbox_regions: self.remote_region_names(),
             has_context: context.is_some(),
-            context: context.clone().map(geolog_proto::dots).unwrap_or_default(),
+            context: context.map(geolog_proto::dots).unwrap_or_default(),
             idempotency_key: idempotency_key.clone().unwrap_or_default(),
             body_hash: hash.clone().unwrap_or_default(),
         };
-        let mut minted = None;
-        for &idx in alive
-            .iter()
-            .filter(|&&i| placement[i].region == self.region)
-        {
-            let replica = self.local_replica(&placement[idx].node);
-            let request = request.clone();
-            // Spawned so that, past our deadline, the call still runs to its
-            // own end and a hung replica gets marked dead by its breaker.
-            let call = crate::spawn_traced(mint(&replica, request));
-            // Queued: the next write of this key in the batch may queue.
-            drop(minted_signal.take());
-            match tokio::time::timeout_at(deadline, call).await {
-                Ok(Ok(Ok(response))) => {
-                    tracker.record_ok(idx);
-                    minted = Some((idx, response));
-                    break;
-                }
-                Ok(Ok(Err(status))) => {
-                    let err = GeologError::from_status(&status);
-                    if err.code.http_status().is_client_error() {
-                        return Err(err);
-                    }
-                    let miss = Miss::of(&status);
-                    if miss == Miss::Overloaded {
-                        // Not tried elsewhere: minting on a replica that may
-                        // lack the key's latest version would make siblings
-                        // of writes that follow each other.
-                        return Err(refused_overloaded(&status, &tracker));
-                    }
-                    if miss == Miss::TimedOut {
-                        // May have committed: never minted a second time
-                        // elsewhere, as another version of one request.
-                        tracker.record_timeout(idx);
-                        return Err(tracker.failure("write"));
-                    }
-                    tracing::warn!(replica = %placement[idx].node, error = %err.message, "mint failed, trying next replica");
-                    miss.record(&mut tracker, idx);
-                    if tracker.is_impossible() {
-                        return Err(tracker.failure("write"));
-                    }
-                }
-                Ok(Err(join)) => {
-                    return Err(GeologError::internal(format!("mint task failed: {join}")));
-                }
-                Err(_) => return Err(tracker.failure("write")),
-            }
+        // Minted after the write this one is ordered after has minted (or
+        // failed).
+        if let Some(after) = order.after {
+            let _ = after.await;
         }
-        drop(minted_signal);
-        let Some((mint_idx, minted)) = minted else {
-            if level == ConsistencyLevel::Any {
-                return self.write_hinted(request, &placement).await;
-            }
-            return Err(self.unminted(&tracker, &placement));
-        };
-        let version = minted
-            .version
-            .ok_or_else(|| GeologError::internal("storage node minted no version"))?;
-        if let (true, Some(id), Some(hash)) = (minted.replayed, &idempotency_key, &hash) {
-            // The minting node already held a write with this key (the
-            // lookup above could not reach it): nothing new was created.
-            let earlier = idempotent::Earlier {
-                version,
-                holders: vec![placement[mint_idx].node.clone()],
-            };
-            return self.replay(key, id, hash, earlier, level, deadline).await;
-        }
-        let outbox: HashMap<String, pb::OutboxEntry> = minted
-            .outbox
-            .into_iter()
-            .map(|e| (e.region.clone(), e))
-            .collect();
-        // What travels is the minting replica's whole frontier for the key
-        // (state-based: see geolog_core::causal), which contains `version`.
-        let frontier = minted.frontier;
-        let context = state_vector_of(&frontier).to_token();
-
-        let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<(), Miss>)>();
-        // Every other local replica, directly. One that misses the write
-        // (down, timed out, circuit open) gets a hint, stored durably on
-        // the minting replica, which holds the version.
-        let mint_node = self.local_replica(&placement[mint_idx].node);
-        for idx in 0..placement.len() {
-            if placement[idx].region != self.region || tracker.answered(idx) {
-                continue;
-            }
-            let replica = self.local_replica(&placement[idx].node);
-            let (tx, frontier, mint_node) = (tx.clone(), frontier.clone(), mint_node.clone());
-            let hinted = version.clone();
-            crate::spawn_traced(async move {
-                let result = apply(&replica, frontier).await.map_err(|s| Miss::of(&s));
-                if result.is_err() {
-                    store_hint(&mint_node, &replica.node, hinted).await;
+        let mut flights = [flight];
+        self.mint_all(
+            &mut flights,
+            std::slice::from_ref(&request),
+            false,
+            deadline,
+        )
+        .await;
+        let [flight] = &mut flights;
+        match &flight.minted {
+            None => {
+                let err = match flight.result.take() {
+                    Some(Err(err)) => err,
+                    _ => GeologError::internal("a write was neither minted nor failed"),
+                };
+                // No replica took it (none alive, or each failed before
+                // storing anything): `ANY` holds it as hints instead.
+                if level == ConsistencyLevel::Any && err.code == ErrorCode::Unavailable {
+                    return self.write_hinted(request, &placement).await;
                 }
-                let _ = tx.send((idx, result));
-            });
-        }
-        // Each remote region, through its coordinator.
-        for remote in self.replicas.remote_regions() {
-            let idxs: Vec<usize> = (0..placement.len())
-                .filter(|&i| placement[i].region == remote.name)
-                .collect();
-            let remote = remote.clone();
-            let (tx, frontier, placement) = (tx.clone(), frontier.clone(), placement.clone());
-            let delivery = outbox.get(&remote.name).cloned();
-            let mint_node = mint_node.clone();
-            crate::spawn_traced(async move {
-                let acks = replicate(&remote, frontier).await;
-                let acks = acks.as_deref().map_err(Miss::of);
-                let mut delivered = 0;
-                for &idx in &idxs {
-                    let result = Miss::of_region(acks, &placement[idx].node);
-                    delivered += usize::from(result.is_ok());
-                    let _ = tx.send((idx, result));
-                }
-                if delivered == idxs.len()
-                    && let Some(entry) = delivery
-                {
-                    outbox_done(&mint_node, vec![entry]).await;
-                }
-            });
-        }
-        drop(tx);
-        while !tracker.is_met() {
-            if tracker.is_impossible() {
-                return Err(tracker.failure("write"));
+                return Err(err);
             }
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some((idx, Ok(())))) => tracker.record_ok(idx),
-                Ok(Some((idx, Err(miss)))) => miss.record(&mut tracker, idx),
-                Ok(None) | Err(_) => return Err(tracker.failure("write")),
+            Some((mint_idx, minted)) if minted.replayed => {
+                // The minting node already held a write with this key (the
+                // lookup above could not reach it): nothing new was created.
+                let (Some(id), Some(hash), Some(version)) =
+                    (&idempotency_key, &hash, minted.version.clone())
+                else {
+                    return Err(GeologError::internal(
+                        "a replica answered a write without an idempotency key as replayed",
+                    ));
+                };
+                let earlier = idempotent::Earlier {
+                    version,
+                    holders: vec![placement[*mint_idx].node.clone()],
+                };
+                return self.replay(key, id, hash, earlier, level, deadline).await;
             }
+            Some(_) => {}
         }
+        self.deliver(&mut flights, level, deadline).await;
+        let [flight] = flights;
+        let written = flight
+            .result
+            .unwrap_or_else(|| Err(GeologError::internal("a minted write has no outcome")))?;
         if let Some(id) = &idempotency_key {
             // Remembered once its level is met, with the replicas that
             // hold it: a retry at a higher level checks them.
-            let holders = tracker.acked().map(|i| placement[i].node.clone()).collect();
-            self.remember_idempotent(key, id, &version, holders);
+            let holders = flight
+                .tracker
+                .acked()
+                .map(|i| placement[i].node.clone())
+                .collect();
+            self.remember_idempotent(key, id, &written.version, holders);
         }
-        Ok(Written {
-            version,
-            level,
-            acks: tracker.details(),
-            context,
-            replayed: false,
-            hints: 0,
-        })
+        Ok(written)
     }
 
     /// `ANY` when no replica of the key could take the write: another alive

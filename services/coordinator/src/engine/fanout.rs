@@ -1,4 +1,6 @@
-//! The batch write path: a batch fans out per destination, not per record.
+//! The write path: a batch fans out per destination, not per record; a
+//! lone write is a batch of one (`QuorumEngine::write` adds what only it
+//! has: idempotency lookups and `ANY` held as hints).
 //! Its records are minted on their keys' first alive local replica — one
 //! call per replica for all the records it mints — and the minted
 //! frontiers then go to every other destination as one call each: one
@@ -31,13 +33,45 @@ pub struct BatchRecord {
 }
 
 /// A record on its way: its placement, candidates and ack count.
-struct InFlight {
+pub(super) struct InFlight {
     placement: Arc<Vec<Placement>>,
     /// Local alive replicas not tried yet for the mint, in order.
     candidates: Vec<usize>,
-    tracker: AckTracker,
-    minted: Option<(usize, pb::MintResponse)>,
-    result: Option<Result<Written, GeologError>>,
+    pub(super) tracker: AckTracker,
+    pub(super) minted: Option<(usize, pb::MintResponse)>,
+    pub(super) result: Option<Result<Written, GeologError>>,
+    /// Dropped once the record is queued on its minting replica (see
+    /// [`super::MintOrder`]).
+    queued: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl InFlight {
+    /// A record of a key with `placement`, to be minted on the first of its
+    /// `alive` replicas in `region` that accepts it.
+    pub(super) fn new(
+        placement: Arc<Vec<Placement>>,
+        alive: Vec<usize>,
+        tracker: AckTracker,
+        region: &str,
+    ) -> Self {
+        InFlight {
+            candidates: alive
+                .into_iter()
+                .filter(|&i| placement[i].region == region)
+                .collect(),
+            tracker,
+            placement,
+            minted: None,
+            result: None,
+            queued: None,
+        }
+    }
+
+    /// `queued` is dropped once the record is queued for its mint.
+    pub(super) fn signalling(mut self, queued: Option<tokio::sync::oneshot::Sender<()>>) -> Self {
+        self.queued = queued;
+        self
+    }
 }
 
 /// What a destination answered for the records it was sent.
@@ -84,16 +118,10 @@ impl QuorumEngine {
                     Some(Err(err)),
                 ),
             };
-            flights.push(InFlight {
-                candidates: alive
-                    .into_iter()
-                    .filter(|&i| placement[i].region == self.region)
-                    .collect(),
-                tracker: Self::tracker(requirement.clone(), &placement),
-                placement,
-                minted: None,
-                result,
-            });
+            let tracker = Self::tracker(requirement.clone(), &placement);
+            let mut flight = InFlight::new(placement, alive, tracker, &self.region);
+            flight.result = result;
+            flights.push(flight);
         }
         if together && let Some(err) = self.refuse_if_overloaded(&flights) {
             for f in flights.iter_mut().filter(|f| f.result.is_none()) {
@@ -146,7 +174,7 @@ impl QuorumEngine {
     /// Mints every record not failed yet, one call per minting replica,
     /// replacing replicas that refused until each record is minted or has
     /// no candidate left.
-    async fn mint_all(
+    pub(super) async fn mint_all(
         &self,
         flights: &mut [InFlight],
         requests: &[pb::MintRequest],
@@ -184,6 +212,10 @@ impl QuorumEngine {
                         .flat_map(|record| mint_together(&replica, vec![record]))
                         .collect()
                 };
+                // Queued: a write ordered after one of these may queue.
+                for &i in &members {
+                    drop(flights[i].queued.take());
+                }
                 // Spawned so that, past our deadline, the calls still run to
                 // their end and a hung replica gets marked dead by its breaker.
                 let call = crate::spawn_traced(async move {
@@ -256,7 +288,7 @@ impl QuorumEngine {
     /// on after that; a local replica that misses gets hints on the minting
     /// nodes, and the minting nodes are told which records reached every
     /// replica of a remote region.
-    async fn deliver(
+    pub(super) async fn deliver(
         &self,
         flights: &mut [InFlight],
         level: ConsistencyLevel,
