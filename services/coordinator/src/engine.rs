@@ -18,16 +18,16 @@
 //! fails, ask one more local replica when the answer is slow (speculative
 //! read), return the newest version.
 
+mod calls;
 mod fanout;
 mod idempotent;
 mod read;
 mod remote;
 
+pub use calls::{Miss, apply, mint, outbox_done, replicate, store_hint, store_hints};
 pub use fanout::BatchRecord;
 use fanout::InFlight;
 pub use read::{ReadKind, state_vector_of};
-use remote::is_timeout;
-pub use remote::{apply, mint, outbox_done, replicate, store_hint, store_hints};
 
 use crate::replicas::{Replica, ReplicaSet};
 use geolog_config::GeologConfig;
@@ -38,7 +38,6 @@ use geolog_core::ring::Placement;
 use geolog_core::{
     AckTracker, ConsistencyLevel, ErrorCode, GeologError, JsonText, Key, Requirement,
 };
-use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,68 +98,6 @@ pub fn body_hash(key: &str, value_json: &str, context: Option<&VersionVector>) -
 pub struct MintOrder {
     pub after: Option<tokio::sync::oneshot::Receiver<()>>,
     pub minted: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-/// Why a replica did not acknowledge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Miss {
-    Failed,
-    TimedOut,
-    /// Its queue was full: refused before anything was sent.
-    Overloaded,
-}
-
-impl Miss {
-    fn of(status: &tonic::Status) -> Miss {
-        if is_timeout(status) {
-            Miss::TimedOut
-        } else if status.code() == tonic::Code::ResourceExhausted
-            && !status.details().is_empty()
-            && GeologError::from_status(status).code == ErrorCode::Overloaded
-        {
-            Miss::Overloaded
-        } else {
-            Miss::Failed
-        }
-    }
-
-    /// How a remote region reported one of its replicas: `None` when it
-    /// acknowledged.
-    fn of_remote(ok: bool, timed_out: bool, overloaded: bool) -> Option<Miss> {
-        match (ok, timed_out, overloaded) {
-            (true, ..) => None,
-            (false, true, _) => Some(Miss::TimedOut),
-            (false, false, true) => Some(Miss::Overloaded),
-            (false, false, false) => Some(Miss::Failed),
-        }
-    }
-
-    /// How replica `node` of a remote region fared in a `Replicate` call:
-    /// its own ack, or the whole call's miss (no ack for it: failed).
-    fn of_region(acks: Result<&[cpb::ReplicaAck], Miss>, node: &str) -> Result<(), Miss> {
-        match acks?.iter().find(|a| a.node == node) {
-            Some(a) => Miss::of_remote(a.ok, a.timed_out, a.overloaded).map_or(Ok(()), Err),
-            None => Err(Miss::Failed),
-        }
-    }
-
-    fn record(self, tracker: &mut AckTracker, idx: usize) {
-        match self {
-            Miss::Failed => tracker.record_failure(idx),
-            Miss::TimedOut => tracker.record_timeout(idx),
-            Miss::Overloaded => tracker.record_overloaded(idx),
-        }
-    }
-}
-
-/// A write refused before anything was minted: its minting replica's
-/// queue was full. Nothing was written; the client retries later.
-fn refused_overloaded(status: &tonic::Status, tracker: &AckTracker) -> GeologError {
-    GeologError::new(
-        ErrorCode::Overloaded,
-        format!("write refused, nothing was written: {}", status.message()),
-    )
-    .with_quorum(tracker.details())
 }
 
 /// The quorum engine of one coordinator.
@@ -416,7 +353,7 @@ impl QuorumEngine {
             let minted = match mint(holder.as_ref(), request.clone()).await {
                 Ok(minted) => minted,
                 Err(status) => {
-                    tracing::warn!(holder = %holder.node, error = %status.message(), "cannot hold an ANY write");
+                    tracing::warn!(holder = %holder.node, error = %status, "cannot hold an ANY write");
                     continue;
                 }
             };
@@ -459,53 +396,5 @@ impl QuorumEngine {
                 self.region
             ),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_full_queue_is_an_overload_and_a_too_large_record_is_not() {
-        let full =
-            GeologError::new(ErrorCode::Overloaded, "the mint queue to a1 is full").to_status();
-        assert_eq!(Miss::of(&full), Miss::Overloaded);
-        // A bare RESOURCE_EXHAUSTED (an HTTP/2 peer calming its client) may
-        // come after the call ran: not an overload that wrote nothing.
-        let bare = tonic::Status::resource_exhausted("too many resets");
-        assert_eq!(Miss::of(&bare), Miss::Failed);
-        let too_large =
-            GeologError::new(ErrorCode::PayloadTooLarge, "record over 1 MiB").to_status();
-        assert_eq!(too_large.code(), tonic::Code::ResourceExhausted);
-        assert_eq!(Miss::of(&too_large), Miss::Failed);
-        assert_eq!(Miss::of(&tonic::Status::unavailable("down")), Miss::Failed);
-    }
-
-    #[test]
-    fn a_remote_regions_report_keeps_why_a_replica_missed() {
-        assert_eq!(Miss::of_remote(true, false, false), None);
-        assert_eq!(Miss::of_remote(false, true, true), Some(Miss::TimedOut));
-        assert_eq!(Miss::of_remote(false, false, true), Some(Miss::Overloaded));
-        assert_eq!(Miss::of_remote(false, false, false), Some(Miss::Failed));
-        let acks = [
-            cpb::ReplicaAck {
-                node: "b1".into(),
-                ok: true,
-                ..Default::default()
-            },
-            cpb::ReplicaAck {
-                node: "b2".into(),
-                overloaded: true,
-                ..Default::default()
-            },
-        ];
-        assert_eq!(Miss::of_region(Ok(&acks), "b1"), Ok(()));
-        assert_eq!(Miss::of_region(Ok(&acks), "b2"), Err(Miss::Overloaded));
-        assert_eq!(Miss::of_region(Ok(&acks), "b3"), Err(Miss::Failed));
-        assert_eq!(
-            Miss::of_region(Err(Miss::TimedOut), "b1"),
-            Err(Miss::TimedOut)
-        );
     }
 }

@@ -218,7 +218,7 @@ async fn replay_region(
                 .collect();
             let acks = replicate(&remote, versions)
                 .await
-                .map_err(|s| format!("region unreachable: {}", s.message()))?;
+                .map_err(|miss| format!("region unreachable: {miss}"))?;
             if let Some(failed) = acks.iter().find(|a| !a.ok) {
                 return Err(format!(
                     "replica {} of region {region} failed: {}",
@@ -351,7 +351,7 @@ async fn replay_hints(engine: &QuorumEngine, settings: &ReplaySettings) -> usize
                     .flat_map(|e| e.frontier.into_iter().chain(e.version))
                     .collect();
                 if let Err(status) = apply(target, versions).await {
-                    tracing::warn!(target = %target.node, error = %status.message(), "hint replay failed");
+                    tracing::warn!(target = %target.node, error = %status, "hint replay failed");
                     break;
                 }
                 let count = ids.len();

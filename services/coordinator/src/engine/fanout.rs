@@ -13,8 +13,8 @@
 //! with `504`, "may have landed". A replica that refused the call outright
 //! is replaced by the key's next alive local replica.
 
-use super::remote::{apply, mint_together, outbox_done, replicate, store_hints};
-use super::{Miss, QuorumEngine, Written, state_vector_of};
+use super::calls::{Miss, apply, mint_together, outbox_done, replicate, store_hints};
+use super::{QuorumEngine, Written, state_vector_of};
 use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
@@ -255,25 +255,24 @@ impl QuorumEngine {
                             f.tracker.record_ok(idx);
                             f.minted = Some((idx, minted));
                         }
-                        Err(status) => {
-                            let err = GeologError::from_status(&status);
-                            let miss = Miss::of(&status);
-                            if err.code.http_status().is_client_error() {
-                                f.result = Some(Err(err));
-                            } else if miss == Miss::Overloaded {
-                                // Not tried elsewhere (see the single path).
-                                f.result =
-                                    Some(Err(super::refused_overloaded(&status, &f.tracker)));
-                            } else if miss == Miss::TimedOut {
-                                // May have committed: never minted twice.
-                                f.tracker.record_timeout(idx);
+                        Err(Miss::Rejected(err)) => f.result = Some(Err(err)),
+                        Err(Miss::Overloaded(why)) => {
+                            // Not tried elsewhere: minting on a replica that
+                            // may lack the key's latest version would make
+                            // siblings of writes that follow each other.
+                            f.result = Some(Err(refused_overloaded(&why, &f.tracker)));
+                        }
+                        Err(Miss::TimedOut) => {
+                            // May have committed: never minted a second time
+                            // elsewhere, as another version of one request.
+                            f.tracker.record_timeout(idx);
+                            f.result = Some(Err(f.tracker.failure("write")));
+                        }
+                        Err(Miss::Failed(why)) => {
+                            tracing::warn!(replica = %f.placement[idx].node, error = %why, "mint failed, trying next replica");
+                            f.tracker.record_failure(idx);
+                            if f.tracker.is_impossible() {
                                 f.result = Some(Err(f.tracker.failure("write")));
-                            } else {
-                                tracing::warn!(replica = %f.placement[idx].node, error = %err.message, "mint failed, trying next replica");
-                                f.tracker.record_failure(idx);
-                                if f.tracker.is_impossible() {
-                                    f.result = Some(Err(f.tracker.failure("write")));
-                                }
                             }
                         }
                     }
@@ -345,7 +344,7 @@ impl QuorumEngine {
                 .collect();
             let tx = tx.clone();
             crate::spawn_traced(async move {
-                let result = apply(&replica, versions).await.map_err(|s| Miss::of(&s));
+                let result = apply(&replica, versions).await;
                 if result.is_err() {
                     for (holder, versions) in holders {
                         store_hints(&holder, &replica.node, versions).await;
@@ -390,7 +389,7 @@ impl QuorumEngine {
             };
             let tx = tx.clone();
             crate::spawn_traced(async move {
-                let acks = replicate(&remote, versions).await.map_err(|s| Miss::of(&s));
+                let acks = replicate(&remote, versions).await;
                 let delivered = acks
                     .as_ref()
                     .is_ok_and(|acks| acks.iter().filter(|a| a.ok).count() >= wanted);
@@ -430,7 +429,7 @@ impl QuorumEngine {
                         };
                         match result {
                             Ok(()) => f.tracker.record_ok(idx),
-                            Err(miss) => miss.record(&mut f.tracker, idx),
+                            Err(ref miss) => miss.record(&mut f.tracker, idx),
                         }
                     }
                 }
@@ -439,7 +438,7 @@ impl QuorumEngine {
                     records,
                     acks,
                 } => {
-                    let acks = acks.as_deref().map_err(|miss| *miss);
+                    let acks = acks.as_deref();
                     for i in records {
                         let f = &mut flights[i];
                         for idx in 0..f.placement.len() {
@@ -448,7 +447,7 @@ impl QuorumEngine {
                             }
                             match Miss::of_region(acks, &f.placement[idx].node) {
                                 Ok(()) => f.tracker.record_ok(idx),
-                                Err(miss) => miss.record(&mut f.tracker, idx),
+                                Err(ref miss) => miss.record(&mut f.tracker, idx),
                             }
                         }
                     }
@@ -483,4 +482,14 @@ impl QuorumEngine {
             }));
         }
     }
+}
+
+/// A write refused before anything was minted: its minting replica's
+/// queue was full (`why`). Nothing was written; the client retries later.
+fn refused_overloaded(why: &str, tracker: &AckTracker) -> GeologError {
+    GeologError::new(
+        geolog_core::ErrorCode::Overloaded,
+        format!("write refused, nothing was written: {why}"),
+    )
+    .with_quorum(tracker.details())
 }

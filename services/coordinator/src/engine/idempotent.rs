@@ -5,9 +5,9 @@
 //! write acknowledged at `ONE` first delivers the version to the replicas
 //! that lack it. A key used for another request answers `409`.
 
+use super::calls::{Miss, apply, region_read, replicate};
 use super::read::ReadKind;
-use super::remote::{apply, region_read, replicate};
-use super::{Miss, QuorumEngine, Written, state_vector_of};
+use super::{QuorumEngine, Written, state_vector_of};
 use crate::SpawnTraced;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
@@ -226,7 +226,7 @@ impl QuorumEngine {
             let replica = self.local_replica(&p.node);
             let (tx, shipped) = (tx.clone(), shipped.clone());
             crate::spawn_traced(async move {
-                let result = apply(&replica, shipped).await.map_err(|s| Miss::of(&s));
+                let result = apply(&replica, shipped).await;
                 let _ = tx.send((idx, result));
             });
         }
@@ -244,7 +244,7 @@ impl QuorumEngine {
                 .collect();
             crate::spawn_traced(async move {
                 let acks = replicate(&remote, shipped).await;
-                let acks = acks.as_deref().map_err(Miss::of);
+                let acks = acks.as_deref();
                 for (idx, node) in nodes {
                     let _ = tx.send((idx, Miss::of_region(acks, &node)));
                 }

@@ -4,8 +4,8 @@
 //! extra read), merging frontiers, read repair, history pages and the
 //! operators' replica view.
 
-use super::remote::{apply, region_read, replicate};
-use super::{Miss, QuorumEngine, ReadValue};
+use super::calls::{Miss, apply, region_read, replicate};
+use super::{QuorumEngine, ReadValue};
 use crate::SpawnTraced;
 use crate::replicas::Replica;
 use futures_util::StreamExt;
@@ -44,27 +44,34 @@ impl ReadKind {
         &self,
         replica: Arc<Replica>,
         key: Key,
-    ) -> impl Future<Output = Result<Vec<pb::Version>, tonic::Status>> + Send + 'static {
+    ) -> impl Future<Output = Result<Vec<pb::Version>, Miss>> + Send + 'static {
         let kind = self.clone();
         async move {
             let mut client = replica.client.clone();
-            match kind {
+            let answer = match kind {
                 // Concurrent frontier reads of one node share one call.
                 ReadKind::Frontier => replica.batches.read.call(key.into_string()).await,
                 ReadKind::History { .. } => {
                     let request = kind
                         .history_request(&key)
                         .expect("history kind has a request");
-                    Ok(client.history(request).await?.into_inner().versions)
+                    client
+                        .history(request)
+                        .await
+                        .map(|answer| answer.into_inner().versions)
                 }
                 ReadKind::Idempotent { idempotency_key } => {
                     let request = pb::FindIdempotentRequest {
                         key: key.into_string(),
                         idempotency_key,
                     };
-                    Ok(client.find_idempotent(request).await?.into_inner().versions)
+                    client
+                        .find_idempotent(request)
+                        .await
+                        .map(|answer| answer.into_inner().versions)
                 }
-            }
+            };
+            answer.map_err(|status| Miss::of(&status))
         }
     }
 
@@ -197,7 +204,7 @@ impl QuorumEngine {
         let send_local = |local: &mut FuturesUnordered<_>, idx: usize| {
             let replica = self.local_replica(&placement[idx].node);
             let query = kind.query(replica, key.clone());
-            local.push(async move { (idx, query.await.map_err(|s| Miss::of(&s))) });
+            local.push(async move { (idx, query.await) });
         };
         let mut in_flight = 0;
         let mut remote_counts: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -240,11 +247,15 @@ impl QuorumEngine {
                             continue;
                         };
                         let idx = unused.remove(pos);
-                        let result =
-                            match Miss::of_remote(answer.ok, answer.timed_out, answer.overloaded) {
-                                None => Ok(answer.versions.clone()),
-                                Some(miss) => Err(miss),
-                            };
+                        let result = match Miss::of_remote(
+                            answer.ok,
+                            answer.timed_out,
+                            answer.overloaded,
+                            &answer.error,
+                        ) {
+                            None => Ok(answer.versions.clone()),
+                            Some(miss) => Err(miss),
+                        };
                         let settles = result.is_ok();
                         if settles {
                             reported += 1;
@@ -254,19 +265,19 @@ impl QuorumEngine {
                 }
                 // Every asked-for answer that did not come is a miss.
                 let miss = match &answers {
-                    Err(status) => Miss::of(status),
-                    Ok(_) => Miss::Failed,
+                    Err(miss) => miss.clone(),
+                    Ok(_) => Miss::Failed("its region did not report it".into()),
                 };
                 let missing = wanted.saturating_sub(reported);
                 let mut settled = 0;
                 for idx in unused.into_iter().take(missing) {
-                    let _ = tx.send((idx, Err(miss), true));
+                    let _ = tx.send((idx, Err(miss.clone()), true));
                     settled += 1;
                 }
                 // Fewer unused replicas than missing answers: settle the rest
                 // without naming a replica.
                 for _ in settled..missing {
-                    let _ = tx.send((usize::MAX, Err(miss), true));
+                    let _ = tx.send((usize::MAX, Err(miss.clone()), true));
                 }
             });
         }
@@ -514,7 +525,7 @@ impl QuorumEngine {
                                 node,
                                 region: remote.name.clone(),
                                 answered: false,
-                                error: format!("region unreachable: {}", status.message()),
+                                error: format!("region unreachable: {status}"),
                                 versions: Vec::new(),
                             },
                             (None, Ok(_)) => cpb::ReplicaView {
