@@ -844,16 +844,7 @@ async fn digests_held_in_memory_match_aggregating_the_database() {
 async fn rows_from_before_the_compact_context_read_back_the_same() {
     use geolog_core::merkle::{tree_token, version_hash};
     let pg = TestPostgres::start().await.expect("start postgres");
-    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
-    let mut before = sqlx::migrate!("../../migrations");
-    before.migrations = before
-        .migrations
-        .iter()
-        .filter(|m| m.version < 13)
-        .cloned()
-        .collect::<Vec<_>>()
-        .into();
-    before.run(&db).await.unwrap();
+    let db = migrated_before(&pg, 13).await;
     // Sequences of one, two and six varint bytes; a node name of many bytes.
     let context = vv(&[("n1", 3), ("n2", 300), ("nœud-Ω", 1 << 40)]);
     let hlc = Hlc::new(1_700_000_000_000, 2);
@@ -1082,16 +1073,7 @@ async fn pending(
 async fn outbox_entries_pending_before_the_cursors_are_still_delivered() {
     use geolog_core::merkle::{tree_token, version_hash};
     let pg = TestPostgres::start().await.expect("start postgres");
-    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
-    let mut before = sqlx::migrate!("../../migrations");
-    before.migrations = before
-        .migrations
-        .iter()
-        .filter(|m| m.version < 14)
-        .cloned()
-        .collect::<Vec<_>>()
-        .into();
-    before.run(&db).await.unwrap();
+    let db = migrated_before(&pg, 14).await;
     // Three versions minted here, one change each; b still lacks the last
     // two, c only the last.
     let hlc = |i: i64| Hlc::new(1_700_000_000_000 + i as u64, 0).packed() as i64;
@@ -1147,4 +1129,20 @@ async fn outbox_entries_pending_before_the_cursors_are_still_delivered() {
     assert_eq!(owed("b").await, vec![2, 3]);
     assert_eq!(owed("c").await, vec![3]);
     assert!(owed("d").await.is_empty(), "no cursor: nothing was owed");
+}
+
+/// A pool to `pg`'s database with the migrations before `version` applied,
+/// to store rows as an older node did.
+async fn migrated_before(pg: &TestPostgres, version: i64) -> sqlx::PgPool {
+    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    let mut before = sqlx::migrate!("../../migrations");
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| m.version < version)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    before.run(&db).await.unwrap();
+    db
 }
