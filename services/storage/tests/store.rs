@@ -1001,13 +1001,14 @@ async fn a_remote_region_gets_what_its_cursor_has_not_passed() {
         );
         assert_eq!(depth(store.outbox_stats().await.unwrap()), Some(3));
 
-        // The write path delivered the first and the third.
+        // The write path delivered the first and the third: the cursor
+        // passes the first, and the second holds it.
         assert_eq!(store.outbox_delivered("b", &[v1.dot.seq, v3.dot.seq]), 2);
-        assert_eq!(depth(store.outbox_stats().await.unwrap()), Some(1));
         assert_eq!(
             pending(&store, Duration::ZERO, None).await,
             vec![v2.clone()]
         );
+        assert_eq!(depth(store.outbox_stats().await.unwrap()), Some(2));
         store.outbox_delivered("b", &[v2.dot.seq]);
         assert!(pending(&store, Duration::ZERO, None).await.is_empty());
         assert_eq!(depth(store.outbox_stats().await.unwrap()), Some(0));
@@ -1037,9 +1038,22 @@ async fn a_remote_region_gets_what_its_cursor_has_not_passed() {
     );
     assert_eq!(depth(store.outbox_stats().await.unwrap()), Some(0));
     assert!(pending(&store, Duration::ZERO, None).await.is_empty());
+    // A version listed for delivery but no longer stored does not hold the
+    // cursor (nothing deletes versions today; retention will).
+    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    store
+        .mint_full(&k("k5"), "5", None, &b, None)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM versions WHERE key = 'k5'")
+        .execute(&db)
+        .await
+        .unwrap();
+    assert!(pending(&store, Duration::ZERO, None).await.is_empty());
+    assert!(pending(&store, Duration::ZERO, None).await.is_empty());
+    assert_eq!(depth(store.outbox_stats().await.unwrap()), Some(0));
     // One row per mint change was stored for delivery; those every cursor
     // passed are gone (the cursor's own change may stay).
-    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM own_changes")
         .fetch_one(&db)
         .await
