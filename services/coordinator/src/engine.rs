@@ -283,6 +283,8 @@ impl QuorumEngine {
                     Some(Err(err)) => err,
                     _ => GeologError::internal("a write was neither minted nor failed"),
                 };
+                // Nothing of it is queued: the next write of the key goes.
+                drop(flights);
                 // No replica took it (none alive, or each failed before
                 // storing anything): `ANY` holds it as hints instead.
                 if level == ConsistencyLevel::Any && err.code == ErrorCode::Unavailable {
