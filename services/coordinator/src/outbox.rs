@@ -237,16 +237,17 @@ async fn replay_region(
     Ok(sent)
 }
 
-/// Each local node's last outbox and hint figures: a node whose stats call
-/// fails counts with its last answer, not as empty (an outbox that cannot
-/// be measured is not an empty one).
+/// Each local node's last outbox and hint figures: a node believed dead, or
+/// whose stats call fails, counts with its last answer, not as empty (what
+/// a node owes it still owes while it cannot be asked).
 #[derive(Default)]
 struct LastStats {
     outbox: BTreeMap<String, Vec<pb::OutboxRegionStats>>,
     hints: BTreeMap<String, Vec<pb::HintTargetStats>>,
 }
 
-/// Sums the outbox of every alive local node into `view` and the gauges.
+/// Sums the outbox of every local node into `view` and the gauges (asking
+/// the nodes believed alive).
 async fn measure(engine: &QuorumEngine, view: &OutboxView, last: &mut LastStats) {
     let mut totals: BTreeMap<String, (u64, u64)> = engine
         .replicas()
@@ -254,9 +255,11 @@ async fn measure(engine: &QuorumEngine, view: &OutboxView, last: &mut LastStats)
         .iter()
         .map(|r| (r.name.clone(), (0, 0)))
         .collect();
-    for replica in engine.replicas().all_local().filter(|r| r.state.is_alive()) {
+    for replica in engine.replicas().all_local() {
         let mut client = replica.client.clone();
-        if let Ok(response) = client.outbox_stats(pb::OutboxStatsRequest {}).await {
+        if replica.state.is_alive()
+            && let Ok(response) = client.outbox_stats(pb::OutboxStatsRequest {}).await
+        {
             last.outbox
                 .insert(replica.node.clone(), response.into_inner().regions);
         }
@@ -280,9 +283,11 @@ async fn measure(engine: &QuorumEngine, view: &OutboxView, last: &mut LastStats)
         .expect("lock is never poisoned: no panics while held") = totals;
 
     let mut hints: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for replica in engine.replicas().all_local().filter(|r| r.state.is_alive()) {
+    for replica in engine.replicas().all_local() {
         let mut client = replica.client.clone();
-        if let Ok(response) = client.hint_stats(pb::HintStatsRequest {}).await {
+        if replica.state.is_alive()
+            && let Ok(response) = client.hint_stats(pb::HintStatsRequest {}).await
+        {
             last.hints
                 .insert(replica.node.clone(), response.into_inner().targets);
         }

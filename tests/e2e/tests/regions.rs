@@ -230,11 +230,16 @@ async fn a_whole_region_down() {
     }
     for (key, value) in &acknowledged {
         let (status, body) = apis["c"].read(key, Some("LOCAL_ONE")).await;
-        assert_eq!(
-            (status, &body["value"]),
-            (200, value),
-            "{key} at LOCAL_ONE in c"
-        );
+        if (status, &body["value"]) != (200, value) {
+            // What each replica holds, and what a believed it owed.
+            let get = reqwest::Method::GET;
+            let path = format!("/api/logs/{key}/replicas");
+            let (_, replicas) = apis["c"].raw(get.clone(), &path, Vec::new()).await;
+            let (_, health) = apis["a"].raw(get, "/api/logs/health", Vec::new()).await;
+            panic!(
+                "{key} at LOCAL_ONE in c: {status} {body}\nreplicas: {replicas}\na's health: {health}"
+            );
+        }
     }
 }
 
