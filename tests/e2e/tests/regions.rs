@@ -219,6 +219,16 @@ async fn a_whole_region_down() {
         }
     }
 
+    // The outboxes are sampled once per replay interval: wait until A's
+    // and B's show what C has not received (C is down, so they cannot
+    // empty before it returns), so that "empty" below means delivered and
+    // not a sample taken before the writes.
+    for region in ["a", "b"] {
+        common::wait_until(Duration::from_secs(20), || async {
+            (1..u64::MAX).contains(&apis[region].outbox_depth().await)
+        })
+        .await;
+    }
     // The region comes back; the outboxes of A and B deliver what it missed.
     for node in ["c1", "c2", "c3"] {
         cluster.cluster.start_node(node).await.unwrap();
@@ -236,8 +246,10 @@ async fn a_whole_region_down() {
             let path = format!("/api/logs/{key}/replicas");
             let (_, replicas) = apis["c"].raw(get.clone(), &path, Vec::new()).await;
             let (_, health) = apis["a"].raw(get, "/api/logs/health", Vec::new()).await;
+            let logs = cluster.keep_files();
             panic!(
-                "{key} at LOCAL_ONE in c: {status} {body}\nreplicas: {replicas}\na's health: {health}"
+                "{key} at LOCAL_ONE in c: {status} {body}\nreplicas: {replicas}\na's health: {health}\nlogs kept in {}",
+                logs.display()
             );
         }
     }

@@ -5,6 +5,7 @@
 //! would classify again.
 
 use crate::replicas::{Replica, collect};
+use geolog_core::ring::Placement;
 use geolog_core::{AckTracker, ErrorCode, GeologError};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
@@ -242,6 +243,58 @@ fn is_timeout(status: &tonic::Status) -> bool {
     false
 }
 
+/// A remote region's answer to a read of `wanted` of its replicas
+/// (`candidates`, placement indexes), as the gathering read counts it:
+/// (replica, its answer, whether it settles one of the answers in flight).
+/// A replica the region reports failed does not settle (the region asks
+/// another in its place); every asked-for answer that did not come is a
+/// miss that settles, named after a replica not reported — or `usize::MAX`
+/// when none is left to name.
+pub(super) fn region_replies(
+    placement: &[Placement],
+    candidates: Vec<usize>,
+    wanted: usize,
+    answers: Result<Vec<cpb::ReplicaVersions>, Miss>,
+) -> Vec<(usize, Result<Vec<pb::Version>, Miss>, bool)> {
+    let mut replies = Vec::with_capacity(wanted);
+    let mut unused = candidates;
+    let mut reported = 0;
+    let miss = match answers {
+        Ok(answers) => {
+            for answer in answers {
+                let Some(pos) = unused
+                    .iter()
+                    .position(|&i| placement[i].node == answer.node)
+                else {
+                    continue;
+                };
+                let idx = unused.remove(pos);
+                let result = match Miss::of_remote(
+                    answer.ok,
+                    answer.timed_out,
+                    answer.overloaded,
+                    &answer.error,
+                ) {
+                    None => Ok(answer.versions),
+                    Some(miss) => Err(miss),
+                };
+                let settles = result.is_ok();
+                reported += usize::from(settles);
+                replies.push((idx, result, settles));
+            }
+            Miss::Failed("its region did not report it".into())
+        }
+        Err(miss) => miss,
+    };
+    let missing = wanted.saturating_sub(reported);
+    let mut named = unused.into_iter().chain(std::iter::repeat(usize::MAX));
+    for _ in 0..missing {
+        let idx = named.next().unwrap_or(usize::MAX);
+        replies.push((idx, Err(miss.clone()), true));
+    }
+    replies
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,5 +381,65 @@ mod tests {
             let back = Miss::of_remote(false, timed_out, overloaded, &error).unwrap();
             assert_eq!(std::mem::discriminant(&back), std::mem::discriminant(&miss));
         }
+    }
+
+    #[test]
+    fn a_remote_reads_replies_settle_exactly_what_was_asked() {
+        let placement: Vec<Placement> = ["a1", "b1", "b2", "b3"]
+            .iter()
+            .map(|node| Placement {
+                node: node.to_string(),
+                region: node[..1].to_string(),
+            })
+            .collect();
+        let version = pb::Version {
+            key: "k".into(),
+            ..Default::default()
+        };
+        let answer = |node: &str, ok: bool| cpb::ReplicaVersions {
+            node: node.into(),
+            ok,
+            error: if ok { String::new() } else { "down".into() },
+            versions: if ok {
+                vec![version.clone()]
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        };
+        // Two asked: b2 failed (the region then asked b3, which answered);
+        // an unknown node is ignored.
+        let replies = region_replies(
+            &placement,
+            vec![1, 2, 3],
+            2,
+            Ok(vec![
+                answer("b2", false),
+                answer("b3", true),
+                answer("zz", true),
+            ]),
+        );
+        assert_eq!(
+            replies,
+            vec![
+                (2, Err(Miss::Failed("down".into())), false),
+                (3, Ok(vec![version.clone()]), true),
+                (
+                    1,
+                    Err(Miss::Failed("its region did not report it".into())),
+                    true
+                ),
+            ]
+        );
+        // The call failed: every asked-for answer is that miss, and past
+        // the region's replicas they are settled without a name.
+        let replies = region_replies(&placement, vec![1], 2, Err(Miss::TimedOut));
+        assert_eq!(
+            replies,
+            vec![
+                (1, Err(Miss::TimedOut), true),
+                (usize::MAX, Err(Miss::TimedOut), true)
+            ]
+        );
     }
 }

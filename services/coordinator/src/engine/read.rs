@@ -4,7 +4,7 @@
 //! extra read), merging frontiers, read repair, history pages and the
 //! operators' replica view.
 
-use super::calls::{Miss, apply, region_read, replicate};
+use super::calls::{Miss, apply, region_read, region_replies, replicate};
 use super::{QuorumEngine, ReadValue};
 use crate::SpawnTraced;
 use crate::replicas::Replica;
@@ -236,48 +236,8 @@ impl QuorumEngine {
             };
             crate::spawn_traced(async move {
                 let answers = region_read(&remote, request).await;
-                let mut reported = 0;
-                let mut unused = candidates;
-                if let Ok(answers) = &answers {
-                    for answer in answers {
-                        let Some(pos) = unused
-                            .iter()
-                            .position(|&i| placement[i].node == answer.node)
-                        else {
-                            continue;
-                        };
-                        let idx = unused.remove(pos);
-                        let result = match Miss::of_remote(
-                            answer.ok,
-                            answer.timed_out,
-                            answer.overloaded,
-                            &answer.error,
-                        ) {
-                            None => Ok(answer.versions.clone()),
-                            Some(miss) => Err(miss),
-                        };
-                        let settles = result.is_ok();
-                        if settles {
-                            reported += 1;
-                        }
-                        let _ = tx.send((idx, result, settles));
-                    }
-                }
-                // Every asked-for answer that did not come is a miss.
-                let miss = match &answers {
-                    Err(miss) => miss.clone(),
-                    Ok(_) => Miss::Failed("its region did not report it".into()),
-                };
-                let missing = wanted.saturating_sub(reported);
-                let mut settled = 0;
-                for idx in unused.into_iter().take(missing) {
-                    let _ = tx.send((idx, Err(miss.clone()), true));
-                    settled += 1;
-                }
-                // Fewer unused replicas than missing answers: settle the rest
-                // without naming a replica.
-                for _ in settled..missing {
-                    let _ = tx.send((usize::MAX, Err(miss.clone()), true));
+                for reply in region_replies(&placement, candidates, wanted, answers) {
+                    let _ = tx.send(reply);
                 }
             });
         }

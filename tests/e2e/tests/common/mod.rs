@@ -199,7 +199,12 @@ impl Api {
     }
 
     /// Waits until this region's outbox is empty (everything delivered).
+    /// The depth is sampled once per replay interval (1 s): waiting longer
+    /// than that first means the samples read were taken after this call
+    /// began (unless a replay pass outlasts the wait), not before the
+    /// writes they should cover.
     pub async fn wait_outbox_empty(&self, timeout: Duration) {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
         wait_until(timeout, || async { self.outbox_depth().await == 0 }).await;
     }
 
