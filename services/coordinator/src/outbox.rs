@@ -237,17 +237,21 @@ async fn replay_region(
     Ok(sent)
 }
 
+/// One node's figures for a queue: (destination — a remote region or a
+/// target node —, pending, age of the oldest in ms).
+type QueueFigures = Vec<(String, u64, u64)>;
+
 /// Each local node's last outbox and hint figures: a node believed dead, or
 /// whose stats call fails, counts with its last answer, not as empty (what
 /// a node owes it still owes while it cannot be asked).
 #[derive(Default)]
 struct LastStats {
-    outbox: BTreeMap<String, Vec<pb::OutboxRegionStats>>,
-    hints: BTreeMap<String, Vec<pb::HintTargetStats>>,
+    outbox: BTreeMap<String, QueueFigures>,
+    hints: BTreeMap<String, QueueFigures>,
 }
 
-/// Sums the outbox of every local node into `view` and the gauges (asking
-/// the nodes believed alive).
+/// Sums the outbox and the hints of every local node into `view` and the
+/// gauges (asking the nodes believed alive).
 async fn measure(engine: &QuorumEngine, view: &OutboxView, last: &mut LastStats) {
     let mut totals: BTreeMap<String, (u64, u64)> = engine
         .replicas()
@@ -255,23 +259,21 @@ async fn measure(engine: &QuorumEngine, view: &OutboxView, last: &mut LastStats)
         .iter()
         .map(|r| (r.name.clone(), (0, 0)))
         .collect();
-    for replica in engine.replicas().all_local() {
-        let mut client = replica.client.clone();
-        if replica.state.is_alive()
-            && let Ok(response) = client.outbox_stats(pb::OutboxStatsRequest {}).await
-        {
-            last.outbox
-                .insert(replica.node.clone(), response.into_inner().regions);
-        }
-        for stats in last.outbox.get(&replica.node).into_iter().flatten() {
-            add_queue_stats(
-                &mut totals,
-                stats.region.clone(),
-                stats.depth,
-                stats.oldest_age_ms,
-            );
-        }
-    }
+    sum_queue(
+        engine,
+        &mut last.outbox,
+        &mut totals,
+        |mut client| async move {
+            let regions = client.outbox_stats(pb::OutboxStatsRequest {}).await?;
+            Ok(regions
+                .into_inner()
+                .regions
+                .into_iter()
+                .map(|s| (s.region, s.depth, s.oldest_age_ms))
+                .collect())
+        },
+    )
+    .await;
     for (region, (depth, age)) in &totals {
         metrics::gauge!("outbox_depth", "region" => region.clone()).set(*depth as f64);
         metrics::gauge!("outbox_oldest_age_seconds", "region" => region.clone())
@@ -283,23 +285,21 @@ async fn measure(engine: &QuorumEngine, view: &OutboxView, last: &mut LastStats)
         .expect("lock is never poisoned: no panics while held") = totals;
 
     let mut hints: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for replica in engine.replicas().all_local() {
-        let mut client = replica.client.clone();
-        if replica.state.is_alive()
-            && let Ok(response) = client.hint_stats(pb::HintStatsRequest {}).await
-        {
-            last.hints
-                .insert(replica.node.clone(), response.into_inner().targets);
-        }
-        for stats in last.hints.get(&replica.node).into_iter().flatten() {
-            add_queue_stats(
-                &mut hints,
-                stats.target.clone(),
-                stats.pending,
-                stats.oldest_age_ms,
-            );
-        }
-    }
+    sum_queue(
+        engine,
+        &mut last.hints,
+        &mut hints,
+        |mut client| async move {
+            let targets = client.hint_stats(pb::HintStatsRequest {}).await?;
+            Ok(targets
+                .into_inner()
+                .targets
+                .into_iter()
+                .map(|s| (s.target, s.pending, s.oldest_age_ms))
+                .collect())
+        },
+    )
+    .await;
     for replica in engine.replicas().all_local() {
         let pending = hints.get(&replica.node).map_or(0, |h| h.0);
         metrics::gauge!("hints_pending", "target" => replica.node.clone()).set(pending as f64);
@@ -308,6 +308,30 @@ async fn measure(engine: &QuorumEngine, view: &OutboxView, last: &mut LastStats)
         .hints
         .lock()
         .expect("lock is never poisoned: no panics while held") = hints;
+}
+
+/// Adds every local node's figures for one queue to `totals`: asked of the
+/// nodes believed alive (`ask`), the last answer kept in `last` for the
+/// others and for a failed call.
+async fn sum_queue<F, Fut>(
+    engine: &QuorumEngine,
+    last: &mut BTreeMap<String, QueueFigures>,
+    totals: &mut BTreeMap<String, (u64, u64)>,
+    ask: F,
+) where
+    F: Fn(crate::replicas::ReplicaClient) -> Fut,
+    Fut: std::future::Future<Output = Result<QueueFigures, tonic::Status>>,
+{
+    for replica in engine.replicas().all_local() {
+        if replica.state.is_alive()
+            && let Ok(figures) = ask(replica.client.clone()).await
+        {
+            last.insert(replica.node.clone(), figures);
+        }
+        for (destination, pending, age) in last.get(&replica.node).into_iter().flatten() {
+            add_queue_stats(totals, destination.clone(), *pending, *age);
+        }
+    }
 }
 
 /// Adds one node's pending count and oldest age for `destination` (a remote
