@@ -87,11 +87,12 @@ impl VersionStore {
     /// Gives every region in `regions` a cursor, once: a region first named
     /// now starts at the last settled change — every change in flight, the
     /// mint that names it among them, comes after it.
-    pub(super) async fn ensure_cursors(&self, regions: &[String]) -> Result<(), StoreError> {
-        let new: Vec<&String> = {
+    pub(super) async fn ensure_cursors(&self, regions: &[&str]) -> Result<(), StoreError> {
+        let new: Vec<&str> = {
             let state = self.deliveries.state();
             regions
                 .iter()
+                .copied()
                 .filter(|r| !state.known.contains(*r))
                 .collect()
         };
@@ -118,7 +119,7 @@ impl VersionStore {
         .execute(&self.pool)
         .await?;
         let mut state = self.deliveries.state();
-        state.known.extend(new.into_iter().cloned());
+        state.known.extend(new.into_iter().map(str::to_string));
         Ok(())
     }
 

@@ -87,13 +87,14 @@ impl VersionStore {
             return Ok(Vec::new());
         }
         // Before the change is numbered: a region's cursor starts below it.
-        let mut regions: Vec<String> = inputs
+        let mut regions: Vec<&str> = inputs
             .iter()
-            .flat_map(|i| i.outbox_regions.iter().cloned())
+            .flat_map(|i| i.outbox_regions.iter().map(String::as_str))
             .collect();
         regions.sort_unstable();
         regions.dedup();
         self.ensure_cursors(&regions).await?;
+        let owed = !regions.is_empty();
         let keys: Vec<&str> = inputs
             .iter()
             .map(|i| i.key.as_str())
@@ -171,7 +172,7 @@ impl VersionStore {
             versions: new.iter().collect(),
             change: guard.change(),
         };
-        if let Err(err) = write.mint(self, !regions.is_empty()).await {
+        if let Err(err) = write.mint(self, owed).await {
             keys.iter().for_each(|k| guard.forget(k));
             return Err(err);
         }
