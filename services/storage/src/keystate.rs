@@ -10,8 +10,10 @@
 //! batches); evicting a key only means loading it again.
 //!
 //! The stored heads are a checkpoint, not written with every version: a key
-//! changed since the last checkpoint is *unsaved* and held here (never
-//! evicted) until a checkpoint stores its heads. Each change is numbered in
+//! changed since the last checkpoint is *unsaved* and held here, outside the
+//! cache (never evicted), until a checkpoint stores its heads; only then does
+//! its frontier enter the cache — one cache insert per key and checkpoint,
+//! not per write. Lookups ask the unsaved keys first. Each change is numbered in
 //! arrival order (its version rows carry the number); a checkpoint records
 //! the number up to which every change is in the heads — the lowest change
 //! still in flight, or of a key whose outcome is unknown, bounds it — and a
@@ -19,7 +21,7 @@
 //! It must never be written to except through a [`KeyGuard`].
 
 use crate::store::StoredVersion;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -29,6 +31,10 @@ const STRIPES: usize = 16_384;
 
 /// A key's frontier as cached.
 pub type Frontier = Arc<Vec<StoredVersion>>;
+
+/// The unsaved keys' maps: looked up on every write and read, so hashed
+/// with foldhash (randomly seeded per process) rather than SipHash.
+type KeyMap<V> = foldhash::HashMap<String, V>;
 
 pub struct KeyStates {
     stripes: Box<[Mutex<()>]>,
@@ -40,9 +46,9 @@ pub struct KeyStates {
 #[derive(Default)]
 struct Unsaved {
     /// Changed since the last checkpoint began: key -> committed frontier.
-    dirty: HashMap<String, Frontier>,
+    dirty: KeyMap<Frontier>,
     /// Being stored by the running checkpoint (still served from here).
-    saving: Arc<HashMap<String, Frontier>>,
+    saving: Arc<KeyMap<Frontier>>,
     /// The number the next change gets (handed out with the change
     /// entered in `in_flight`, under one lock: a checkpoint never sees a
     /// numbered change that is not in flight yet).
@@ -51,7 +57,7 @@ struct Unsaved {
     in_flight: BTreeSet<u64>,
     /// Keys whose last change may or may not have committed, with that
     /// change's number: loaded from their whole history, not their heads.
-    suspect: HashMap<String, u64>,
+    suspect: KeyMap<u64>,
 }
 
 impl Unsaved {
@@ -74,7 +80,7 @@ impl Unsaved {
 /// What a checkpoint stores: the unsaved keys' frontiers, and the change
 /// number up to which every change is reflected by them and the heads.
 pub struct Checkpoint {
-    pub frontiers: Arc<HashMap<String, Frontier>>,
+    pub frontiers: Arc<KeyMap<Frontier>>,
     pub through: u64,
 }
 
@@ -145,21 +151,20 @@ impl KeyStates {
         }
     }
 
-    /// The committed frontier of `key`, if held in memory (no lock needed:
-    /// it is the last committed state).
+    /// The committed frontier of `key`, if held in memory (no writer lock
+    /// needed: it is the last committed state). An unsaved frontier is
+    /// newer than the cache's (which holds saved states only).
     pub fn cached(&self, key: &str) -> Option<Frontier> {
-        if let Some(frontier) = self.frontiers.get(key) {
-            return Some(frontier);
+        {
+            let unsaved = self.unsaved();
+            if unsaved.suspect.contains_key(key) {
+                return None;
+            }
+            if let Some(frontier) = unsaved.dirty.get(key).or_else(|| unsaved.saving.get(key)) {
+                return Some(frontier.clone());
+            }
         }
-        let unsaved = self.unsaved();
-        if unsaved.suspect.contains_key(key) {
-            return None;
-        }
-        unsaved
-            .dirty
-            .get(key)
-            .or_else(|| unsaved.saving.get(key))
-            .cloned()
+        self.frontiers.get(key)
     }
 
     /// The change number up to which every change has ended: committed or
@@ -205,9 +210,14 @@ impl KeyStates {
         Some(Checkpoint { frontiers, through })
     }
 
-    /// The running checkpoint is stored.
+    /// The running checkpoint is stored: its frontiers enter the cache (a
+    /// key changed since is served from the unsaved keys, asked first,
+    /// and enters the cache with the checkpoint that saves it).
     pub fn saved(&self) {
-        self.unsaved().saving = Arc::default();
+        let saved = std::mem::take(&mut self.unsaved().saving);
+        for (key, frontier) in saved.iter() {
+            self.frontiers.insert(key.clone(), frontier.clone());
+        }
     }
 
     /// The running checkpoint failed: its keys are unsaved again (newer
@@ -239,15 +249,27 @@ impl KeyGuard<'_> {
 
     /// Records `key`'s committed frontier, changed by this guard's change
     /// (unsaved until a checkpoint stores it); returns it as held.
-    pub fn set(&self, key: String, frontier: Vec<StoredVersion>) -> Frontier {
+    pub fn set(&self, key: &str, frontier: Vec<StoredVersion>) -> Frontier {
         let frontier = Arc::new(frontier);
-        {
-            let mut unsaved = self.states.unsaved();
-            unsaved.suspect.remove(&key);
-            unsaved.dirty.insert(key.clone(), frontier.clone());
-        }
-        self.states.frontiers.insert(key, frontier.clone());
+        self.set_all([(key, frontier.clone())]);
         frontier
+    }
+
+    /// Records the committed frontiers of keys changed by this guard's
+    /// change (unsaved until a checkpoint stores them), under one lock.
+    pub fn set_all<'k>(&self, frontiers: impl IntoIterator<Item = (&'k str, Frontier)>) {
+        let mut unsaved = self.states.unsaved();
+        for (key, frontier) in frontiers {
+            if !unsaved.suspect.is_empty() {
+                unsaved.suspect.remove(key);
+            }
+            match unsaved.dirty.get_mut(key) {
+                Some(held) => *held = frontier,
+                None => {
+                    unsaved.dirty.insert(key.to_owned(), frontier);
+                }
+            }
+        }
     }
 
     /// Records `key`'s frontier as loaded from the database, unchanged;
@@ -333,5 +355,44 @@ mod tests {
         }
         assert!(!states.is_suspect("c"));
         assert_eq!(states.begin_checkpoint().unwrap().through, 13);
+    }
+
+    #[tokio::test]
+    async fn a_changed_key_is_served_from_the_unsaved_keys_then_from_the_cache() {
+        let states = KeyStates::new(1 << 20, 1);
+        let seq_of = |states: &KeyStates| states.cached("k").map(|f| f[0].dot.seq);
+        {
+            let guard = states.lock(&["k"]).await;
+            guard.loaded("k".into(), vec![version("k", 1)]);
+        }
+        assert_eq!(seq_of(&states), Some(1), "loaded: cached");
+        {
+            let guard = states.lock(&["k"]).await;
+            guard.set("k", vec![version("k", 2)]);
+        }
+        assert_eq!(
+            seq_of(&states),
+            Some(2),
+            "unsaved wins over the older cached state"
+        );
+        states.begin_checkpoint().expect("none running");
+        assert_eq!(seq_of(&states), Some(2), "served while being saved");
+        states.saved();
+        assert_eq!(states.unsaved_keys(), 0);
+        assert_eq!(seq_of(&states), Some(2), "saved: now from the cache");
+
+        // Forgotten while its checkpoint runs: never served from the cache
+        // the checkpoint fills, until loaded again.
+        {
+            let guard = states.lock(&["k"]).await;
+            guard.set("k", vec![version("k", 3)]);
+        }
+        states.begin_checkpoint().expect("none running");
+        {
+            let guard = states.lock(&["k"]).await;
+            guard.forget("k");
+        }
+        states.saved();
+        assert_eq!(seq_of(&states), None);
     }
 }

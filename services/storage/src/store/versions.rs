@@ -95,12 +95,15 @@ impl VersionStore {
         regions.dedup();
         self.ensure_cursors(&regions).await?;
         let owed = !regions.is_empty();
-        let keys: Vec<&str> = inputs
-            .iter()
-            .map(|i| i.key.as_str())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        // The batch's keys, sorted and distinct; a record finds its key's
+        // frontier by its place here.
+        let keys: Vec<Key> = {
+            let mut keys: Vec<&Key> = inputs.iter().map(|i| &i.key).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            keys.into_iter().cloned().collect()
+        };
+        let keys: Vec<&str> = keys.iter().map(Key::as_str).collect();
         let guard = self.keys.lock(&keys).await;
         let mut frontiers = self.frontiers_locked(&guard, &keys).await?;
         let lookups: Vec<(&str, &str)> = inputs
@@ -111,7 +114,6 @@ impl VersionStore {
         let first_seq = self
             .next_seq
             .fetch_add(inputs.len() as u64, Ordering::Relaxed);
-        let keys: Vec<String> = keys.into_iter().map(str::to_string).collect();
 
         // Decide every record in memory, in order.
         let mut results: Vec<Result<Minted, StoreError>> = Vec::with_capacity(inputs.len());
@@ -121,7 +123,10 @@ impl VersionStore {
                 results.push(Err(StoreError::Rejected(err)));
                 continue;
             }
-            let current = frontiers.entry(input.key.to_string()).or_default();
+            let slot = keys
+                .binary_search(&input.key.as_str())
+                .expect("every record's key is locked");
+            let current = &mut frontiers[slot];
             if let Some(idem) = &input.idempotency
                 && let Some(version) = idempotent.get(&(input.key.to_string(), idem.key.clone()))
             {
@@ -176,10 +181,11 @@ impl VersionStore {
             keys.iter().for_each(|k| guard.forget(k));
             return Err(err);
         }
-        for key in keys {
-            let frontier = frontiers.remove(&key).unwrap_or_default();
-            guard.set(key, frontier);
-        }
+        guard.set_all(
+            keys.iter()
+                .copied()
+                .zip(frontiers.into_iter().map(Arc::new)),
+        );
         Ok(results)
     }
 
@@ -200,15 +206,14 @@ impl VersionStore {
         let mut inserted = 0;
         for group in keys.chunks(MERGE_KEYS_PER_STATEMENT) {
             let guard = self.keys.lock(group).await;
-            let mut current = self.shared_frontiers_locked(&guard, group).await?;
+            let current = self.shared_frontiers_locked(&guard, group).await?;
             let mut new = Vec::new();
-            let mut merged_of: Vec<(String, Vec<StoredVersion>)> = Vec::new();
+            let mut merged_of: Vec<Frontier> = Vec::with_capacity(group.len());
             // Every version stored here is covered by its key's frontier:
             // a dot the frontier does not cover is certainly new, and the
             // rows of a group of only new dots need no conflict checks.
             let mut only_new = true;
-            for key in group {
-                let current = current.remove(*key).unwrap_or_default();
+            for (key, current) in group.iter().zip(current) {
                 let incoming = &by_key[key];
                 let seen = causal::state_vector(current.iter());
                 only_new &= incoming.iter().all(|v| !seen.covers(&v.dot));
@@ -219,7 +224,7 @@ impl VersionStore {
                         .cloned()
                         .collect();
                 new.extend(incoming.iter().copied());
-                merged_of.push((key.to_string(), merged));
+                merged_of.push(Arc::new(merged));
             }
             let write = StateChange {
                 versions: new,
@@ -232,9 +237,7 @@ impl VersionStore {
                     return Err(err);
                 }
             }
-            for (key, merged) in merged_of {
-                guard.set(key, merged);
-            }
+            guard.set_all(group.iter().copied().zip(merged_of));
         }
         Ok(inserted)
     }
@@ -264,7 +267,10 @@ impl VersionStore {
         }
         if !missing.is_empty() {
             let guard = self.keys.lock(&missing).await;
-            found.extend(self.frontiers_locked(&guard, &missing).await?);
+            let loaded = self.shared_frontiers_locked(&guard, &missing).await?;
+            for (key, frontier) in missing.iter().zip(loaded) {
+                found.insert(key.to_string(), frontier.as_ref().clone());
+            }
         }
         found.retain(|_, f| !f.is_empty());
         Ok(found)
@@ -276,73 +282,71 @@ impl VersionStore {
         &self,
         guard: &KeyGuard<'_>,
         keys: &[&str],
-    ) -> Result<Frontiers, StoreError> {
+    ) -> Result<Vec<Vec<StoredVersion>>, StoreError> {
         Ok(self
             .shared_frontiers_locked(guard, keys)
             .await?
             .into_iter()
-            .map(|(key, frontier)| (key, Arc::unwrap_or_clone(frontier)))
+            .map(Arc::unwrap_or_clone)
             .collect())
     }
 
-    /// The frontiers of `keys`, whose writer locks `guard` holds: cached
-    /// ones from memory (shared, not copied), the others loaded from the
-    /// database and cached (every key of `keys` is in the answer, possibly
-    /// empty).
+    /// The frontiers of `keys`, whose writer locks `guard` holds, in the
+    /// order of `keys` (possibly empty): cached ones from memory (shared,
+    /// not copied), the others loaded from the database and cached.
     async fn shared_frontiers_locked(
         &self,
         guard: &KeyGuard<'_>,
         keys: &[&str],
-    ) -> Result<BTreeMap<String, Frontier>, StoreError> {
-        let mut frontiers = BTreeMap::new();
-        let mut missing = Vec::new();
-        for key in keys {
-            match self.keys.cached(key) {
-                Some(frontier) => {
-                    frontiers.insert(key.to_string(), frontier);
-                }
-                None => missing.push(*key),
-            }
-        }
+    ) -> Result<Vec<Frontier>, StoreError> {
+        let mut frontiers: Vec<Option<Frontier>> =
+            keys.iter().map(|k| self.keys.cached(k)).collect();
+        let missing: Vec<usize> = (0..keys.len())
+            .filter(|&i| frontiers[i].is_none())
+            .collect();
         if missing.is_empty() {
-            return Ok(frontiers);
+            return Ok(frontiers.into_iter().flatten().collect());
         }
-        let (suspect, missing): (Vec<&str>, Vec<&str>) =
-            missing.into_iter().partition(|k| self.keys.is_suspect(k));
+        let (suspect, missing): (Vec<usize>, Vec<usize>) = missing
+            .into_iter()
+            .partition(|&i| self.keys.is_suspect(keys[i]));
         // A key whose tree leaf holds no version has none: its (empty)
         // frontier needs no query — every first write of a key on a young
         // node would otherwise read the database first.
-        let (missing, absent): (Vec<&str>, Vec<&str>) = {
+        let (missing, absent): (Vec<usize>, Vec<usize>) = {
             let tree = self.tree();
             missing
                 .into_iter()
-                .partition(|k| !tree.holds_none(tree_token(k)))
+                .partition(|&i| !tree.holds_none(tree_token(keys[i])))
         };
         metrics::counter!("frontier_loads_total", "from" => "tree").increment(absent.len() as u64);
         metrics::counter!("frontier_loads_total", "from" => "database")
             .increment((missing.len() + suspect.len()) as u64);
-        for key in absent {
-            frontiers.insert(key.to_string(), guard.loaded(key.to_string(), Vec::new()));
+        for i in absent {
+            frontiers[i] = Some(guard.loaded(keys[i].to_string(), Vec::new()));
         }
-        if missing.is_empty() && suspect.is_empty() {
-            return Ok(frontiers);
+        if !missing.is_empty() {
+            let wanted: Vec<&str> = missing.iter().map(|&i| keys[i]).collect();
+            let mut conn = self.connections.lease().await?;
+            let loaded = super::heads::load(&mut *conn, &wanted).await;
+            let mut loaded = conn.done(loaded)?;
+            for i in missing {
+                // The heads of a key held nowhere in memory are exact (it is
+                // saved), but a frontier is computed, not trusted.
+                let frontier = causal::frontier(loaded.remove(keys[i]).unwrap_or_default());
+                frontiers[i] = Some(guard.loaded(keys[i].to_string(), frontier));
+            }
         }
-        let mut conn = self.connections.lease().await?;
-        let loaded = super::heads::load(&mut *conn, &missing).await;
-        let mut loaded = conn.done(loaded)?;
-        for key in missing {
-            // The heads of a key held nowhere in memory are exact (it is
-            // saved), but a frontier is computed, not trusted.
-            let frontier = causal::frontier(loaded.remove(key).unwrap_or_default());
-            frontiers.insert(key.to_string(), guard.loaded(key.to_string(), frontier));
-        }
-        for key in suspect {
+        for i in suspect {
             // Its last change may have committed after its heads were
             // saved: its frontier is computed from its whole history.
-            let frontier = super::heads::fold(Vec::new(), self.whole_history(key).await?);
-            frontiers.insert(key.to_string(), guard.set(key.to_string(), frontier));
+            let frontier = super::heads::fold(Vec::new(), self.whole_history(keys[i]).await?);
+            frontiers[i] = Some(guard.set(keys[i], frontier));
         }
-        Ok(frontiers)
+        Ok(frontiers
+            .into_iter()
+            .map(|f| f.expect("every key found, loaded or known absent"))
+            .collect())
     }
 
     /// Every version of `key` stored here.
