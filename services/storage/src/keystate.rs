@@ -323,7 +323,7 @@ mod tests {
         assert_eq!(open.change(), 10);
         {
             let done = states.lock(&["b"]).await;
-            done.set("b".into(), vec![version("b", 1)]);
+            done.set("b", vec![version("b", 1)]);
         }
         let first = states.begin_checkpoint().expect("none running");
         assert_eq!(first.through, 9, "change 10 is still open");
@@ -343,7 +343,7 @@ mod tests {
         // the mark waits for it.
         {
             let failed = states.lock(&["c"]).await;
-            failed.set("c".into(), vec![version("c", 2)]);
+            failed.set("c", vec![version("c", 2)]);
             failed.forget("c");
         }
         assert!(states.cached("c").is_none() && states.is_suspect("c"));
@@ -351,7 +351,7 @@ mod tests {
         states.saved();
         {
             let reload = states.lock(&["c"]).await;
-            reload.set("c".into(), vec![version("c", 2)]);
+            reload.set("c", vec![version("c", 2)]);
         }
         assert!(!states.is_suspect("c"));
         assert_eq!(states.begin_checkpoint().unwrap().through, 13);
