@@ -63,10 +63,11 @@ impl VersionVector {
         }
     }
 
-    /// `node`'s entry raised to at least `seq`. The node's name is copied
-    /// only when it is new here (`entry` would take an owned copy every
-    /// time: joins run per version stored, on every replica).
-    fn raise(&mut self, node: &str, seq: u64) {
+    /// `node`'s entry raised to at least `seq` (adds the dot `(node, seq)`
+    /// without making one). The node's name is copied only when it is new
+    /// here (`entry` would take an owned copy every time: joins run per
+    /// version stored, on every replica).
+    pub fn raise(&mut self, node: &str, seq: u64) {
         match self.0.get_mut(node) {
             Some(entry) => *entry = (*entry).max(seq),
             None => {
@@ -130,18 +131,22 @@ impl<T: Causal + ?Sized> Causal for &T {
 }
 
 /// The frontier of a set of versions (for example the union of several
-/// replicas' states): duplicates (same dot) collapse, and every version
-/// whose dot another version's context covers is dropped. Sorted by dot.
-pub fn frontier<V: Causal + Clone>(versions: impl IntoIterator<Item = V>) -> Vec<V> {
-    let mut by_dot: BTreeMap<Dot, V> = BTreeMap::new();
-    for v in versions {
-        by_dot.entry(v.dot().clone()).or_insert(v);
-    }
-    let all: Vec<&V> = by_dot.values().collect();
-    all.iter()
-        .filter(|v| !all.iter().any(|w| w.context().covers(v.dot())))
-        .map(|v| (*v).clone())
-        .collect()
+/// replicas' states): duplicates (same dot) collapse to the first given,
+/// and every version whose dot another version's context covers is
+/// dropped. Sorted by dot. The survivors are the versions given, moved,
+/// not copies (it runs for every version stored, on every replica).
+pub fn frontier<V: Causal>(versions: impl IntoIterator<Item = V>) -> Vec<V> {
+    let mut all: Vec<V> = versions.into_iter().collect();
+    // Stable: of equal dots the first given comes first, and stays.
+    all.sort_by(|a, b| a.dot().cmp(b.dot()));
+    all.dedup_by(|later, first| later.dot() == first.dot());
+    let superseded: Vec<bool> = all
+        .iter()
+        .map(|v| all.iter().any(|w| w.context().covers(v.dot())))
+        .collect();
+    let mut superseded = superseded.into_iter();
+    all.retain(|_| !superseded.next().expect("one flag per version"));
+    all
 }
 
 /// Everything a state has seen: its versions' dots and contexts. This is the

@@ -15,6 +15,7 @@
 
 use super::calls::{Miss, apply, mint_together, outbox_done, replicate, store_hints};
 use super::{QuorumEngine, Written, state_vector_of};
+use crate::replicas::Replica;
 use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
@@ -326,28 +327,43 @@ impl QuorumEngine {
             f.placement[*idx].node.clone()
         };
         let (tx, mut rx) = mpsc::channel::<Answer>(to_local.len() + to_region.len() + 1);
+        // What a local replica that misses its versions is owed, held as
+        // hints by each record's minting node: copied once for all replicas,
+        // read only if one fails.
+        let owed: Arc<Vec<Option<(Arc<Replica>, pb::Version)>>> =
+            Arc::new(if to_local.is_empty() {
+                Vec::new()
+            } else {
+                (0..flights.len())
+                    .map(|i| {
+                        let f = &flights[i];
+                        let (idx, m) = f.minted.as_ref()?;
+                        Some((
+                            self.local_replica(&f.placement[*idx].node),
+                            m.version.clone()?,
+                        ))
+                    })
+                    .collect()
+            });
         for (node, records) in to_local {
             let replica = self.local_replica(&node);
             let versions: Vec<pb::Version> = records.iter().flat_map(|&i| frontier_of(i)).collect();
-            // Hints for this replica, per minting node, if it misses them.
-            let mut hints: BTreeMap<String, Vec<pb::Version>> = BTreeMap::new();
-            for &i in &records {
-                if let Some((_, m)) = &flights[i].minted
-                    && let Some(v) = &m.version
-                {
-                    hints.entry(minter_of(i)).or_default().push(v.clone());
-                }
-            }
-            let holders: Vec<_> = hints
-                .into_iter()
-                .map(|(minter, versions)| (self.local_replica(&minter), versions))
-                .collect();
+            let owed = owed.clone();
             let tx = tx.clone();
             crate::spawn_traced(async move {
                 let result = apply(&replica, versions).await;
                 if result.is_err() {
-                    for (holder, versions) in holders {
-                        store_hints(&holder, &replica.node, versions).await;
+                    // Per minting node, in record order.
+                    let mut hints: BTreeMap<&str, (&Arc<Replica>, Vec<pb::Version>)> =
+                        BTreeMap::new();
+                    for (holder, version) in records.iter().filter_map(|&i| owed[i].as_ref()) {
+                        let (_, versions) = hints
+                            .entry(holder.node.as_str())
+                            .or_insert_with(|| (holder, Vec::new()));
+                        versions.push(version.clone());
+                    }
+                    for (_, (holder, versions)) in hints {
+                        store_hints(holder, &replica.node, versions).await;
                     }
                 }
                 let _ = tx

@@ -158,9 +158,16 @@ fn dot_set(versions: &[pb::Version]) -> BTreeSet<(String, u64)> {
 }
 
 /// Everything a set of current versions has seen: the context token a reader gets.
+/// (What [`causal::state_vector`] computes, read off the wire versions
+/// without copying them.)
 pub fn state_vector_of(frontier: &[pb::Version]) -> VersionVector {
-    let wires: Vec<Wire> = frontier.iter().cloned().map(Wire::of).collect();
-    causal::state_vector(&wires)
+    let mut vv = VersionVector::default();
+    for v in frontier {
+        for d in v.context.iter().chain(&v.dot) {
+            vv.raise(&d.node, d.seq);
+        }
+    }
+    vv
 }
 
 /// History order: (timestamp, node, seq).
@@ -546,4 +553,45 @@ fn initial_read_set(
         }
     }
     chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(node: &str, seq: u64, context: &[(&str, u64)]) -> pb::Version {
+        pb::Version {
+            dot: Some(pb::Dot {
+                node: node.into(),
+                seq,
+            }),
+            context: context
+                .iter()
+                .map(|&(node, seq)| pb::Dot {
+                    node: node.into(),
+                    seq,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_state_vector_of_wire_versions_is_the_causal_one() {
+        let frontier = [
+            version("a", 5, &[("a", 4), ("b", 2)]),
+            version("b", 3, &[("a", 1), ("c", 7)]),
+        ];
+        let wires: Vec<Wire> = frontier.iter().cloned().map(Wire::of).collect();
+        let expected = causal::state_vector(&wires);
+        assert_eq!(state_vector_of(&frontier), expected);
+        assert_eq!(
+            expected,
+            VersionVector(
+                [("a", 5), ("b", 3), ("c", 7)]
+                    .map(|(n, s)| (n.to_string(), s))
+                    .into()
+            )
+        );
+    }
 }
