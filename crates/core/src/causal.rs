@@ -16,19 +16,140 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::ops::Deref;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use crate::error::{ErrorCode, GeologError};
+
+/// A storage node's name as dots and vectors hold it: shared, not copied.
+/// Every version carries several (its dot, its context's entries) through
+/// every hop, and a cluster has few nodes, so names are interned: making
+/// one of a name seen before allocates nothing, and copies share it.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(Arc<str>);
+
+/// Names interned at most: names come from clients too (the nodes of a
+/// context token), so past this many a name is held unshared instead.
+const MAX_INTERNED_NODES: usize = 4096;
+
+static NODE_NAMES: LazyLock<Mutex<HashSet<Arc<str>, foldhash::fast::RandomState>>> =
+    LazyLock::new(Mutex::default);
+
+impl NodeId {
+    pub fn new(name: &str) -> NodeId {
+        let mut names = NODE_NAMES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = names.get(name) {
+            return NodeId(held.clone());
+        }
+        let name: Arc<str> = Arc::from(name);
+        if names.len() < MAX_INTERNED_NODES {
+            names.insert(name.clone());
+        }
+        NodeId(name)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Deref for NodeId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for NodeId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for NodeId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for NodeId {
+    fn from(name: &str) -> NodeId {
+        NodeId::new(name)
+    }
+}
+
+impl From<String> for NodeId {
+    fn from(name: String) -> NodeId {
+        NodeId::new(&name)
+    }
+}
+
+impl From<&String> for NodeId {
+    fn from(name: &String) -> NodeId {
+        NodeId::new(name)
+    }
+}
+
+impl From<NodeId> for String {
+    fn from(node: NodeId) -> String {
+        node.0.to_string()
+    }
+}
+
+impl PartialEq<str> for NodeId {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for NodeId {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for NodeId {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<NodeId, D::Error> {
+        Ok(NodeId::new(&String::deserialize(deserializer)?))
+    }
+}
 
 /// The identity of a version: minting node and its sequence number there.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Dot {
-    pub node: String,
+    pub node: NodeId,
     pub seq: u64,
 }
 
 impl Dot {
-    pub fn new(node: impl Into<String>, seq: u64) -> Self {
+    pub fn new(node: impl Into<NodeId>, seq: u64) -> Self {
         Dot {
             node: node.into(),
             seq,
@@ -37,13 +158,19 @@ impl Dot {
 }
 
 /// For every node, the highest sequence number seen from it for one key.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct VersionVector(pub BTreeMap<String, u64>);
+/// Held as entries sorted by node (a vector has a few: one per node that
+/// wrote the key), so a copy is one allocation; shown and serialized as a
+/// map from node to sequence.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct VersionVector(Vec<(NodeId, u64)>);
 
 impl VersionVector {
+    fn find(&self, node: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(n, _)| n.as_str().cmp(node))
+    }
+
     pub fn get(&self, node: &str) -> u64 {
-        self.0.get(node).copied().unwrap_or(0)
+        self.find(node).map_or(0, |i| self.0[i].1)
     }
 
     /// True when this vector has seen `dot`.
@@ -53,26 +180,30 @@ impl VersionVector {
 
     /// Adds one dot (and, as vectors do, everything before it from that node).
     pub fn add(&mut self, dot: &Dot) {
-        self.raise(&dot.node, dot.seq);
+        self.raise_node(&dot.node, dot.seq);
     }
 
     /// Pointwise maximum.
     pub fn join(&mut self, other: &VersionVector) {
         for (node, seq) in &other.0 {
-            self.raise(node, *seq);
+            self.raise_node(node, *seq);
         }
     }
 
     /// `node`'s entry raised to at least `seq` (adds the dot `(node, seq)`
-    /// without making one). The node's name is copied only when it is new
-    /// here (`entry` would take an owned copy every time: joins run per
-    /// version stored, on every replica).
+    /// without making one).
     pub fn raise(&mut self, node: &str, seq: u64) {
-        match self.0.get_mut(node) {
-            Some(entry) => *entry = (*entry).max(seq),
-            None => {
-                self.0.insert(node.to_string(), seq);
-            }
+        match self.find(node) {
+            Ok(i) => self.0[i].1 = self.0[i].1.max(seq),
+            Err(i) => self.0.insert(i, (NodeId::new(node), seq)),
+        }
+    }
+
+    /// [`VersionVector::raise`] with a name already held.
+    fn raise_node(&mut self, node: &NodeId, seq: u64) {
+        match self.find(node) {
+            Ok(i) => self.0[i].1 = self.0[i].1.max(seq),
+            Err(i) => self.0.insert(i, (node.clone(), seq)),
         }
     }
 
@@ -82,12 +213,22 @@ impl VersionVector {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.values().all(|s| *s == 0)
+        self.0.iter().all(|(_, s)| *s == 0)
+    }
+
+    /// How many nodes have an entry.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The entries, by node.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&NodeId, u64)> {
+        self.0.iter().map(|(node, seq)| (node, *seq))
     }
 
     /// The opaque context token given to clients (URL-safe base64 of JSON).
     pub fn to_token(&self) -> String {
-        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&self.0).expect("a map of numbers serializes"))
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(self).expect("a map of numbers serializes"))
     }
 
     /// Parses a token made by [`VersionVector::to_token`].
@@ -109,7 +250,43 @@ impl VersionVector {
         if map.keys().any(|k| k.is_empty() || k.len() > 256) {
             return Err(invalid("bad node name"));
         }
-        Ok(VersionVector(map))
+        Ok(map.into_iter().collect())
+    }
+}
+
+/// A vector of entries; of a node listed twice the last entry counts (as
+/// for a map).
+impl<N: AsRef<str>> FromIterator<(N, u64)> for VersionVector {
+    fn from_iter<I: IntoIterator<Item = (N, u64)>>(entries: I) -> Self {
+        let mut vv = VersionVector::default();
+        for (node, seq) in entries {
+            let node = node.as_ref();
+            match vv.find(node) {
+                Ok(i) => vv.0[i].1 = seq,
+                Err(i) => vv.0.insert(i, (NodeId::new(node), seq)),
+            }
+        }
+        vv
+    }
+}
+
+impl fmt::Debug for VersionVector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for VersionVector {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for VersionVector {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(BTreeMap::<String, u64>::deserialize(deserializer)?
+            .into_iter()
+            .collect())
     }
 }
 
@@ -192,7 +369,7 @@ mod tests {
     }
 
     fn v(node: &str, seq: u64, ctx: &[(&str, u64)]) -> V {
-        let context = VersionVector(ctx.iter().map(|(n, s)| (n.to_string(), *s)).collect());
+        let context: VersionVector = ctx.iter().copied().collect();
         V {
             dot: Dot::new(node, seq),
             context,
@@ -218,7 +395,13 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_and_reject_garbage() {
-        let vv = VersionVector([("a1".to_string(), 12), ("b2".to_string(), 7)].into());
+        let vv: VersionVector = [("a1", 12), ("b2", 7)].into_iter().collect();
+        assert_eq!(vv.get("a1"), 12);
+        assert_eq!(
+            serde_json::to_string(&vv).unwrap(),
+            r#"{"a1":12,"b2":7}"#,
+            "shown as a map"
+        );
         assert_eq!(VersionVector::from_token(&vv.to_token()).unwrap(), vv);
         for bad in ["", "!!!", "e30", "WzFd", &"A".repeat(70_000)] {
             // "e30" is base64 of "{}" — an empty vector is valid.

@@ -112,20 +112,15 @@ impl coordinator::Consistency {
 
 /// A version vector on the wire: one `Dot` per node.
 pub fn dots(vector: geolog_core::causal::VersionVector) -> Vec<storage::Dot> {
-    vector
-        .0
-        .into_iter()
-        .map(|(node, seq)| storage::Dot { node, seq })
-        .collect()
+    dots_of(&vector)
 }
 
 /// [`dots`] of a borrowed vector.
 pub fn dots_of(vector: &geolog_core::causal::VersionVector) -> Vec<storage::Dot> {
     vector
-        .0
         .iter()
-        .map(|(node, &seq)| storage::Dot {
-            node: node.clone(),
+        .map(|(node, seq)| storage::Dot {
+            node: node.to_string(),
             seq,
         })
         .collect()
@@ -134,12 +129,12 @@ pub fn dots_of(vector: &geolog_core::causal::VersionVector) -> Vec<storage::Dot>
 /// A version vector from the wire (a node listed twice: the last entry
 /// counts, as for the map the field once was).
 pub fn vector(dots: Vec<storage::Dot>) -> geolog_core::causal::VersionVector {
-    geolog_core::causal::VersionVector(dots.into_iter().map(|d| (d.node, d.seq)).collect())
+    vector_of(&dots)
 }
 
 /// [`vector`] of borrowed dots.
 pub fn vector_of(dots: &[storage::Dot]) -> geolog_core::causal::VersionVector {
-    geolog_core::causal::VersionVector(dots.iter().map(|d| (d.node.clone(), d.seq)).collect())
+    dots.iter().map(|d| (d.node.as_str(), d.seq)).collect()
 }
 
 /// A level on the wire (for a field of type `Consistency`).
@@ -181,9 +176,8 @@ mod tests {
 
     #[test]
     fn a_version_vector_crosses_the_wire_and_back() {
-        let v = geolog_core::causal::VersionVector(
-            [("a1".to_string(), 3), ("b2".to_string(), 1 << 40)].into(),
-        );
+        let v: geolog_core::causal::VersionVector =
+            [("a1", 3), ("b2", 1 << 40)].into_iter().collect();
         assert_eq!(vector(dots(v.clone())), v);
         assert_eq!(vector_of(&dots_of(&v)), v);
         let twice = [

@@ -34,10 +34,10 @@ struct VersionView {
     /// That node's sequence number for it.
     seq: u64,
     /// The version's version vector: what its writer had seen plus itself.
-    vector: std::collections::BTreeMap<String, u64>,
+    vector: geolog_core::causal::VersionVector,
     /// What its writer had seen (its causal context): it supersedes exactly
     /// the versions `(node, seq)` with `seq <= seen[node]`.
-    seen: std::collections::BTreeMap<String, u64>,
+    seen: geolog_core::causal::VersionVector,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -71,10 +71,9 @@ fn version_view(v: &spb::Version) -> VersionView {
             })
             .unwrap_or_default();
     let dot = v.dot.clone().unwrap_or_default();
-    let seen = geolog_proto::vector_of(&v.context).0;
+    let seen = geolog_proto::vector_of(&v.context);
     let mut vector = seen.clone();
-    let own = vector.entry(dot.node.clone()).or_insert(0);
-    *own = (*own).max(dot.seq);
+    vector.raise(&dot.node, dot.seq);
     VersionView {
         timestamp: Timestamp {
             hlc: hlc.packed(),

@@ -92,7 +92,7 @@ impl quick_cache::Weighter<String, Frontier> for FrontierBytes {
     fn weight(&self, key: &String, frontier: &Frontier) -> u64 {
         let versions: usize = frontier
             .iter()
-            .map(|v| v.value_json.len() + v.dot.node.len() + v.context.0.len() * 32 + 96)
+            .map(|v| v.value_json.len() + v.dot.node.len() + v.context.len() * 32 + 96)
             .sum();
         (key.len() + versions + 64) as u64
     }

@@ -34,7 +34,7 @@ pub fn to_proto(v: StoredVersion) -> pb::Version {
             packed: v.hlc.packed(),
         }),
         dot: Some(pb::Dot {
-            node: v.dot.node,
+            node: v.dot.node.to_string(),
             seq: v.dot.seq,
         }),
         context: geolog_proto::dots(v.context),
@@ -80,7 +80,7 @@ pub fn from_proto(v: pb::Version) -> Result<StoredVersion, GeologError> {
         // Its own allocation: the cache may keep it long after the message.
         value_json: value.detached(),
         hlc: Hlc::from_packed(ts.packed),
-        dot: Dot::new(dot.node, dot.seq),
+        dot: Dot::new(dot.node.as_str(), dot.seq),
         context: geolog_proto::vector(v.context),
         idempotency: idempotency(v.idempotency_key, v.body_hash),
     })

@@ -55,7 +55,7 @@ pub struct StoredVersion {
 impl StoredVersion {
     /// About the bytes it takes in a message (answers are paged by it).
     pub fn encoded_size(&self) -> usize {
-        let context: usize = self.context.0.keys().map(|node| node.len() + 16).sum();
+        let context: usize = self.context.iter().map(|(node, _)| node.len() + 16).sum();
         let idempotency = self
             .idempotency
             .as_ref()
@@ -203,7 +203,7 @@ pub struct VersionStore {
     health: PgPool,
     /// Connections of the write path's statements, kept between them.
     connections: connections::Connections,
-    node: String,
+    node: geolog_core::causal::NodeId,
     clock: HlcClock,
     /// The next dot sequence to hand out (see [`VersionStore::open`]).
     next_seq: AtomicU64,
@@ -321,7 +321,7 @@ impl VersionStore {
             connections: connections::Connections::new(pool.clone()),
             pool,
             health,
-            node: node.to_string(),
+            node: geolog_core::causal::NodeId::new(node),
             clock,
             tree: std::sync::Mutex::new(tree),
             next_seq: AtomicU64::new(seq_floor as u64 + 1),

@@ -30,7 +30,7 @@ async fn open(pg: &TestPostgres, node: &str) -> VersionStore {
 }
 
 fn vv(entries: &[(&str, u64)]) -> VersionVector {
-    VersionVector(entries.iter().map(|(n, s)| (n.to_string(), *s)).collect())
+    entries.iter().map(|(n, s)| (*n, *s)).collect()
 }
 
 fn version(
@@ -925,7 +925,7 @@ async fn range_versions_page_by_bytes_and_resume_after_the_last() {
                 let after = paged.last().map(|v| VersionPosition {
                     key: v.key.clone(),
                     hlc: v.hlc.packed(),
-                    node: v.dot.node.clone(),
+                    node: v.dot.node.to_string(),
                     seq: v.dot.seq,
                 });
                 let (page, more) = store

@@ -122,7 +122,7 @@ impl Wire {
         let dot = version
             .dot
             .as_ref()
-            .map(|d| Dot::new(d.node.clone(), d.seq))
+            .map(|d| Dot::new(d.node.as_str(), d.seq))
             .unwrap_or_else(|| Dot::new("", 0));
         let context = geolog_proto::vector_of(&version.context);
         Wire {
@@ -587,11 +587,9 @@ mod tests {
         assert_eq!(state_vector_of(&frontier), expected);
         assert_eq!(
             expected,
-            VersionVector(
-                [("a", 5), ("b", 3), ("c", 7)]
-                    .map(|(n, s)| (n.to_string(), s))
-                    .into()
-            )
+            [("a", 5), ("b", 3), ("c", 7)]
+                .into_iter()
+                .collect::<VersionVector>()
         );
     }
 }

@@ -318,7 +318,7 @@ impl VersionStore {
         .bind(keys)
         .bind(hlcs)
         .bind(seqs)
-        .bind(&self.node)
+        .bind(self.node.as_str())
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

@@ -157,7 +157,7 @@ impl VersionStore {
                         VersionPosition {
                             key: last.key.clone(),
                             hlc: last.hlc.packed(),
-                            node: last.dot.node.clone(),
+                            node: last.dot.node.to_string(),
                             seq: last.dot.seq,
                         },
                     ));
