@@ -16,6 +16,10 @@
 use super::calls::{Miss, apply, mint_together, outbox_done, replicate, store_hints};
 use super::{QuorumEngine, Written, state_vector_of};
 use crate::replicas::Replica;
+
+/// A minted version and the node that minted it, which holds it as a hint
+/// for a replica that misses it.
+type Hinted = (Arc<Replica>, pb::Version);
 use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
@@ -330,21 +334,20 @@ impl QuorumEngine {
         // What a local replica that misses its versions is owed, held as
         // hints by each record's minting node: copied once for all replicas,
         // read only if one fails.
-        let owed: Arc<Vec<Option<(Arc<Replica>, pb::Version)>>> =
-            Arc::new(if to_local.is_empty() {
-                Vec::new()
-            } else {
-                (0..flights.len())
-                    .map(|i| {
-                        let f = &flights[i];
-                        let (idx, m) = f.minted.as_ref()?;
-                        Some((
-                            self.local_replica(&f.placement[*idx].node),
-                            m.version.clone()?,
-                        ))
-                    })
-                    .collect()
-            });
+        let owed: Arc<Vec<Option<Hinted>>> = Arc::new(if to_local.is_empty() {
+            Vec::new()
+        } else {
+            (0..flights.len())
+                .map(|i| {
+                    let f = &flights[i];
+                    let (idx, m) = f.minted.as_ref()?;
+                    Some((
+                        self.local_replica(&f.placement[*idx].node),
+                        m.version.clone()?,
+                    ))
+                })
+                .collect()
+        });
         for (node, records) in to_local {
             let replica = self.local_replica(&node);
             let versions: Vec<pb::Version> = records.iter().flat_map(|&i| frontier_of(i)).collect();
