@@ -7,8 +7,10 @@
 //! "can it still be met") is derived from that one shape.
 
 use crate::error::{ErrorCode, GeologError, QuorumDetails, RegionDetails};
+use crate::ring::Placement;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// `q(x) = floor(x/2) + 1`.
 pub fn quorum(x: usize) -> usize {
@@ -219,20 +221,22 @@ enum Answer {
 
 /// Counts answers of the replicas contacted for one request, per region, and
 /// tells when the requirement is met or can no longer be met.
+/// The requirement and the placement are shared, not copied: a batch's
+/// records each have a tracker.
 #[derive(Debug, Clone)]
 pub struct AckTracker {
-    requirement: Requirement,
-    regions: Vec<String>,
+    requirement: Arc<Requirement>,
+    placement: Arc<Vec<Placement>>,
     answers: Vec<Answer>,
 }
 
 impl AckTracker {
-    /// `replica_regions[i]` is the region of replica `i`; all start pending.
-    pub fn new(requirement: Requirement, replica_regions: Vec<String>) -> Self {
-        let answers = vec![Answer::Pending; replica_regions.len()];
+    /// Replica `i` is `placement[i]`; all start pending.
+    pub fn new(requirement: Arc<Requirement>, placement: Arc<Vec<Placement>>) -> Self {
+        let answers = vec![Answer::Pending; placement.len()];
         AckTracker {
             requirement,
-            regions: replica_regions,
+            placement,
             answers,
         }
     }
@@ -261,11 +265,11 @@ impl AckTracker {
         &self,
         pred: impl Fn(Answer) -> bool + Clone,
     ) -> impl Iterator<Item = &str> + Clone {
-        self.regions
+        self.placement
             .iter()
             .zip(self.answers.iter())
             .filter(move |(_, a)| pred(**a))
-            .map(|(r, _)| r.as_str())
+            .map(|(p, _)| p.region.as_str())
     }
 
     /// True once replica `replica` answered, either way.
@@ -318,7 +322,7 @@ impl AckTracker {
     /// Required and received, in total and for every region that has replicas
     /// in this request.
     pub fn details(&self) -> QuorumDetails {
-        let mut names: Vec<&str> = self.regions.iter().map(String::as_str).collect();
+        let mut names: Vec<&str> = self.placement.iter().map(|p| p.region.as_str()).collect();
         names.sort_unstable();
         names.dedup();
         let regions = names
@@ -472,12 +476,26 @@ mod tests {
         );
     }
 
+    /// Replicas in these regions (one node each).
+    fn placed(regions: &[String]) -> Arc<Vec<Placement>> {
+        Arc::new(
+            regions
+                .iter()
+                .enumerate()
+                .map(|(i, region)| Placement {
+                    region: region.clone(),
+                    node: format!("{region}{i}"),
+                })
+                .collect(),
+        )
+    }
+
     #[test]
     fn tracker_reports_timeout_vs_unavailable() {
         let req = ConsistencyLevel::All
             .requirement(Operation::Write, &[("a", 3)], "a")
             .unwrap();
-        let mut t = AckTracker::new(req, vec!["a".into(); 3]);
+        let mut t = AckTracker::new(Arc::new(req), placed(&["a".into(), "a".into(), "a".into()]));
         t.record_ok(0);
         assert!(!t.is_met());
         assert_eq!(t.failure("write").code, ErrorCode::Timeout);
@@ -510,14 +528,14 @@ mod tests {
             let Ok(req) = level.requirement(Operation::Write, &regions, "a") else { return Ok(()); };
             let replica_regions: Vec<String> = regions.iter()
                 .flat_map(|(name, rf)| std::iter::repeat_n(name.to_string(), *rf)).collect();
-            let mut t = AckTracker::new(req.clone(), replica_regions.clone());
+            let mut t = AckTracker::new(Arc::new(req.clone()), placed(&replica_regions));
             let mut ok_regions = Vec::new();
             for (i, ack) in acks.iter().enumerate().take(replica_regions.len()) {
                 if *ack { t.record_ok(i); ok_regions.push(replica_regions[i].as_str()); } else { t.record_failure(i); }
             }
             prop_assert_eq!(t.is_met(), req.check_alive(ok_regions.iter().copied()).is_ok());
             // All acknowledged, nothing failed: met iff the level fits the topology.
-            let mut all = AckTracker::new(req.clone(), replica_regions.clone());
+            let mut all = AckTracker::new(Arc::new(req.clone()), placed(&replica_regions));
             for i in 0..replica_regions.len() { all.record_ok(i); }
             prop_assert_eq!(all.is_met(), req.total <= replica_regions.len());
             // met and impossible are never both true.

@@ -154,9 +154,9 @@ impl QuorumEngine {
         &self,
         level: ConsistencyLevel,
         op: Operation,
-    ) -> Result<Requirement, GeologError> {
+    ) -> Result<Arc<Requirement>, GeologError> {
         let rfs: Vec<(&str, usize)> = self.rfs.iter().map(|(r, n)| (r.as_str(), *n)).collect();
-        level.requirement(op, &rfs, &self.region)
+        level.requirement(op, &rfs, &self.region).map(Arc::new)
     }
 
     /// The key's replicas and the alive ones in contact order (local region
@@ -175,11 +175,8 @@ impl QuorumEngine {
         Ok((placement, alive))
     }
 
-    fn tracker(requirement: Requirement, placement: &[Placement]) -> AckTracker {
-        AckTracker::new(
-            requirement,
-            placement.iter().map(|p| p.region.clone()).collect(),
-        )
+    fn tracker(requirement: Arc<Requirement>, placement: &Arc<Vec<Placement>>) -> AckTracker {
+        AckTracker::new(requirement, placement.clone())
     }
 
     /// The other regions, which every minted version must still reach.
