@@ -21,6 +21,7 @@
 mod calls;
 mod fanout;
 mod idempotent;
+mod quorum;
 mod read;
 mod remote;
 

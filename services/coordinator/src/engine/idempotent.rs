@@ -6,6 +6,7 @@
 //! that lack it. A key used for another request answers `409`.
 
 use super::calls::{Miss, apply, region_read, replicate};
+use super::quorum::{Next, QuorumCall};
 use super::read::ReadKind;
 use super::{QuorumEngine, Written, state_vector_of};
 use crate::SpawnTraced;
@@ -14,7 +15,6 @@ use geolog_core::ring::Placement;
 use geolog_core::{AckTracker, ConsistencyLevel, ErrorCode, GeologError, Key};
 use geolog_proto::coordinator as cpb;
 use geolog_proto::storage as pb;
-use tokio::sync::mpsc;
 
 /// The first write of an idempotency key: its version and the replicas
 /// (node ids) known to hold it.
@@ -158,7 +158,8 @@ impl QuorumEngine {
             }
         }
         if !tracker.is_met() {
-            self.deliver_earlier(key, &earlier, &placement, &mut tracker, deadline)
+            tracker = self
+                .deliver_earlier(key, &earlier, &placement, tracker, deadline)
                 .await;
             if !tracker.is_met() {
                 return Err(tracker.failure("write"));
@@ -183,17 +184,17 @@ impl QuorumEngine {
     /// Sends the earlier version, with a local holder's frontier of the
     /// key (state-based replication ships frontiers, see
     /// `geolog_core::causal`), to every alive replica not known to hold
-    /// it, counting their acks in `tracker` until it is met, cannot be, or
-    /// the write deadline passes. Sends nothing when no local replica
-    /// holding it answers.
+    /// it, as one quorum call counted by `tracker` (returned) until it is
+    /// met, cannot be, or the write deadline passes. Sends nothing when no
+    /// local replica holding it answers.
     async fn deliver_earlier(
         &self,
         key: &Key,
         earlier: &Earlier,
         placement: &[Placement],
-        tracker: &mut AckTracker,
+        mut tracker: AckTracker,
         deadline: tokio::time::Instant,
-    ) {
+    ) -> AckTracker {
         // Never a bare version: without a local holder's frontier nothing
         // is sent, and the retry fails like a write that did not meet its
         // level (the outbox or hints deliver it; a later retry succeeds).
@@ -202,11 +203,11 @@ impl QuorumEngine {
                 && earlier.holders.contains(&p.node)
                 && self.replicas.is_alive(p)
         }) else {
-            return;
+            return tracker;
         };
         let query = ReadKind::Frontier.query(self.local_replica(&holder.node), key.clone());
         let Ok(Ok(frontier)) = tokio::time::timeout_at(deadline, query).await else {
-            return;
+            return tracker;
         };
         let mut shipped = vec![earlier.version.clone()];
         shipped.extend(
@@ -214,49 +215,47 @@ impl QuorumEngine {
                 .into_iter()
                 .filter(|v| v.dot != earlier.version.dot),
         );
-        let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<(), Miss>)>();
-        for (idx, p) in placement.iter().enumerate() {
-            if tracker.answered(idx) || p.region != self.region {
-                continue;
-            }
-            if !self.replicas.is_alive(p) {
+        let unasked: Vec<usize> = (0..placement.len())
+            .filter(|&i| !tracker.answered(i))
+            .collect();
+        for &idx in &unasked {
+            let p = &placement[idx];
+            if p.region == self.region && !self.replicas.is_alive(p) {
                 tracker.record_failure(idx);
+            }
+        }
+        let mut call = QuorumCall::new(tracker, deadline);
+        for idx in unasked {
+            let p = &placement[idx];
+            if p.region != self.region || call.tracker().answered(idx) {
                 continue;
             }
-            let replica = self.local_replica(&p.node);
-            let (tx, shipped) = (tx.clone(), shipped.clone());
-            crate::spawn_traced(async move {
-                let result = apply(&replica, shipped).await;
-                let _ = tx.send((idx, result));
-            });
+            let (replica, shipped) = (self.local_replica(&p.node), shipped.clone());
+            call.spawn(idx, async move { apply(&replica, shipped).await });
         }
         for remote in self.replicas.remote_regions() {
-            let lacking: Vec<usize> = (0..placement.len())
-                .filter(|&i| placement[i].region == remote.name && !tracker.answered(i))
-                .collect();
-            if lacking.is_empty() {
-                continue;
-            }
-            let (remote, tx, shipped) = (remote.clone(), tx.clone(), shipped.clone());
-            let nodes: Vec<(usize, String)> = lacking
-                .into_iter()
+            let nodes: Vec<(usize, String)> = (0..placement.len())
+                .filter(|&i| placement[i].region == remote.name && !call.tracker().answered(i))
                 .map(|i| (i, placement[i].node.clone()))
                 .collect();
-            crate::spawn_traced(async move {
+            if nodes.is_empty() {
+                continue;
+            }
+            let (remote, shipped) = (remote.clone(), shipped.clone());
+            call.spawn_many(nodes.len(), async move {
                 let acks = replicate(&remote, shipped).await;
                 let acks = acks.as_deref();
-                for (idx, node) in nodes {
-                    let _ = tx.send((idx, Miss::of_region(acks, &node)));
-                }
+                nodes
+                    .into_iter()
+                    .map(|(idx, node)| (idx, Miss::of_region(acks, &node), true))
+                    .collect()
             });
         }
-        drop(tx);
-        while !tracker.is_met() && !tracker.is_impossible() {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some((idx, Ok(())))) => tracker.record_ok(idx),
-                Ok(Some((idx, Err(miss)))) => miss.record(tracker, idx),
-                Ok(None) | Err(_) => return,
+        while !call.is_met() && !call.cannot_be_met() {
+            if let Next::Done = call.next(None).await {
+                break;
             }
         }
+        call.into_tracker()
     }
 }

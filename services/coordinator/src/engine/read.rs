@@ -5,11 +5,10 @@
 //! operators' replica view.
 
 use super::calls::{Miss, apply, region_read, region_replies, replicate};
+use super::quorum::{Next, QuorumCall};
 use super::{QuorumEngine, ReadValue};
 use crate::SpawnTraced;
 use crate::replicas::Replica;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use geolog_core::causal::{self, Causal, Dot, VersionVector};
 use geolog_core::consistency::Operation;
 use geolog_core::error::QuorumDetails;
@@ -21,7 +20,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 /// What a read asks each replica for.
 #[derive(Debug, Clone)]
@@ -199,32 +197,23 @@ impl QuorumEngine {
             .copied()
             .filter(|i| !initial.contains(i) && placement[*i].region == self.region)
             .collect();
-        let mut tracker = Self::tracker(requirement, &placement);
-
-        // (replica, answer, whether it settles one of the answers in flight:
-        // a remote region reports failed replicas it then replaces).
-        type Answer = (usize, Result<Vec<pb::Version>, Miss>, bool);
-        let (tx, mut rx) = mpsc::unbounded_channel::<Answer>();
+        let mut call = QuorumCall::new(Self::tracker(requirement, &placement), deadline);
         // Local replicas are asked in this task (their calls are batched
         // per node, see `ReplicaBatches::read`); remote regions in tasks.
-        let mut local = FuturesUnordered::new();
-        let send_local = |local: &mut FuturesUnordered<_>, idx: usize| {
+        let ask_local = |call: &mut QuorumCall<Vec<pb::Version>>, idx: usize| {
             let replica = self.local_replica(&placement[idx].node);
-            let query = kind.query(replica, key.clone());
-            local.push(async move { (idx, query.await) });
+            call.ask(idx, kind.query(replica, key.clone()));
         };
-        let mut in_flight = 0;
         let mut remote_counts: HashMap<&str, Vec<usize>> = HashMap::new();
         for &idx in &initial {
             if placement[idx].region == self.region {
-                send_local(&mut local, idx);
+                ask_local(&mut call, idx);
             } else {
                 remote_counts
                     .entry(placement[idx].region.as_str())
                     .or_default()
                     .push(idx);
             }
-            in_flight += 1;
         }
         for (region, idxs) in remote_counts {
             let Some(remote) = self.replicas.remote(region).cloned() else {
@@ -233,7 +222,7 @@ impl QuorumEngine {
             let candidates: Vec<usize> = (0..placement.len())
                 .filter(|&i| placement[i].region == region)
                 .collect();
-            let (tx, placement) = (tx.clone(), placement.clone());
+            let placement = placement.clone();
             let wanted = idxs.len();
             let request = cpb::RegionReadRequest {
                 key: key.to_string(),
@@ -241,57 +230,39 @@ impl QuorumEngine {
                 history: kind.history_request(key),
                 idempotency_key: kind.idempotency_key(),
             };
-            crate::spawn_traced(async move {
+            call.spawn_many(wanted, async move {
                 let answers = region_read(&remote, request).await;
-                for reply in region_replies(&placement, candidates, wanted, answers) {
-                    let _ = tx.send(reply);
-                }
+                region_replies(&placement, candidates, wanted, answers)
             });
         }
         let mut answers: Vec<(usize, Vec<pb::Version>)> = Vec::new();
         let mut speculated = false;
-        while !tracker.is_met() {
-            if tracker.is_impossible() || in_flight == 0 {
-                return Err(tracker.failure("read"));
+        let speculate_at = started + self.speculative_read;
+        while !call.is_met() {
+            if call.cannot_be_met() {
+                return Err(call.failure("read"));
             }
-            let speculate_at = started + self.speculative_read;
-            let received = tokio::select! {
-                Some((idx, result)) = local.next() => Ok(Some((idx, result, true))),
-                received = rx.recv() => Ok(received),
-                _ = tokio::time::sleep_until(deadline) => Err(()),
-                _ = tokio::time::sleep_until(speculate_at), if !speculated && !untried.is_empty() => {
-                    speculated = true;
-                    metrics::counter!("speculative_reads_total").increment(1);
-                    send_local(&mut local, untried.remove(0));
-                    in_flight += 1;
-                    continue;
-                }
-            };
-            match received {
-                Ok(Some((usize::MAX, _, settles))) => in_flight -= usize::from(settles),
-                Ok(Some((idx, Ok(versions), settles))) => {
-                    in_flight -= usize::from(settles);
-                    if !tracker.answered(idx) {
-                        tracker.record_ok(idx);
-                        answers.push((idx, versions));
-                    }
-                }
-                Ok(Some((idx, Err(miss), settles))) => {
-                    in_flight -= usize::from(settles);
-                    miss.record(&mut tracker, idx);
+            let wake = (!speculated && !untried.is_empty()).then_some(speculate_at);
+            match call.next(wake).await {
+                Next::Answer(idx, Ok(versions)) => answers.push((idx, versions)),
+                Next::Answer(idx, Err(_)) => {
                     // Replace a failed local replica with the next alive one.
                     if placement[idx].region == self.region && !untried.is_empty() {
-                        send_local(&mut local, untried.remove(0));
-                        in_flight += 1;
+                        ask_local(&mut call, untried.remove(0));
                     }
                 }
-                Ok(None) | Err(_) => return Err(tracker.failure("read")),
+                Next::Wake => {
+                    speculated = true;
+                    metrics::counter!("speculative_reads_total").increment(1);
+                    ask_local(&mut call, untried.remove(0));
+                }
+                Next::Done => return Err(call.failure("read")),
             }
         }
         Ok(Gathered {
             placement,
             answers,
-            acks: tracker.details(),
+            acks: call.tracker().details(),
             deadline,
         })
     }
