@@ -183,11 +183,33 @@ impl VersionVector {
         self.raise_node(&dot.node, dot.seq);
     }
 
-    /// Pointwise maximum.
+    /// Pointwise maximum. Linear in the entries of both, whatever their
+    /// number (a context comes from a client's token).
     pub fn join(&mut self, other: &VersionVector) {
+        let mut new_nodes = false;
         for (node, seq) in &other.0 {
-            self.raise_node(node, *seq);
+            match self.find(node) {
+                Ok(i) => self.0[i].1 = self.0[i].1.max(*seq),
+                Err(_) => new_nodes = true,
+            }
         }
+        if !new_nodes {
+            return;
+        }
+        // Both sorted: merge in the nodes not here.
+        let mut merged = Vec::with_capacity(self.0.len() + other.0.len());
+        let mut mine = std::mem::take(&mut self.0).into_iter().peekable();
+        for (node, seq) in &other.0 {
+            while let Some(entry) = mine.next_if(|(n, _)| n < node) {
+                merged.push(entry);
+            }
+            match mine.next_if(|(n, _)| n == node) {
+                Some(entry) => merged.push(entry),
+                None => merged.push((node.clone(), *seq)),
+            }
+        }
+        merged.extend(mine);
+        self.0 = merged;
     }
 
     /// `node`'s entry raised to at least `seq` (adds the dot `(node, seq)`
@@ -255,18 +277,21 @@ impl VersionVector {
 }
 
 /// A vector of entries; of a node listed twice the last entry counts (as
-/// for a map).
+/// for a map). Sorted once, not entry by entry: a context may come from a
+/// client's token with thousands of entries.
 impl<N: AsRef<str>> FromIterator<(N, u64)> for VersionVector {
     fn from_iter<I: IntoIterator<Item = (N, u64)>>(entries: I) -> Self {
-        let mut vv = VersionVector::default();
+        let mut entries: Vec<(N, u64)> = entries.into_iter().collect();
+        // Stable: a node's entries stay in the order given.
+        entries.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
+        let mut sorted: Vec<(NodeId, u64)> = Vec::with_capacity(entries.len());
         for (node, seq) in entries {
-            let node = node.as_ref();
-            match vv.find(node) {
-                Ok(i) => vv.0[i].1 = seq,
-                Err(i) => vv.0.insert(i, (NodeId::new(node), seq)),
+            match sorted.last_mut() {
+                Some((last, last_seq)) if last.as_str() == node.as_ref() => *last_seq = seq,
+                _ => sorted.push((NodeId::new(node.as_ref()), seq)),
             }
         }
-        vv
+        VersionVector(sorted)
     }
 }
 
@@ -391,6 +416,25 @@ mod tests {
             frontier(both.into_iter().chain([resolved.clone()])),
             vec![resolved]
         );
+    }
+
+    #[test]
+    fn vectors_join_pointwise_and_keep_the_last_of_repeated_entries() {
+        let mut a: VersionVector = [("b", 2), ("d", 4), ("b", 3)].into_iter().collect();
+        assert_eq!(
+            a.iter().map(|(n, s)| (n.as_str(), s)).collect::<Vec<_>>(),
+            [("b", 3), ("d", 4)]
+        );
+        let b: VersionVector = [("a", 1), ("b", 1), ("c", 9), ("e", 5)]
+            .into_iter()
+            .collect();
+        a.join(&b);
+        let joined: Vec<(&str, u64)> = a.iter().map(|(n, s)| (n.as_str(), s)).collect();
+        assert_eq!(joined, [("a", 1), ("b", 3), ("c", 9), ("d", 4), ("e", 5)]);
+        let before = a.clone();
+        a.join(&[("c", 10)].into_iter().collect());
+        assert_eq!(a.get("c"), 10);
+        assert!(a.descends(&before) && a.descends(&b));
     }
 
     #[test]
