@@ -13,8 +13,9 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use geolog_core::{AckTracker, GeologError};
 use std::future::Future;
+use std::pin::Pin;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// A replica's answer: its index in the placement, what it answered, and
 /// whether it settles one of the answers awaited (a remote region reports
@@ -37,7 +38,10 @@ pub(super) enum Next<T> {
 
 pub(super) struct QuorumCall<T> {
     tracker: AckTracker,
-    deadline: Instant,
+    /// The deadline's timer, and the caller's wake-up's: each armed once
+    /// per call, not once per answer awaited.
+    deadline: Pin<Box<Sleep>>,
+    wake: Option<(Instant, Pin<Box<Sleep>>)>,
     /// Calls polled by the caller's task (no task each: a read's replica
     /// calls are batched per node anyway).
     polled: FuturesUnordered<BoxFuture<'static, Reply<T>>>,
@@ -56,7 +60,8 @@ impl<T: Send + 'static> QuorumCall<T> {
         let (tx, rx) = mpsc::unbounded_channel();
         QuorumCall {
             tracker,
-            deadline,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            wake: None,
             polled: FuturesUnordered::new(),
             tx,
             rx,
@@ -105,15 +110,23 @@ impl<T: Send + 'static> QuorumCall<T> {
     /// nothing came before; [`Next::Done`] once nothing more can come in
     /// time.
     pub async fn next(&mut self, wake: Option<Instant>) -> Next<T> {
+        match (wake, &self.wake) {
+            (Some(at), Some((armed, _))) if *armed == at => {}
+            (Some(at), _) => self.wake = Some((at, Box::pin(tokio::time::sleep_until(at)))),
+            (None, _) => self.wake = None,
+        }
         loop {
             if self.awaited == 0 {
                 return Next::Done;
             }
+            let armed = self.wake.is_some();
+            let waking = self.wake.as_mut().map(|(_, timer)| timer.as_mut());
             let (idx, result, settles) = tokio::select! {
                 Some(reply) = self.polled.next(), if !self.polled.is_empty() => reply,
                 Some(reply) = self.rx.recv() => reply,
-                _ = tokio::time::sleep_until(self.deadline) => return Next::Done,
-                _ = tokio::time::sleep_until(wake.unwrap_or(self.deadline)), if wake.is_some() => {
+                _ = self.deadline.as_mut() => return Next::Done,
+                _ = async { waking.expect("armed").await }, if armed => {
+                    self.wake = None;
                     return Next::Wake;
                 }
             };
