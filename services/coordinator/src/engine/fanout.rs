@@ -16,10 +16,6 @@
 use super::calls::{Miss, apply, mint_together, outbox_done, replicate, store_hints};
 use super::{QuorumEngine, Written, state_vector_of};
 use crate::replicas::Replica;
-
-/// A minted version and the node that minted it, which holds it as a hint
-/// for a replica that misses it.
-type Hinted = (Arc<Replica>, pb::Version);
 use geolog_core::causal::VersionVector;
 use geolog_core::consistency::Operation;
 use geolog_core::ring::Placement;
@@ -29,6 +25,10 @@ use geolog_proto::storage as pb;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
+
+/// A minted version and the node that minted it, which holds it as a hint
+/// for a replica that misses it.
+type Hinted = (Arc<Replica>, pb::Version);
 
 /// One record of a batch (no idempotency key: those take the single path).
 pub struct BatchRecord {

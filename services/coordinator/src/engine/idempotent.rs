@@ -215,18 +215,13 @@ impl QuorumEngine {
                 .into_iter()
                 .filter(|v| v.dot != earlier.version.dot),
         );
-        let unasked: Vec<usize> = (0..placement.len())
-            .filter(|&i| !tracker.answered(i))
-            .collect();
-        for &idx in &unasked {
-            let p = &placement[idx];
-            if p.region == self.region && !self.replicas.is_alive(p) {
+        for (idx, p) in placement.iter().enumerate() {
+            if p.region == self.region && !tracker.answered(idx) && !self.replicas.is_alive(p) {
                 tracker.record_failure(idx);
             }
         }
         let mut call = QuorumCall::new(tracker, deadline);
-        for idx in unasked {
-            let p = &placement[idx];
+        for (idx, p) in placement.iter().enumerate() {
             if p.region != self.region || call.tracker().answered(idx) {
                 continue;
             }
