@@ -332,7 +332,16 @@ async fn batches_answer_per_record_and_land_everywhere() {
 /// committed, and the client's retry then wrote them twice).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_of_big_records_is_answered_and_readable() {
-    let cluster = TestCluster::start(common::TUTORIAL)
+    // About 5 MB for every replica, in debug builds, while the other test
+    // of this file loads the box: the tests' 1-s replica timeout made a
+    // replica's apply time out now and then. Sizes are what this tests,
+    // not speed.
+    let mut env = geolog_testkit::fast_failure_detection();
+    env.extend(common::env(&[
+        ("GEOLOG__COORDINATOR__REPLICA_TIMEOUT_MS", "10000"),
+        ("GEOLOG__COORDINATOR__WRITE_TIMEOUT_MS", "10000"),
+    ]));
+    let cluster = TestCluster::start_with_env(common::TUTORIAL, env)
         .await
         .expect("cluster starts");
     let api = Api::new(cluster.gateway("a"));
