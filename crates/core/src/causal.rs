@@ -99,36 +99,6 @@ impl From<String> for NodeId {
     }
 }
 
-impl From<&String> for NodeId {
-    fn from(name: &String) -> NodeId {
-        NodeId::new(name)
-    }
-}
-
-impl From<NodeId> for String {
-    fn from(node: NodeId) -> String {
-        node.0.to_string()
-    }
-}
-
-impl PartialEq<str> for NodeId {
-    fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
-    }
-}
-
-impl PartialEq<&str> for NodeId {
-    fn eq(&self, other: &&str) -> bool {
-        &*self.0 == *other
-    }
-}
-
-impl PartialEq<String> for NodeId {
-    fn eq(&self, other: &String) -> bool {
-        *self.0 == **other
-    }
-}
-
 impl Serialize for NodeId {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.0)
@@ -180,7 +150,7 @@ impl VersionVector {
 
     /// Adds one dot (and, as vectors do, everything before it from that node).
     pub fn add(&mut self, dot: &Dot) {
-        self.raise_node(&dot.node, dot.seq);
+        self.raise_with(&dot.node, dot.seq, || dot.node.clone());
     }
 
     /// Pointwise maximum. Linear in the entries of both, whatever their
@@ -215,17 +185,15 @@ impl VersionVector {
     /// `node`'s entry raised to at least `seq` (adds the dot `(node, seq)`
     /// without making one).
     pub fn raise(&mut self, node: &str, seq: u64) {
-        match self.find(node) {
-            Ok(i) => self.0[i].1 = self.0[i].1.max(seq),
-            Err(i) => self.0.insert(i, (NodeId::new(node), seq)),
-        }
+        self.raise_with(node, seq, || NodeId::new(node));
     }
 
-    /// [`VersionVector::raise`] with a name already held.
-    fn raise_node(&mut self, node: &NodeId, seq: u64) {
+    /// Raises `node`'s entry; `name` makes the entry's name only when the
+    /// node is new here.
+    fn raise_with(&mut self, node: &str, seq: u64, name: impl FnOnce() -> NodeId) {
         match self.find(node) {
             Ok(i) => self.0[i].1 = self.0[i].1.max(seq),
-            Err(i) => self.0.insert(i, (node.clone(), seq)),
+            Err(i) => self.0.insert(i, (name(), seq)),
         }
     }
 
