@@ -170,6 +170,52 @@ impl<T: Send + 'static, O: Clone + Send + 'static> Batcher<Vec<T>, O> {
     }
 }
 
+impl<T: Send + 'static, O: Send + 'static> Batcher<Vec<T>, Vec<O>> {
+    /// A batcher whose items are lists sent as one list in one call that
+    /// answers one output per element, in order: every caller gets the
+    /// outputs of its own list's elements.
+    pub fn splitting<F, Fut>(
+        kind: &'static str,
+        to: &str,
+        limits: BatchLimits,
+        weigh: fn(&[T]) -> usize,
+        send: F,
+    ) -> Self
+    where
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<O>, tonic::Status>> + Send + 'static,
+    {
+        let weigh = move |list: &Vec<T>| weigh(list);
+        let records = |list: &Vec<T>| list.len();
+        Batcher::counting(
+            kind,
+            to,
+            limits,
+            records,
+            weigh,
+            move |lists: Vec<Vec<T>>| {
+                let lengths: Vec<usize> = lists.iter().map(Vec::len).collect();
+                let call = send(lists.into_iter().flatten().collect());
+                async move {
+                    let outputs = call.await?;
+                    let total: usize = lengths.iter().sum();
+                    if outputs.len() != total {
+                        return Err(tonic::Status::internal(format!(
+                            "a {kind} call of {total} elements got {} answers",
+                            outputs.len()
+                        )));
+                    }
+                    let mut outputs = outputs.into_iter();
+                    Ok(lengths
+                        .into_iter()
+                        .map(|n| outputs.by_ref().take(n).collect())
+                        .collect())
+                }
+            },
+        )
+    }
+}
+
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// Queues `item` and waits for its answer.
     pub async fn call(&self, item: I) -> Result<O, tonic::Status> {
@@ -664,5 +710,47 @@ mod tests {
         let sent: Vec<u32> = seen.lock().unwrap().iter().flatten().copied().collect();
         assert!(!sent.contains(&4) && !sent.contains(&5), "{sent:?}");
         assert_eq!(sent.len(), 14);
+    }
+
+    #[tokio::test]
+    async fn split_lists_share_a_call_and_each_gets_its_own_outputs() {
+        let calls = Arc::new(Mutex::new(Vec::<Vec<u32>>::new()));
+        let log = calls.clone();
+        let batcher = Arc::new(Batcher::splitting(
+            "test",
+            "node",
+            limits(64, 1 << 20, 1),
+            |list: &[u32]| list.len(),
+            move |items: Vec<u32>| {
+                log.lock().unwrap().push(items.clone());
+                async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok(items.iter().map(|i| i * 10).collect())
+                }
+            },
+        ));
+        let first = batcher.enqueue(vec![1]);
+        tokio::task::yield_now().await;
+        // Both wait behind the first call and go in one call together.
+        let (two, three) = (batcher.enqueue(vec![2, 3]), batcher.enqueue(vec![4, 5, 6]));
+        let empty = batcher.enqueue(Vec::new());
+        assert_eq!(first.await.unwrap(), vec![10]);
+        assert_eq!(two.await.unwrap(), vec![20, 30]);
+        assert_eq!(three.await.unwrap(), vec![40, 50, 60]);
+        assert_eq!(empty.await.unwrap(), Vec::<u32>::new());
+        assert_eq!(*calls.lock().unwrap(), vec![vec![1], vec![2, 3, 4, 5, 6]]);
+    }
+
+    #[tokio::test]
+    async fn a_split_call_answering_the_wrong_count_fails_every_list_of_it() {
+        let batcher = Batcher::splitting(
+            "test",
+            "node",
+            limits(64, 1 << 20, 1),
+            |list: &[u32]| list.len(),
+            |items: Vec<u32>| async move { Ok(items.into_iter().skip(1).collect::<Vec<u32>>()) },
+        );
+        let status = batcher.call(vec![1, 2]).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal);
     }
 }

@@ -49,6 +49,9 @@ pub fn item_outcome<T>(
 /// `BucketVersions`) and calls that carry versions are split by bytes.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// Keys per `ReadMany` call to a storage node, at most.
+pub const MAX_READ_MANY: usize = 10_000;
+
 impl storage::VersionPosition {
     /// Where `version` stands in a `BucketVersions` answer (the `after` of
     /// the next page when it was the last of its page).

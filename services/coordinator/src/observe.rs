@@ -70,9 +70,11 @@ pub async fn observed<T: Acked>(
     result
 }
 
-/// [`observed`] for the records of a batch written together: one span for
-/// the batch, each record counted as a write.
+/// [`observed`] for the records of a batch handled together (`op`:
+/// `write` or `read`): one span for the batch, each record counted as
+/// one `op`.
 pub async fn observed_batch<T>(
+    op: &'static str,
     region: &str,
     level: &'static str,
     records: usize,
@@ -80,16 +82,16 @@ pub async fn observed_batch<T>(
 ) -> Vec<Result<T, GeologError>> {
     let span = tracing::info_span!(
         "coordinator",
-        otel.name = "coordinator write_batch",
-        op = "write_batch",
+        otel.name = %format!("coordinator {op}_batch"),
+        op = %format!("{op}_batch"),
         level,
         region,
         records,
-        written = tracing::field::Empty,
+        succeeded = tracing::field::Empty,
     );
     let started = Instant::now();
     let results = f.instrument(span.clone()).await;
-    span.record("written", results.iter().filter(|r| r.is_ok()).count());
+    span.record("succeeded", results.iter().filter(|r| r.is_ok()).count());
     // Counted per outcome, not per record: a labelled series lookup per
     // record was an eighth of the coordinator's time on batches.
     let mut outcomes: Vec<(&'static str, u64)> = Vec::new();
@@ -100,7 +102,7 @@ pub async fn observed_batch<T>(
         }
     }
     for (outcome, n) in outcomes {
-        record_request("write", level, outcome, started, n);
+        record_request(op, level, outcome, started, n);
     }
     results
 }

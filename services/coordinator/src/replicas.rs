@@ -50,8 +50,9 @@ pub struct ReplicaBatches {
     pub apply: Batcher<Vec<pb::Version>, ()>,
     /// One `OutboxDone` call for the queued delivered entries.
     pub outbox_done: Batcher<Vec<pb::OutboxEntry>, ()>,
-    /// One `ReadMany` call for the queued frontier reads (keys).
-    pub read: Batcher<String, Vec<pb::Version>>,
+    /// One `ReadMany` call for the queued frontier reads: each item the
+    /// keys of one read or read batch, answered their frontiers in order.
+    pub read: Batcher<Vec<String>, Vec<Vec<pb::Version>>>,
 }
 
 /// Every message of a response stream, or the error that cut it.
@@ -112,11 +113,11 @@ impl ReplicaBatches {
             },
         );
         let c = client.clone();
-        let read = Batcher::new(
+        let read = Batcher::splitting(
             "read",
             node,
             limits,
-            |key: &String| key.len() + 16,
+            |keys: &[String]| keys.iter().map(|key| key.len() + 16).sum(),
             move |keys| read_many(c.clone(), keys),
         );
         ReplicaBatches {
@@ -128,31 +129,36 @@ impl ReplicaBatches {
     }
 }
 
-/// The frontiers of `keys` on one node, in order: one `ReadMany` call, and
-/// one `Read` for each key whose frontier did not fit that call's answer.
+/// The frontiers of `keys` on one node, in order: one `ReadMany` call per
+/// [`geolog_proto::MAX_READ_MANY`] keys, and one `Read` for each key whose
+/// frontier did not fit its call's answer.
 async fn read_many(
     mut client: ReplicaClient,
     keys: Vec<String>,
 ) -> Result<Vec<Vec<pb::Version>>, tonic::Status> {
-    let answer = client
-        .read_many(pb::ReadManyRequest { keys: keys.clone() })
-        .await?
-        .into_inner();
-    if answer.frontiers.len() != keys.len() {
-        return Err(tonic::Status::internal(format!(
-            "ReadMany answered {} frontiers for {} keys",
-            answer.frontiers.len(),
-            keys.len()
-        )));
-    }
     let mut frontiers = Vec::with_capacity(keys.len());
-    for (frontier, key) in answer.frontiers.into_iter().zip(keys) {
-        frontiers.push(if frontier.ask_alone {
-            let request = pb::ReadRequest { key };
-            client.read(request).await?.into_inner().versions
-        } else {
-            frontier.versions
-        });
+    for keys in keys.chunks(geolog_proto::MAX_READ_MANY) {
+        let answer = client
+            .read_many(pb::ReadManyRequest {
+                keys: keys.to_vec(),
+            })
+            .await?
+            .into_inner();
+        if answer.frontiers.len() != keys.len() {
+            return Err(tonic::Status::internal(format!(
+                "ReadMany answered {} frontiers for {} keys",
+                answer.frontiers.len(),
+                keys.len()
+            )));
+        }
+        for (frontier, key) in answer.frontiers.into_iter().zip(keys) {
+            frontiers.push(if frontier.ask_alone {
+                let request = pb::ReadRequest { key: key.clone() };
+                client.read(request).await?.into_inner().versions
+            } else {
+                frontier.versions
+            });
+        }
     }
     Ok(frontiers)
 }

@@ -2,7 +2,7 @@
 //! encodes outcomes and errors. Errors are logged here, where handled.
 
 use crate::SpawnTraced;
-use crate::engine::{BatchRecord, MintOrder, QuorumEngine, ReadKind, Written};
+use crate::engine::{BatchRecord, MintOrder, QuorumEngine, ReadKind, ReadValue, Written};
 use crate::observe::{observed, observed_batch};
 use crate::outbox::OutboxView;
 use geolog_core::causal::VersionVector;
@@ -124,14 +124,18 @@ async fn read_one(
         engine.read(key, level),
     )
     .await?;
-    Ok(pb::ReadResponse {
+    Ok(read_response(outcome))
+}
+
+fn read_response(outcome: ReadValue) -> pb::ReadResponse {
+    pb::ReadResponse {
         acks: Some(acks(&outcome.acks)),
         consistency: geolog_proto::consistency(outcome.level),
         version: outcome.version,
         siblings: outcome.siblings,
         context: outcome.context,
         repaired: outcome.repaired,
-    })
+    }
 }
 
 /// One write, at `level` (the record's own level is ignored).
@@ -318,6 +322,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let region = self.engine.region().to_string();
         let keys: Vec<Key> = batched.iter().map(|r| r.key.clone()).collect();
         let outcomes = observed_batch(
+            "write",
             &region,
             level.as_str(),
             batched.len(),
@@ -372,18 +377,41 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             MAX_READ_BATCH,
             "reads",
         )?;
-        // Every read runs at once, each as if alone (its own span), polled
-        // in this task: the batch saves the calls between gateway and
-        // coordinator, and the reads of one replica share calls too.
-        let reads = req.reads.iter().map(|read| async {
-            let result = read_one(&self.engine, &read.key, level).await;
-            if let Err(err) = &result {
-                log_failure("read_batch", &read.key, err);
+        // One span for the batch; the reads of one replica share its calls.
+        let mut results: Vec<Option<Result<pb::ReadResponse, GeologError>>> =
+            req.reads.iter().map(|_| None).collect();
+        let mut keys = Vec::with_capacity(req.reads.len());
+        let mut keys_at = Vec::with_capacity(req.reads.len());
+        for (index, read) in req.reads.into_iter().enumerate() {
+            match Key::new(read.key) {
+                Ok(key) => {
+                    keys.push(key);
+                    keys_at.push(index);
+                }
+                Err(err) => results[index] = Some(Err(err)),
             }
-            let (read, error) = answer_or_error(result);
-            pb::ReadResult { read, error }
-        });
-        let results = futures_util::future::join_all(reads).await;
+        }
+        let outcomes = observed_batch(
+            "read",
+            self.engine.region(),
+            level.as_str(),
+            keys.len(),
+            self.engine.read_batch(&keys, level),
+        )
+        .await;
+        for ((index, outcome), key) in keys_at.into_iter().zip(outcomes).zip(&keys) {
+            results[index] = Some(outcome.map(read_response));
+            if let Some(Err(err)) = &results[index] {
+                log_failure("read_batch", key, err);
+            }
+        }
+        let results = results
+            .into_iter()
+            .map(|result| {
+                let (read, error) = answer_or_error(result.expect("every read has a result"));
+                pb::ReadResult { read, error }
+            })
+            .collect();
         Ok(Response::new(pb::ReadBatchResponse { results }))
     }
 

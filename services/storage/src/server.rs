@@ -137,9 +137,6 @@ fn observe(op: &'static str, started: Instant, ok: bool) {
 /// Records per `MintBatch` call.
 const MAX_MINT_BATCH: usize = 10_000;
 
-/// Keys per `ReadMany` call.
-const MAX_READ_MANY: usize = 10_000;
-
 /// Bytes a paged answer carries at most (well under the message limit):
 /// the keys of a `ReadMany` past it are answered `ask_alone`, the versions
 /// of `BucketVersions` past it come with the next page.
@@ -271,10 +268,10 @@ impl pb::storage_server::Storage for StorageService {
     ) -> Result<Response<pb::ReadManyResponse>, Status> {
         let started = Instant::now();
         let req = request.into_inner();
-        if req.keys.len() > MAX_READ_MANY {
+        if req.keys.len() > geolog_proto::MAX_READ_MANY {
             return Err(GeologError::new(
                 ErrorCode::InvalidRequest,
-                format!("at most {MAX_READ_MANY} keys per ReadMany"),
+                format!("at most {} keys per ReadMany", geolog_proto::MAX_READ_MANY),
             )
             .to_status());
         }

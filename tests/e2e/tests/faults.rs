@@ -173,6 +173,43 @@ async fn a_hung_replica_times_out_then_is_routed_around() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_that_ask_a_hung_replica_are_answered_by_the_others() {
+    use nix::sys::signal::Signal;
+    // The hung node stays believed alive for the whole test: no probes,
+    // and its calls time out only after the reads are done.
+    let env = common::env(&[
+        ("GEOLOG__COORDINATOR__PROBE_INTERVAL_MS", "600000"),
+        ("GEOLOG__COORDINATOR__REPLICA_TIMEOUT_MS", "20000"),
+        ("GEOLOG__COORDINATOR__READ_TIMEOUT_MS", "20000"),
+    ]);
+    let cluster = TestCluster::start_with_env(TUTORIAL, env)
+        .await
+        .expect("cluster starts");
+    let api = Api::new(cluster.gateway("a"));
+    let data_dir = cluster.cluster.data_dir().to_path_buf();
+    let keys: Vec<String> = (0..40).map(|i| format!("hung-read-{i}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let (status, _) = api.write(key, json!(i), Some("ALL")).await;
+        assert_eq!(status, 201);
+    }
+
+    signal_by_cluster_json(&data_dir, "a1", Signal::SIGSTOP);
+    // Concurrent reads travel together (one call per replica for all of
+    // them); those whose first replicas include the hung node are met by
+    // one more replica after the speculative-read delay, not its timeout.
+    let started = Instant::now();
+    let reads = keys.iter().map(|key| api.read(key, Some("LOCAL_QUORUM")));
+    let answers = futures_util::future::join_all(reads).await;
+    let took = started.elapsed();
+    signal_by_cluster_json(&data_dir, "a1", Signal::SIGCONT);
+    for (i, (status, body)) in answers.into_iter().enumerate() {
+        assert_eq!((status, &body["value"]), (200, &json!(i)), "{body}");
+        assert_eq!(body["acks"]["received"], 3, "{body}");
+    }
+    assert!(took < Duration::from_secs(5), "reads took {took:?}");
+}
+
 /// Hints the region's coordinator reports for `target`.
 async fn hints_pending(api: &Api, target: &str) -> u64 {
     let (_, health) = api

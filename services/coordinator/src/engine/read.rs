@@ -9,6 +9,8 @@ use super::quorum::{Next, QuorumCall};
 use super::{QuorumEngine, ReadValue};
 use crate::SpawnTraced;
 use crate::replicas::Replica;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use geolog_core::causal::{self, Causal, Dot, VersionVector};
 use geolog_core::consistency::Operation;
 use geolog_core::error::QuorumDetails;
@@ -48,7 +50,12 @@ impl ReadKind {
             let mut client = replica.client.clone();
             let answer = match kind {
                 // Concurrent frontier reads of one node share one call.
-                ReadKind::Frontier => replica.batches.read.call(key.into_string()).await,
+                ReadKind::Frontier => replica
+                    .batches
+                    .read
+                    .call(vec![key.into_string()])
+                    .await
+                    .map(|mut frontiers| frontiers.pop().unwrap_or_default()),
                 ReadKind::History { .. } => {
                     let request = kind
                         .history_request(&key)
@@ -105,6 +112,19 @@ struct Gathered {
     answers: Vec<(usize, Vec<pb::Version>)>,
     acks: geolog_core::error::QuorumDetails,
     deadline: tokio::time::Instant,
+}
+
+/// A read of a batch (its index) asking one of its replicas (its index in
+/// the read's placement).
+type Asked = (usize, usize);
+
+/// A read of a batch, counted as its replicas answer for all its keys.
+struct BatchedRead {
+    placement: Arc<Vec<Placement>>,
+    tracker: geolog_core::AckTracker,
+    answers: Vec<(usize, Vec<pb::Version>)>,
+    /// A replica it asked failed: it takes the lone read's path.
+    missed: bool,
 }
 
 /// A wire version seen through the causality functions.
@@ -180,12 +200,14 @@ fn history_key(v: &pb::Version) -> (u64, String, u64) {
 
 impl QuorumEngine {
     /// Asks as many alive replicas as `level` needs for `kind` of `key` and
-    /// returns every answer, by replica index, once the level is met.
+    /// returns every answer, by replica index, once the level is met; one
+    /// more local replica if they have not answered `speculate_after`.
     async fn gather(
         &self,
         key: &Key,
         level: ConsistencyLevel,
         kind: &ReadKind,
+        speculate_after: Duration,
     ) -> Result<Gathered, GeologError> {
         let requirement = self.requirement(level, Operation::Read)?;
         let (placement, alive) = self.plan(key, &requirement)?;
@@ -237,7 +259,7 @@ impl QuorumEngine {
         }
         let mut answers: Vec<(usize, Vec<pb::Version>)> = Vec::new();
         let mut speculated = false;
-        let speculate_at = started + self.speculative_read;
+        let speculate_at = started + speculate_after;
         while !call.is_met() {
             if call.cannot_be_met() {
                 return Err(call.failure("read"));
@@ -272,7 +294,158 @@ impl QuorumEngine {
     /// written back before answering (so quorum reads never go backwards);
     /// the key's other replicas are repaired in the background.
     pub async fn read(&self, key: &Key, level: ConsistencyLevel) -> Result<ReadValue, GeologError> {
-        let gathered = self.gather(key, level, &ReadKind::Frontier).await?;
+        self.read_speculating(key, level, self.speculative_read)
+            .await
+    }
+
+    /// [`QuorumEngine::read`], asking one more local replica if the first
+    /// have not answered `speculate_after`.
+    async fn read_speculating(
+        &self,
+        key: &Key,
+        level: ConsistencyLevel,
+        speculate_after: Duration,
+    ) -> Result<ReadValue, GeologError> {
+        let kind = ReadKind::Frontier;
+        let gathered = self.gather(key, level, &kind, speculate_after).await?;
+        Ok(self.conclude(gathered, level).await)
+    }
+
+    /// Reads the current values of `keys` at `level`, each answered as
+    /// [`QuorumEngine::read`] would. The reads that need only local
+    /// replicas ask each replica once for all their keys (one queued item,
+    /// so one `ReadMany` call, per replica) and count its answer for every
+    /// key in it. A read that is not met that way — a replica failed or is
+    /// slower than the speculative-read delay — and a read that needs
+    /// remote regions each take [`QuorumEngine::read`]'s path, its
+    /// speculative read due when the batch's would have been.
+    pub async fn read_batch(
+        &self,
+        keys: &[Key],
+        level: ConsistencyLevel,
+    ) -> Vec<Result<ReadValue, GeologError>> {
+        let requirement = match self.requirement(level, Operation::Read) {
+            Ok(requirement) => requirement,
+            Err(err) => return keys.iter().map(|_| Err(err.clone())).collect(),
+        };
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.read_timeout;
+        let mut results: Vec<Option<Result<ReadValue, GeologError>>> =
+            keys.iter().map(|_| None).collect();
+        let mut alone: Vec<usize> = Vec::new();
+        let mut reads: Vec<Option<BatchedRead>> = keys.iter().map(|_| None).collect();
+        // Per local node: which reads ask it, and as which of their replicas.
+        let mut by_node: HashMap<&str, (&Arc<Replica>, Vec<Asked>)> = HashMap::new();
+        for (i, key) in keys.iter().enumerate() {
+            let (placement, alive) = match self.plan(key, &requirement) {
+                Ok(planned) => planned,
+                Err(err) => {
+                    results[i] = Some(Err(err));
+                    continue;
+                }
+            };
+            let initial = initial_read_set(&requirement, &placement, &alive);
+            if initial.iter().any(|&j| placement[j].region != self.region) {
+                alone.push(i);
+                continue;
+            }
+            for &j in &initial {
+                let replica = self
+                    .replicas
+                    .local(&placement[j].node)
+                    .expect("placement in the local region names local nodes");
+                by_node
+                    .entry(replica.node.as_str())
+                    .or_insert_with(|| (replica, Vec::new()))
+                    .1
+                    .push((i, j));
+            }
+            reads[i] = Some(BatchedRead {
+                tracker: Self::tracker(requirement.clone(), &placement),
+                placement,
+                answers: Vec::new(),
+                missed: false,
+            });
+        }
+        let mut calls: FuturesUnordered<_> = by_node
+            .into_values()
+            .map(|(replica, asked)| {
+                let keys = asked.iter().map(|&(i, _)| keys[i].to_string()).collect();
+                let answer = replica.batches.read.enqueue(keys);
+                async move { (asked, answer.await) }
+            })
+            .collect();
+        let settled = |r: &BatchedRead| r.missed || r.tracker.is_met();
+        let speculate_at = started + self.speculative_read;
+        while !reads.iter().flatten().all(settled) {
+            let Ok(Some((asked, answer))) =
+                tokio::time::timeout_at(speculate_at, calls.next()).await
+            else {
+                break;
+            };
+            match answer {
+                Ok(frontiers) => {
+                    for ((i, j), frontier) in asked.into_iter().zip(frontiers) {
+                        let read = reads[i].as_mut().expect("asked reads are batched");
+                        read.tracker.record_ok(j);
+                        read.answers.push((j, frontier));
+                    }
+                }
+                Err(status) => {
+                    let miss = Miss::of(&status);
+                    for (i, j) in asked {
+                        let read = reads[i].as_mut().expect("asked reads are batched");
+                        miss.record(&mut read.tracker, j);
+                        read.missed = true;
+                    }
+                }
+            }
+        }
+        drop(calls);
+        let mut concluded = Vec::new();
+        for (i, read) in reads.into_iter().enumerate() {
+            let Some(read) = read else { continue };
+            if !read.tracker.is_met() {
+                alone.push(i);
+                continue;
+            }
+            let gathered = Gathered {
+                acks: read.tracker.details(),
+                placement: read.placement,
+                answers: read.answers,
+                deadline,
+            };
+            concluded.push(async move { (i, self.conclude(gathered, level).await) });
+        }
+        let waited = started.elapsed();
+        let alone = alone.into_iter().map(|i| async move {
+            let speculate_after = self.speculative_read.saturating_sub(waited);
+            (
+                i,
+                self.read_speculating(&keys[i], level, speculate_after)
+                    .await,
+            )
+        });
+        let (concluded, alone) = futures_util::future::join(
+            futures_util::future::join_all(concluded),
+            futures_util::future::join_all(alone),
+        )
+        .await;
+        for (i, value) in concluded {
+            results[i] = Some(Ok(value));
+        }
+        for (i, result) in alone {
+            results[i] = Some(result);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every read answered"))
+            .collect()
+    }
+
+    /// A read's answer from the replicas it gathered: their merged
+    /// frontier, written back first to those that lacked part of it.
+    async fn conclude(&self, gathered: Gathered, level: ConsistencyLevel) -> ReadValue {
         let merged: Vec<pb::Version> =
             merge_frontiers(gathered.answers.iter().flat_map(|(_, v)| v.iter().cloned()));
         let merged_dots = dot_set(&merged);
@@ -295,14 +468,14 @@ impl QuorumEngine {
             .iter()
             .max_by(|a, b| order_key(a).cmp(&order_key(b)))
             .cloned();
-        Ok(ReadValue {
+        ReadValue {
             version,
             level,
             acks: gathered.acks,
             siblings: merged,
             context,
             repaired: repaired as u32,
-        })
+        }
     }
 
     /// Writes `merged` back to the stale replicas that were read (waiting,
@@ -381,7 +554,9 @@ impl QuorumEngine {
             before,
             after,
         };
-        let gathered = self.gather(key, level, &kind).await?;
+        let gathered = self
+            .gather(key, level, &kind, self.speculative_read)
+            .await?;
         let more = gathered
             .answers
             .iter()
