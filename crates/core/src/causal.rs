@@ -35,6 +35,22 @@ pub struct NodeId(Arc<str>);
 /// context token), so past this many a name is held unshared instead.
 const MAX_INTERNED_NODES: usize = 4096;
 
+/// How far ahead of a coordinator's clock a context may name a node's
+/// sequence: the clock skew tolerated between nodes. A node's sequence
+/// keeps up with its wall clock in microseconds (it is never handed out
+/// behind it), so a sequence further ahead was never minted: a forged or
+/// corrupted token, which could otherwise hide a node's next versions of
+/// the key (each would be born superseded).
+pub const MAX_CONTEXT_AHEAD_MICROS: u64 = 60_000_000;
+
+/// The wall clock in microseconds since the Unix epoch (what dot sequences
+/// keep up with).
+pub fn wall_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 static NODE_NAMES: LazyLock<Mutex<HashSet<Arc<str>, foldhash::fast::RandomState>>> =
     LazyLock::new(Mutex::default);
 
@@ -240,7 +256,46 @@ impl VersionVector {
         if map.keys().any(|k| k.is_empty() || k.len() > 256) {
             return Err(invalid("bad node name"));
         }
+        if let Some((node, seq)) = map
+            .iter()
+            .find(|(_, seq)| **seq == 0 || **seq > i64::MAX as u64)
+        {
+            return Err(invalid(&format!(
+                "sequence {seq} of node {node:?} is out of range"
+            )));
+        }
         Ok(map.into_iter().collect())
+    }
+
+    /// Checks a client's context against the cluster: every node it names
+    /// is one `is_node` knows, and no sequence is further ahead of the wall
+    /// clock `now_micros` than [`MAX_CONTEXT_AHEAD_MICROS`] (no node can
+    /// have minted it).
+    pub fn check_context(
+        &self,
+        is_node: impl Fn(&str) -> bool,
+        now_micros: u64,
+    ) -> Result<(), GeologError> {
+        let invalid = |why: String| {
+            GeologError::new(
+                ErrorCode::InvalidContext,
+                format!("invalid context token: {why}; pass back the `context` a read returned"),
+            )
+        };
+        let newest = now_micros.saturating_add(MAX_CONTEXT_AHEAD_MICROS);
+        for (node, seq) in self.iter() {
+            if !is_node(node) {
+                return Err(invalid(format!(
+                    "it names {node:?}, not a node of this cluster"
+                )));
+            }
+            if seq > newest {
+                return Err(invalid(format!(
+                    "it names sequence {seq} of node {node:?}, which no node can have minted yet"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -427,6 +482,40 @@ mod tests {
                 "{bad:?}"
             );
         }
+        let token = |json: &str| URL_SAFE_NO_PAD.encode(json);
+        for out_of_range in [
+            r#"{"a1":0}"#,
+            r#"{"a1":9223372036854775808}"#,
+            r#"{"a1":18446744073709551615}"#,
+        ] {
+            assert_eq!(
+                VersionVector::from_token(&token(out_of_range))
+                    .unwrap_err()
+                    .code,
+                ErrorCode::InvalidContext,
+                "{out_of_range}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_context_names_known_nodes_and_sequences_they_can_have_minted() {
+        let now = 1_800_000_000_000_000;
+        let known = |node: &str| node == "a1" || node == "b2";
+        let vv: VersionVector = [("a1", now - 5), ("b2", now + MAX_CONTEXT_AHEAD_MICROS)]
+            .into_iter()
+            .collect();
+        assert!(vv.check_context(known, now).is_ok());
+        let stranger: VersionVector = [("zz", 1)].into_iter().collect();
+        let err = stranger.check_context(known, now).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidContext);
+        assert!(err.message.contains("not a node"), "{}", err.message);
+        let ahead: VersionVector = [("a1", now + MAX_CONTEXT_AHEAD_MICROS + 1)]
+            .into_iter()
+            .collect();
+        let err = ahead.check_context(known, now).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidContext);
+        assert!(VersionVector::default().check_context(known, now).is_ok());
     }
 
     /// A simulated cluster: replicas hold frontiers and a history; clients

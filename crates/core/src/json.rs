@@ -6,6 +6,40 @@ use crate::error::{ErrorCode, GeologError};
 use bytes::Bytes;
 use std::fmt;
 
+/// Deepest nesting of arrays and objects a value may have where it enters
+/// geolog (serde_json's own limit for typed values; many clients' parsers
+/// cannot read much deeper values back).
+pub const MAX_VALUE_DEPTH: usize = 128;
+
+/// The deepest nesting of arrays and objects in JSON text `bytes` (assumed
+/// well-formed), counted without recursion and without parsing: brackets
+/// inside strings do not count.
+pub fn nesting_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// UTF-8 text of a JSON value. Its syntax is checked where it enters
 /// geolog (the gateway) and by every storage node that stores it
 /// ([`JsonText::check_syntax`]): PostgreSQL keeps it as plain text.
@@ -106,5 +140,15 @@ mod tests {
         let own = text.detached();
         assert_eq!(own, text);
         assert_eq!(&*own, "{\"v\":1}");
+    }
+
+    #[test]
+    fn depth_counts_brackets_outside_strings_only() {
+        assert_eq!(nesting_depth(b"1"), 0);
+        assert_eq!(nesting_depth(br#"{"a": [1, {"b": []}]}"#), 4);
+        assert_eq!(nesting_depth(br#"["[[[[", "\"[[", {}]"#), 2);
+        assert_eq!(nesting_depth(br#""\\" "#), 0);
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(nesting_depth(deep.as_bytes()), 100_000);
     }
 }

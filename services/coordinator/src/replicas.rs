@@ -375,6 +375,11 @@ impl ReplicaSet {
         self.local.get(node)
     }
 
+    /// Whether `id` names a storage node of the cluster (any region).
+    pub fn is_node(&self, id: &str) -> bool {
+        self.topology.iter().any(|(node, ..)| node == id)
+    }
+
     /// Local replicas in topology order.
     pub fn all_local(&self) -> impl Iterator<Item = &Arc<Replica>> {
         self.local_order.iter().filter_map(|id| self.local.get(id))

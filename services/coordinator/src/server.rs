@@ -90,13 +90,19 @@ fn batch_level(
     Ok(level)
 }
 
-/// A write's context token: none when empty.
-fn context_of(token: &str) -> Result<Option<VersionVector>, GeologError> {
+/// A write's context token: none when empty. Refused unless it could
+/// have come from a read of this cluster (see
+/// [`VersionVector::check_context`]).
+fn context_of(engine: &QuorumEngine, token: &str) -> Result<Option<VersionVector>, GeologError> {
     if token.is_empty() {
-        Ok(None)
-    } else {
-        VersionVector::from_token(token).map(Some)
+        return Ok(None);
     }
+    let context = VersionVector::from_token(token)?;
+    context.check_context(
+        |node| engine.replicas().is_node(node),
+        geolog_core::causal::wall_micros(),
+    )?;
+    Ok(Some(context))
 }
 
 /// One item's outcome in a batch answer: its answer, or its error.
@@ -146,7 +152,7 @@ async fn write_one(
     order: MintOrder,
 ) -> Result<pb::WriteResponse, GeologError> {
     let key = Key::new(req.key)?;
-    let context = context_of(&req.context)?;
+    let context = context_of(engine, &req.context)?;
     let value = JsonText::from_wire(req.value_json)?;
     let outcome = observed(
         "write",
@@ -290,7 +296,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         for (index, record) in req.records.into_iter().enumerate() {
             if !single[index] {
                 let parsed = Key::new(record.key).and_then(|key| {
-                    let context = context_of(&record.context)?;
+                    let context = context_of(&self.engine, &record.context)?;
                     Ok((key, context, JsonText::from_wire(record.value_json)?))
                 });
                 let (key, context, value) = match parsed {

@@ -311,6 +311,7 @@ pub async fn write_batch(
         &bytes,
         extract::is_ndjson(&headers),
         state.max_batch_records,
+        state.max_body_bytes,
     )?;
     let mut results: Vec<Option<BatchRecordAnswer>> = Vec::with_capacity(records.len());
     let (mut sent, mut requests) = (Vec::new(), Vec::new());
@@ -738,7 +739,10 @@ struct HealthAnswer {
 
 /// `GET /api/logs/health`: this gateway, its coordinators, and every replica
 /// as the first reachable coordinator sees it.
-pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+pub async fn health(State(state): State<Arc<AppState>>, RawQuery(raw): RawQuery) -> Response {
+    if let Err(err) = extract::parse_query(raw.as_deref(), &[]) {
+        return err.into_response();
+    }
     let mut coordinators = Vec::new();
     let mut replicas: Option<Vec<ReplicaView>> = None;
     let mut outbox: Vec<OutboxView> = Vec::new();

@@ -23,13 +23,13 @@ mod versions;
 
 use crate::digest_tree::{Digest, DigestTree};
 use crate::keystate::KeyStates;
-use geolog_core::causal::{Causal, Dot, VersionVector};
+use geolog_core::causal::{self, Causal, Dot, VersionVector};
 use geolog_core::{ErrorCode, GeologError, Hlc, HlcClock, JsonText, Key};
 use geolog_proto::storage as pb;
 use prost::Message;
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// One tree leaf as aggregated at start: (leaf, XOR of version hashes,
@@ -138,6 +138,9 @@ pub enum StoreError {
     /// The idempotency key was used with a different request.
     #[error("idempotency key {0:?} was already used with a different request")]
     IdempotencyConflict(String),
+    /// The write's context claims to have seen the version it would create.
+    #[error("invalid context: {0}")]
+    InvalidContext(String),
     /// Anything else: a bug or a corrupted database.
     #[error("database error: {0}")]
     Internal(String),
@@ -176,6 +179,7 @@ impl From<StoreError> for GeologError {
             StoreError::Unavailable(_) => ErrorCode::Unavailable,
             StoreError::Rejected(_) => ErrorCode::InvalidJson,
             StoreError::IdempotencyConflict(_) => ErrorCode::IdempotencyConflict,
+            StoreError::InvalidContext(_) => ErrorCode::InvalidContext,
             StoreError::Internal(_) => ErrorCode::Internal,
         };
         GeologError::new(code, err.to_string())
@@ -215,6 +219,28 @@ pub struct VersionStore {
 }
 
 impl VersionStore {
+    /// `n` fresh dot sequences, the first returned: past every one handed
+    /// out, and never behind the wall clock in microseconds. A node's
+    /// sequence therefore keeps up with real time (it is not a count), so a
+    /// context naming a sequence far ahead of the clock is a forgery (see
+    /// [`causal::VersionVector::check_context`]).
+    pub(crate) fn next_seqs(&self, n: u64) -> u64 {
+        let now = causal::wall_micros();
+        let mut next = self.next_seq.load(Ordering::Acquire);
+        loop {
+            let first = next.max(now);
+            match self.next_seq.compare_exchange_weak(
+                next,
+                first + n,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return first,
+                Err(actual) => next = actual,
+            }
+        }
+    }
+
     /// Connects (retrying until `connect_deadline` while PostgreSQL starts),
     /// applies `migrations/`, and restores the node's dot sequence and clock
     /// from its own newest dot.
@@ -287,10 +313,7 @@ impl VersionStore {
         // have reached (it would have minted more than a million versions a
         // second for its whole life). `dot_seq` is the floor left by nodes
         // that minted through the database sequence.
-        let wall_micros = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as i64)
-            .unwrap_or(0);
+        let wall_micros = causal::wall_micros() as i64;
         let old_floor: i64 = sqlx::query_scalar("SELECT last_value FROM dot_seq")
             .fetch_one(&pool)
             .await?;

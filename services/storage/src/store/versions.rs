@@ -19,7 +19,6 @@ use geolog_core::merkle::{tree_token, version_hash};
 use sqlx::Row;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 /// Keys merged per statement: bounds one statement's size when
 /// anti-entropy or a replay merges thousands.
@@ -111,9 +110,7 @@ impl VersionStore {
             .filter_map(|i| Some((i.key.as_str(), i.idempotency.as_ref()?.key.as_str())))
             .collect();
         let mut idempotent = self.idempotent_versions(&lookups).await?;
-        let first_seq = self
-            .next_seq
-            .fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        let first_seq = self.next_seqs(inputs.len() as u64);
 
         // Decide every record in memory, in order.
         let mut results: Vec<Result<Minted, StoreError>> = Vec::with_capacity(inputs.len());
@@ -121,6 +118,16 @@ impl VersionStore {
         for (input, seq) in inputs.into_iter().zip(first_seq..) {
             if let Err(err) = input.value_json.check_syntax() {
                 results.push(Err(StoreError::Rejected(err)));
+                continue;
+            }
+            if let Some(claimed) = input.context.as_ref().map(|c| c.get(self.node.as_str()))
+                && claimed >= seq
+            {
+                // A real context never names a dot this node has not minted.
+                results.push(Err(StoreError::InvalidContext(format!(
+                    "it names sequence {claimed} of node {}, which has not minted it; pass back the `context` a read returned",
+                    self.node
+                ))));
                 continue;
             }
             let slot = keys
