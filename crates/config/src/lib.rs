@@ -250,6 +250,14 @@ pub struct GatewaySettings {
     /// Such calls outstanding at once, per level (and for writes and reads
     /// each).
     pub coalesce_in_flight: usize,
+    /// Client connections open at once, at most; further ones wait in the
+    /// listen backlog until one closes (keep it under the process's file
+    /// descriptor limit).
+    pub max_connections: usize,
+    /// A connection whose request headers have not all arrived this long
+    /// after it began waiting for them (idle keep-alive included) is
+    /// closed.
+    pub header_read_timeout_ms: u64,
 }
 
 impl Default for GatewaySettings {
@@ -262,6 +270,8 @@ impl Default for GatewaySettings {
             max_batch_records: 10_000,
             coalesce_max: 256,
             coalesce_in_flight: 1,
+            max_connections: 1024,
+            header_read_timeout_ms: 10_000,
         }
     }
 }
@@ -426,6 +436,14 @@ impl GeologConfig {
             (
                 "gateway.request_timeout_ms",
                 self.gateway.request_timeout_ms,
+            ),
+            (
+                "gateway.header_read_timeout_ms",
+                self.gateway.header_read_timeout_ms,
+            ),
+            (
+                "gateway.max_connections",
+                self.gateway.max_connections as u64,
             ),
         ] {
             if value == 0 {

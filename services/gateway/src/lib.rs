@@ -166,6 +166,10 @@ fn describe_metrics() {
         metrics::Unit::Seconds,
         "REST request latency by route, method, status and consistency level"
     );
+    metrics::describe_gauge!(
+        "http_server_open_connections",
+        "client connections open (at most gateway.max_connections)"
+    );
 }
 
 /// The routes, as the `route` label names them.
@@ -323,7 +327,16 @@ pub fn router(state: AppState, concurrency_limit: usize, request_timeout: Durati
         )
 }
 
-/// Serves gateway `id` on `listener` until `shutdown` resolves, then drains.
+/// Serves gateway `id` on `listener` until `shutdown` resolves, then drains
+/// (for at most [`DRAIN_TIMEOUT`]). At most `gateway.max_connections`
+/// connections are open at once — past it, new ones wait in the listen
+/// backlog — and one that has sent nothing for
+/// `gateway.header_read_timeout_ms` while no request of its is in flight
+/// (a new connection, an idle keep-alive one, a request head that stalls)
+/// is closed: clients that open connections and never finish a request
+/// cannot use up the gateway's file descriptors. (`axum::serve` has
+/// neither bound, and hyper's own header-read timeout starts only at a
+/// request's first byte.)
 pub async fn serve(
     config: &GeologConfig,
     id: &str,
@@ -331,6 +344,8 @@ pub async fn serve(
     prometheus: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
     describe_metrics();
     let state = AppState::new(config, id, prometheus)?;
     let app = router(
@@ -339,8 +354,181 @@ pub async fn serve(
         Duration::from_millis(config.gateway.request_timeout_ms),
     );
     tracing::info!(addr = %listener.local_addr()?, gateway = id, "gateway serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let idle_timeout = Duration::from_millis(config.gateway.header_read_timeout_ms);
+    let mut connections = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    connections
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle_timeout);
+    let max_connections = config.gateway.max_connections;
+    let open = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let open_gauge = metrics::gauge!("http_server_open_connections");
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = open.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // Out of descriptors, or a connection reset before it
+                    // was taken: wait a little instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let (stream, activity) = Watched::new(stream);
+        let connection = connections
+            .serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                TowerToHyperService::new(app.clone()),
+            )
+            .into_owned();
+        let (open_gauge, mut stopping) = (open_gauge.clone(), stopping.clone());
+        open_gauge.increment(1.0);
+        tokio::spawn(async move {
+            tokio::pin!(connection);
+            let mut check = tokio::time::interval(idle_timeout / 4);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    // An error here is the client's (reset, timeout, bad
+                    // request line): hyper answered it if it could.
+                    _ = connection.as_mut() => break,
+                    _ = check.tick(), if !closing => {
+                        if activity.idle() >= idle_timeout {
+                            // Closes it now if no request is in flight,
+                            // after the request otherwise.
+                            connection.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                    }
+                    _ = stopping.changed(), if !closing => {
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            }
+            open_gauge.decrement(1.0);
+            drop(slot);
+        });
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    let drained = open.acquire_many(max_connections as u32);
+    if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
+        tracing::warn!("connections still open after the drain timeout; closing them");
+    }
     Ok(())
 }
+
+/// A client connection that records when it last moved bytes.
+struct Watched {
+    stream: tokio::net::TcpStream,
+    activity: Arc<Activity>,
+}
+
+/// When a connection last read or wrote, in milliseconds since it opened.
+struct Activity {
+    opened: std::time::Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let now = self.opened.elapsed().as_millis() as u64;
+        self.last_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since the connection last moved bytes.
+    fn idle(&self) -> Duration {
+        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.opened
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+}
+
+impl Watched {
+    fn new(stream: tokio::net::TcpStream) -> (Self, Arc<Activity>) {
+        let activity = Arc::new(Activity {
+            opened: std::time::Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        });
+        let watched = Watched {
+            stream,
+            activity: activity.clone(),
+        };
+        (watched, activity)
+    }
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.stream).poll_write(cx, data);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// How long a stopping gateway waits for requests in flight.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);

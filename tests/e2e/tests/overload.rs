@@ -264,3 +264,70 @@ async fn a_replica_slow_over_big_batches_is_not_declared_dead() {
     assert_eq!(dead_seen, 0, "slow calls made a replica be declared dead");
     assert_eq!(api.replicas_in_state("dead").await, 0);
 }
+
+/// Clients that open connections and never finish a request (slowloris)
+/// neither hold them for ever nor lock others out: the gateway closes a
+/// connection whose request head has not arrived within its header-read
+/// timeout, and keeps at most `max_connections` open (the rest wait in the
+/// listen backlog), so its descriptors cannot run out.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_that_never_finish_a_request_are_closed_and_lock_nobody_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut env = fast_failure_detection();
+    env.push(("GEOLOG__GATEWAY__MAX_CONNECTIONS".into(), "16".into()));
+    env.push((
+        "GEOLOG__GATEWAY__HEADER_READ_TIMEOUT_MS".into(),
+        "1000".into(),
+    ));
+    let cluster = TestCluster::start_with_env(ONE_BY_THREE, env)
+        .await
+        .expect("cluster starts");
+    let api = Api::new(cluster.gateway("a"));
+    let addr = api.base.trim_start_matches("http://").to_string();
+
+    // Three times the cap: half send half a request head, half nothing.
+    let mut stalled = Vec::new();
+    for i in 0..48 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        if i % 2 == 0 {
+            stream
+                .write_all(b"GET /api/logs/health HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+        }
+        stalled.push(stream);
+    }
+    // A real client still gets through once the stalled ones time out.
+    let started = std::time::Instant::now();
+    let (status, answer) = api.write("after-slowloris", json!(1), Some("ALL")).await;
+    assert_eq!(status, 201, "{answer}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "waited {:?}",
+        started.elapsed()
+    );
+    // Every stalled connection was closed by the gateway (EOF or reset).
+    for mut stream in stalled {
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a stalled connection was left open");
+    }
+    let metrics = api.metrics().await;
+    let open = metrics
+        .lines()
+        .find(|l| l.starts_with("http_server_open_connections"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("the gauge is exported");
+    assert!(open <= 16.0, "{open} connections open");
+    let (status, answer) = api.read("after-slowloris", Some("ALL")).await;
+    assert_eq!((status, &answer["value"]), (200, &json!(1)));
+}
