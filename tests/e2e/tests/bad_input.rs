@@ -344,6 +344,27 @@ async fn hostile_bodies_and_contexts_are_refused_alone_and_lose_nothing() {
     assert_eq!((status, &read["value"]), (200, &json!(2)), "{read}");
     assert_eq!(read["siblings"].as_array().map(Vec::len), Some(1), "{read}");
 
+    // History cursors past every stored position do not wrap around.
+    let cursor = |hlc: u64| token(&json!([hlc, "a1", u64::MAX]));
+    for hlc in [u64::MAX, 1 << 63] {
+        let path = format!("/api/logs/real-context/history?before={}", cursor(hlc));
+        let (status, page) = api.raw(Method::GET, &path, Vec::new()).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(
+            page["versions"].as_array().map(Vec::len),
+            Some(2),
+            "before {hlc}: {page}"
+        );
+        let path = format!("/api/logs/real-context/history?after={}", cursor(hlc));
+        let (status, page) = api.raw(Method::GET, &path, Vec::new()).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(
+            page["versions"].as_array().map(Vec::len),
+            Some(0),
+            "after {hlc}: {page}"
+        );
+    }
+
     // Repeated parameters and headers are mistakes, not "the last wins".
     let body = br#"{"key": "repeated", "value": 1}"#.to_vec();
     let (status, answer) = api

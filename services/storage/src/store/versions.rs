@@ -422,8 +422,12 @@ impl VersionStore {
         before: Option<&HistoryCursor>,
         after: Option<&HistoryCursor>,
     ) -> Result<Vec<StoredVersion>, StoreError> {
-        let bound =
-            |c: Option<&HistoryCursor>| c.map(|c| (c.hlc as i64, c.node.clone(), c.seq as i64));
+        // Stored positions are at most i64::MAX: a larger one from a
+        // client's cursor saturates there (it must not wrap to negative).
+        let saturated = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let bound = |c: Option<&HistoryCursor>| {
+            c.map(|c| (saturated(c.hlc), c.node.clone(), saturated(c.seq)))
+        };
         let (before, after) = (bound(before), bound(after));
         let query = sqlx::query(
             "SELECT key, node, seq, hlc, value, context, idempotency_key, body_hash FROM versions \
