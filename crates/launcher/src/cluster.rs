@@ -333,6 +333,9 @@ impl RunningCluster {
         }
         let bins = PgBinaries::locate()?;
         let user = PgUser::for_current_process()?;
+        if let Some(user) = &user {
+            user.reach(&self.spec.data_dir)?;
+        }
         let template = match &self.spec.template_dir {
             Some(dir) => dir.join(format!("pg-template-{}", bins.version()?)),
             None => self

@@ -124,6 +124,54 @@ impl PgUser {
         }))
     }
 
+    /// Makes `dir` — a directory of geolog's, above PostgreSQL's data —
+    /// enterable by this user (search permission for others, nothing
+    /// more), and checks that every directory above it is: PostgreSQL
+    /// runs as this user (with no supplementary groups) and must reach
+    /// its data below. A directory made by `mktemp -d` is mode 0700.
+    pub fn reach(&self, dir: &Path) -> Result<(), LaunchError> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = dir
+            .canonicalize()
+            .map_err(LaunchError::io(format!("resolve {}", dir.display())))?;
+        let stat = |path: &Path| {
+            std::fs::metadata(path).map_err(LaunchError::io(format!("stat {}", path.display())))
+        };
+        let meta = stat(&dir)?;
+        if !self.can_enter(&meta) {
+            let mode = meta.mode() | 0o001;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+                .map_err(LaunchError::io(format!("chmod o+x {}", dir.display())))?;
+        }
+        for above in dir.ancestors().skip(1) {
+            let meta = stat(above)?;
+            if !self.can_enter(&meta) {
+                return Err(LaunchError::Command(format!(
+                    "PostgreSQL runs as uid {} (GEOLOG_PG_USER, default postgres), which cannot enter {} (mode {:o}, owner uid {}): run `chmod o+x {}`, or use a data directory it can reach (e.g. under /tmp or /var/lib)",
+                    self.uid,
+                    above.display(),
+                    meta.mode() & 0o7777,
+                    meta.uid(),
+                    above.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this user may enter a directory with `meta`.
+    fn can_enter(&self, meta: &std::fs::Metadata) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let mode = meta.mode();
+        if meta.uid() == self.uid {
+            mode & 0o100 != 0
+        } else if meta.gid() == self.gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        }
+    }
+
     /// Gives `path` (recursively) to this user.
     pub fn own(&self, path: &Path) -> Result<(), LaunchError> {
         let status = Command::new("chown")
@@ -166,6 +214,9 @@ pub fn ensure_template(
     let parent = template.parent().expect("template path has a parent");
     std::fs::create_dir_all(parent)
         .map_err(LaunchError::io(format!("create {}", parent.display())))?;
+    if let Some(user) = user {
+        user.reach(parent)?;
+    }
     let lock_path = template.with_extension("lock");
     let lock = File::create(&lock_path)
         .map_err(LaunchError::io(format!("create {}", lock_path.display())))?;
@@ -345,5 +396,49 @@ pub fn port_of_url(url: &str) -> Option<u16> {
 impl Drop for PgServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// A user that owns nothing here (neither owner nor group).
+    const STRANGER: PgUser = PgUser {
+        uid: 54_321,
+        gid: 54_321,
+    };
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("geolog-reach-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_private_data_dir_is_opened_for_search_only() {
+        let dir = scratch("own");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        STRANGER.reach(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o701);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_closed_directory_above_is_named_in_one_line() {
+        let above = scratch("above");
+        let dir = above.join("data");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&above, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = STRANGER.reach(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("cannot enter {}", above.display())),
+            "{err}"
+        );
+        assert!(err.contains("chmod o+x") && !err.contains('\n'), "{err}");
+        std::fs::set_permissions(&above, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::remove_dir_all(&above).unwrap();
     }
 }
