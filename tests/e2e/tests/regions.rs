@@ -152,6 +152,43 @@ async fn partition_then_outbox_replay_delivers_everything() {
     // everything, and every write acknowledged on either side is readable
     // at LOCAL_ONE in every region.
     cluster.cluster.heal();
+    // The healed links are seen alive within 2 s, and stay alive while the
+    // outboxes drain: ALL (every replica of every region) keeps working.
+    let healed = Instant::now();
+    let all_alive = |api: &common::Api| {
+        let api = api.clone();
+        async move {
+            let (_, health) = api
+                .raw(reqwest::Method::GET, "/api/logs/health", Vec::new())
+                .await;
+            health["replicas"]
+                .as_array()
+                .is_some_and(|r| r.iter().all(|r| r["state"] == "alive"))
+        }
+    };
+    for region in ["a", "c"] {
+        while !all_alive(&apis[region]).await {
+            assert!(
+                healed.elapsed() < Duration::from_secs(2),
+                "{region} still sees a dead replica {:?} after the heal",
+                healed.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for i in 0..15 {
+        for region in ["a", "c"] {
+            assert!(
+                all_alive(&apis[region]).await,
+                "{region}: a replica died after the heal"
+            );
+            let key = format!("{region}-all-after-heal-{i}");
+            let (status, body) = apis[region].write(&key, json!(i), Some("ALL")).await;
+            assert_eq!(status, 201, "ALL from {region} after the heal: {body}");
+            acknowledged.push((key, json!(i)));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for api in apis.values() {
         api.wait_outbox_empty(Duration::from_secs(60)).await;
     }

@@ -16,6 +16,7 @@ pub const TUTORIAL: Shape = Shape {
     replication_factor: 5,
 };
 
+#[derive(Clone)]
 pub struct Api {
     pub http: reqwest::Client,
     pub base: String,
