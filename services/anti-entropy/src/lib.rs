@@ -111,6 +111,28 @@ pub struct WorkerStatus {
 }
 
 /// The worker of one region.
+/// Anti-entropy as a background worker: each step is one pass; every
+/// `cross_region_every`-th pass also compares with the other regions.
+pub struct Passes {
+    anti_entropy: AntiEntropy,
+    passes: u32,
+}
+
+impl geolog_worker::Worker for Passes {
+    fn name(&self) -> &str {
+        "anti-entropy"
+    }
+
+    async fn step(&mut self) -> Result<geolog_worker::Next, String> {
+        let cross = self
+            .passes
+            .is_multiple_of(self.anti_entropy.cross_region_every);
+        self.anti_entropy.pass(cross).await;
+        self.passes = self.passes.wrapping_add(1);
+        Ok(geolog_worker::Next::Idle)
+    }
+}
+
 pub struct AntiEntropy {
     region: String,
     nodes: Vec<Node>,
@@ -313,19 +335,18 @@ impl AntiEntropy {
         summary
     }
 
-    /// Runs passes until `stop` changes.
-    pub async fn run(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// The worker that runs passes, one per step, every
+    /// `anti_entropy.interval_ms`.
+    pub fn into_worker(self) -> (Passes, Duration) {
         describe_metrics();
-        let mut passes: u32 = 0;
-        loop {
-            let cross = passes.is_multiple_of(self.cross_region_every);
-            self.pass(cross).await;
-            passes = passes.wrapping_add(1);
-            tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
-                _ = stop.changed() => return,
-            }
-        }
+        let interval = self.interval;
+        (
+            Passes {
+                anti_entropy: self,
+                passes: 0,
+            },
+            interval,
+        )
     }
 
     /// Compares two replicas over the ranges both hold: root digest, then

@@ -58,7 +58,9 @@ async fn main() -> anyhow::Result<()> {
         prometheus,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let run = tokio::spawn(async move { worker.run(stop_rx).await });
+    let workers = geolog_worker::Workers::new();
+    let (passes, interval) = worker.into_worker();
+    let run = workers.spawn(passes, interval, stop_rx);
     match listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(&addr)
@@ -71,13 +73,19 @@ async fn main() -> anyhow::Result<()> {
                 .route("/metrics", get(metrics))
                 .with_state(served);
             axum::serve(listener, router)
-                .with_graceful_shutdown(geolog_telemetry::shutdown_signal())
+                .with_graceful_shutdown(geolog_worker::or_died(
+                    &workers,
+                    geolog_telemetry::shutdown_signal(),
+                ))
                 .await?;
         }
-        None => geolog_telemetry::shutdown_signal().await,
+        None => geolog_worker::or_died(&workers, geolog_telemetry::shutdown_signal()).await,
     }
     let _ = stop_tx.send(true);
     let _ = run.await;
+    if let Some(name) = workers.dead() {
+        anyhow::bail!("background worker {name} died; the anti-entropy worker stopped");
+    }
     tracing::info!("anti-entropy worker stopped");
     telemetry.shutdown().await;
     Ok(())

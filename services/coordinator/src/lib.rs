@@ -43,23 +43,25 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// Probes every replica on the configured period, and at once when a
-/// call timed out, until `stop` fires. Its state is visible as the
-/// `replica_up` gauge and in health answers.
-async fn run_prober(
+/// Probes every replica each probe interval, and at once when a call
+/// timed out. Its findings are the `replica_up` gauge and health answers.
+struct Prober {
     replicas: Arc<ReplicaSet>,
-    interval: std::time::Duration,
     timeout: std::time::Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => replicas.probe_all(timeout).await,
-            _ = replicas.probe_requested() => replicas.probe_all(timeout).await,
-            _ = stop.changed() => return,
-        }
+}
+
+impl geolog_worker::Worker for Prober {
+    fn name(&self) -> &str {
+        "prober"
+    }
+
+    async fn step(&mut self) -> Result<geolog_worker::Next, String> {
+        self.replicas.probe_all(self.timeout).await;
+        Ok(geolog_worker::Next::Idle)
+    }
+
+    fn wake(&mut self) -> impl Future<Output = ()> + Send {
+        self.replicas.probe_requested()
     }
 }
 
@@ -90,24 +92,23 @@ pub async fn serve(
     // One probe before serving, so the first requests see real health.
     replicas.probe_all(config.coordinator.probe_timeout()).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let prober = tokio::spawn(run_prober(
-        replicas.clone(),
-        config.coordinator.probe_interval(),
-        config.coordinator.probe_timeout(),
-        stop_rx,
-    ));
+    let workers = geolog_worker::Workers::new();
+    let prober = Prober {
+        replicas: replicas.clone(),
+        timeout: config.coordinator.probe_timeout(),
+    };
+    let prober = workers.spawn(prober, config.coordinator.probe_interval(), stop_rx);
     let engine = Arc::new(QuorumEngine::new(config, &region.name, replicas));
     let outbox_view = Arc::new(outbox::OutboxView::default());
-    let replay = tokio::spawn(outbox::run(
-        engine.clone(),
-        outbox_view.clone(),
-        outbox::ReplaySettings::from(&config.coordinator),
-        stop_tx.subscribe(),
-    ));
+    let settings = outbox::ReplaySettings::from(&config.coordinator);
+    let interval = settings.interval;
+    let replay = outbox::Replay::new(engine.clone(), outbox_view.clone(), settings);
+    let replay = workers.spawn(replay, interval, stop_tx.subscribe());
     let service = CoordinatorServer::new(server::CoordinatorService::new(
         id.to_string(),
         engine,
         outbox_view,
+        workers.clone(),
     ))
     .max_decoding_message_size(geolog_proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(geolog_proto::MAX_MESSAGE_BYTES);
@@ -119,10 +120,13 @@ pub async fn serve(
             geolog_telemetry::trace::grpc_server_span(request, &traced.0, &traced.1)
         })
         .add_service(service)
-        .serve_with_shutdown(addr, shutdown)
+        .serve_with_shutdown(addr, geolog_worker::or_died(&workers, shutdown))
         .await;
     let _ = stop_tx.send(true);
     let _ = prober.await;
     let _ = replay.await;
+    if let Some(name) = workers.dead() {
+        return Err(format!("background worker {name} died; the coordinator stopped").into());
+    }
     result.map_err(Into::into)
 }

@@ -200,10 +200,6 @@ pub fn describe_metrics(local: &[String], remote: &[String]) {
         "outbox_oldest_age_seconds",
         "age of the oldest version not yet delivered to a remote region (replication lag)"
     );
-    describe_gauge!(
-        "outbox_worker_state",
-        "hint and outbox replay worker: 0 idle, 1 busy, 2 throttled"
-    );
     describe_counter!(
         "replicate_received_total",
         "versions received from other regions, by origin"

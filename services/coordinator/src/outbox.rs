@@ -7,7 +7,7 @@
 //! died mid-write — this worker sends again, oldest first, in batches, with
 //! exponential backoff per region while it keeps failing, and reports them
 //! delivered so the cursor moves on. Replays are idempotent on the
-//! receiving side. Its state is visible in metrics (`outbox_worker_state`,
+//! receiving side. Its state is visible in metrics (`worker_state{worker="outbox-replay"}`,
 //! `outbox_depth`, `outbox_oldest_age_seconds`, `outbox_replayed_total`)
 //! and in health answers.
 
@@ -23,24 +23,6 @@ use tokio::time::Instant;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Batches sent to one region per node per pass, so one region cannot starve the others.
 const MAX_BATCHES_PER_PASS: usize = 16;
-
-/// What the worker is doing, for metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WorkerState {
-    Idle,
-    Busy,
-    Throttled,
-}
-
-impl WorkerState {
-    fn gauge(self) -> f64 {
-        match self {
-            WorkerState::Idle => 0.0,
-            WorkerState::Busy => 1.0,
-            WorkerState::Throttled => 2.0,
-        }
-    }
-}
 
 /// The outbox as last measured: per remote region, depth and oldest age.
 #[derive(Default)]
@@ -103,66 +85,89 @@ impl From<&geolog_config::CoordinatorSettings> for ReplaySettings {
     }
 }
 
-/// Runs until `stop` changes.
-pub async fn run(
+/// The cross-region outbox and hint replay worker: each step measures the
+/// queues, replays what every reachable region is owed (a region that
+/// failed waits out its own backoff, the others go on) and replays hints.
+pub struct Replay {
     engine: Arc<QuorumEngine>,
     view: Arc<OutboxView>,
     settings: ReplaySettings,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let interval = settings.interval;
-    let mut backoff: BTreeMap<String, Backoff> = BTreeMap::new();
-    let mut last_stats = LastStats::default();
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {},
-            _ = stop.changed() => return,
+    backoff: BTreeMap<String, Backoff>,
+    last_stats: LastStats,
+}
+
+impl Replay {
+    pub fn new(engine: Arc<QuorumEngine>, view: Arc<OutboxView>, settings: ReplaySettings) -> Self {
+        Replay {
+            engine,
+            view,
+            settings,
+            backoff: BTreeMap::new(),
+            last_stats: LastStats::default(),
         }
-        measure(&engine, &view, &mut last_stats).await;
-        let mut state = WorkerState::Idle;
+    }
+}
+
+impl geolog_worker::Worker for Replay {
+    fn name(&self) -> &str {
+        "outbox-replay"
+    }
+
+    /// Busy when it sent something (more may wait), throttled while a
+    /// region waits out its backoff, idle otherwise.
+    async fn step(&mut self) -> Result<geolog_worker::Next, String> {
+        use geolog_worker::Next;
+        let (engine, settings) = (&self.engine, &self.settings);
+        measure(engine, &self.view, &mut self.last_stats).await;
+        let mut sent_any = false;
+        let mut throttled: Option<Instant> = None;
         for remote in engine.replicas().remote_regions() {
-            if backoff
-                .get(&remote.name)
-                .is_some_and(|b| Instant::now() < b.until)
+            if let Some(b) = self.backoff.get(&remote.name)
+                && Instant::now() < b.until
             {
-                state = WorkerState::Throttled;
+                throttled = Some(throttled.map_or(b.until, |t| t.min(b.until)));
                 continue;
             }
-            match replay_region(&engine, &remote.name, &settings).await {
+            match replay_region(engine, &remote.name, settings).await {
                 Ok(0) => {
-                    backoff.remove(&remote.name);
+                    self.backoff.remove(&remote.name);
                 }
                 Ok(sent) => {
-                    state = WorkerState::Busy;
-                    backoff.remove(&remote.name);
+                    sent_any = true;
+                    self.backoff.remove(&remote.name);
                     tracing::info!(region = %remote.name, versions = sent, "outbox replayed");
                 }
                 Err(reason) => {
-                    state = WorkerState::Throttled;
-                    let delay = backoff
+                    let delay = self
+                        .backoff
                         .get(&remote.name)
-                        .map_or(interval, |b| (b.delay * 2).min(MAX_BACKOFF));
+                        .map_or(settings.interval, |b| (b.delay * 2).min(MAX_BACKOFF));
                     tracing::warn!(region = %remote.name, %reason, retry_in_ms = delay.as_millis() as u64, "outbox replay failed");
-                    backoff.insert(
-                        remote.name.clone(),
-                        Backoff {
-                            until: Instant::now() + delay,
-                            delay,
-                        },
-                    );
+                    let until = Instant::now() + delay;
+                    throttled = Some(throttled.map_or(until, |t| t.min(until)));
+                    self.backoff
+                        .insert(remote.name.clone(), Backoff { until, delay });
                 }
             }
         }
-        match replay_hints(&engine, &settings).await {
+        match replay_hints(engine, settings).await {
             0 => {}
             sent => {
-                state = WorkerState::Busy;
+                sent_any = true;
                 tracing::info!(versions = sent, "hints replayed");
             }
         }
-        metrics::gauge!("outbox_worker_state").set(state.gauge());
+        Ok(match throttled {
+            _ if sent_any => Next::Busy,
+            // Not past the next replay interval: the other regions are
+            // replayed then too.
+            Some(until) => Next::Throttled(
+                until
+                    .saturating_duration_since(Instant::now())
+                    .min(settings.interval),
+            ),
+            None => Next::Idle,
+        })
     }
 }
 

@@ -22,11 +22,47 @@ pub struct CoordinatorService {
     id: String,
     engine: Arc<QuorumEngine>,
     outbox: Arc<OutboxView>,
+    workers: geolog_worker::Workers,
 }
 
 impl CoordinatorService {
-    pub fn new(id: String, engine: Arc<QuorumEngine>, outbox: Arc<OutboxView>) -> Self {
-        CoordinatorService { id, engine, outbox }
+    pub fn new(
+        id: String,
+        engine: Arc<QuorumEngine>,
+        outbox: Arc<OutboxView>,
+        workers: geolog_worker::Workers,
+    ) -> Self {
+        CoordinatorService {
+            id,
+            engine,
+            outbox,
+            workers,
+        }
+    }
+}
+
+/// A background worker's status on the wire.
+fn worker_health(name: String, status: geolog_worker::Status) -> pb::WorkerHealth {
+    use geolog_worker::State;
+    let state = match status.state {
+        State::Idle => pb::WorkerState::Idle,
+        State::Busy => pb::WorkerState::Busy,
+        State::Throttled => pb::WorkerState::Throttled,
+        State::BackingOff => pb::WorkerState::BackingOff,
+        State::Dead => pb::WorkerState::Dead,
+    };
+    pb::WorkerHealth {
+        name,
+        state: state as i32,
+        steps: status.steps,
+        errors: status.errors,
+        failing_for: status.failing_for,
+        last_error: status.last_error.unwrap_or_default(),
+        last_success_unix_ms: status.last_success.and_then(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_millis() as u64)
+        }),
     }
 }
 
@@ -475,6 +511,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             outbox: self.outbox.health(),
             hints: self.outbox.hints(),
             links: self.engine.replicas().links(),
+            workers: self
+                .workers
+                .statuses()
+                .into_iter()
+                .map(|(name, status)| worker_health(name, status))
+                .collect(),
         }))
     }
 

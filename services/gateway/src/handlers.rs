@@ -567,6 +567,51 @@ struct CoordinatorHealth {
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// Its background workers (when it answered).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    workers: Vec<WorkerView>,
+}
+
+#[derive(Serialize)]
+struct WorkerView {
+    name: String,
+    /// `idle`, `busy`, `throttled`, `backing_off` (its last step failed) or
+    /// `dead`.
+    state: &'static str,
+    steps: u64,
+    errors: u64,
+    failing_for: u32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    last_error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_success_unix_ms: Option<u64>,
+}
+
+impl WorkerView {
+    fn of(w: cpb::WorkerHealth) -> Self {
+        let state = match w.state() {
+            cpb::WorkerState::Idle => "idle",
+            cpb::WorkerState::Busy => "busy",
+            cpb::WorkerState::Throttled => "throttled",
+            cpb::WorkerState::BackingOff => "backing_off",
+            cpb::WorkerState::Dead => "dead",
+            cpb::WorkerState::Unknown => "unknown",
+        };
+        WorkerView {
+            name: w.name,
+            state,
+            steps: w.steps,
+            errors: w.errors,
+            failing_for: w.failing_for,
+            last_error: w.last_error,
+            last_success_unix_ms: w.last_success_unix_ms,
+        }
+    }
+
+    /// A worker that fails or died makes the gateway's answer `degraded`.
+    fn is_healthy(&self) -> bool {
+        !matches!(self.state, "backing_off" | "dead")
+    }
 }
 
 #[derive(Serialize)]
@@ -758,13 +803,17 @@ pub async fn health(State(state): State<Arc<AppState>>, RawQuery(raw): RawQuery)
         request.set_timeout(Duration::from_secs(2));
         match tokio::time::timeout(Duration::from_secs(2), client.health(request)).await {
             Ok(Ok(answer)) => {
+                let mut answer = answer.into_inner();
                 coordinators.push(CoordinatorHealth {
                     id: id.clone(),
                     addr: addr.clone(),
                     status: "up",
                     error: None,
+                    workers: std::mem::take(&mut answer.workers)
+                        .into_iter()
+                        .map(WorkerView::of)
+                        .collect(),
                 });
-                let answer = answer.into_inner();
                 if replicas.is_none() {
                     outbox = answer.outbox.iter().map(OutboxView::of).collect();
                     hints = answer.hints.iter().map(HintView::of).collect();
@@ -801,12 +850,14 @@ pub async fn health(State(state): State<Arc<AppState>>, RawQuery(raw): RawQuery)
                 addr: addr.clone(),
                 status: "down",
                 error: Some(status.message().to_string()),
+                workers: Vec::new(),
             }),
             Err(_) => coordinators.push(CoordinatorHealth {
                 id: id.clone(),
                 addr: addr.clone(),
                 status: "down",
                 error: Some("health check timed out".into()),
+                workers: Vec::new(),
             }),
         }
     }
@@ -815,6 +866,9 @@ pub async fn health(State(state): State<Arc<AppState>>, RawQuery(raw): RawQuery)
     let (status, code) = if coordinators.iter().all(|c| c.status == "down") {
         ("unavailable", StatusCode::SERVICE_UNAVAILABLE)
     } else if coordinators.iter().any(|c| c.status == "down")
+        || coordinators
+            .iter()
+            .any(|c| !c.workers.iter().all(WorkerView::is_healthy))
         || replicas.iter().any(|r| r.state != "alive")
         || links.iter().any(|l| l.state != "alive")
         || anti_entropy.as_ref().is_some_and(|w| w.status == "down")

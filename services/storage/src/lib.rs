@@ -31,13 +31,17 @@ pub async fn serve(
     region: String,
     checkpoints: Checkpoints,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     describe_metrics();
-    let checkpointer = tokio::spawn(
-        store
-            .clone()
-            .run_checkpoints(checkpoints.interval, checkpoints.max_unsaved_keys),
+    let workers = geolog_worker::Workers::new();
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let checkpointer = store::Checkpointer::new(
+        store.clone(),
+        checkpoints.interval,
+        checkpoints.max_unsaved_keys,
     );
+    let poll = checkpointer.poll();
+    let checkpointer = workers.spawn(checkpointer, poll, stopping);
     let traced = (store.node().to_string(), region.clone());
     let service = StorageServer::new(server::StorageService::new(store.clone(), region))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -49,17 +53,20 @@ pub async fn serve(
             geolog_telemetry::trace::grpc_server_span(request, &traced.0, &traced.1)
         })
         .add_service(service)
-        .serve_with_shutdown(addr, shutdown)
+        .serve_with_shutdown(addr, geolog_worker::or_died(&workers, shutdown))
         .await;
-    // Stop the periodic checkpoints (one cut short leaves its keys
-    // unsaved), then store every unsaved key.
-    checkpointer.abort();
+    // Stop the periodic checkpoints (one in progress finishes), then store
+    // every unsaved key.
+    let _ = stop.send(true);
     let _ = checkpointer.await;
     if let Err(err) = store.checkpoint().await {
         tracing::warn!(error = %err, "last heads checkpoint failed; the next start recovers them");
     }
     store.close().await;
-    result
+    if let Some(name) = workers.dead() {
+        return Err(format!("background worker {name} died; the storage node stopped").into());
+    }
+    Ok(result?)
 }
 
 /// Describes the node's metrics (`# HELP` lines); the expiry counters start

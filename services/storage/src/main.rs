@@ -83,7 +83,8 @@ async fn main() -> anyhow::Result<()> {
         checkpoints,
         geolog_telemetry::shutdown_signal(),
     )
-    .await?;
+    .await
+    .map_err(|e| anyhow::anyhow!(e))?;
     tracing::info!("storage node stopped");
     telemetry.shutdown().await;
     Ok(())

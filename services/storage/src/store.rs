@@ -18,6 +18,7 @@ mod connections;
 mod delivery;
 mod digests;
 mod heads;
+pub use heads::Checkpointer;
 mod queues;
 mod versions;
 

@@ -402,4 +402,17 @@ async fn hostile_bodies_and_contexts_are_refused_alone_and_lose_nothing() {
     );
     let (status, health) = api.raw(Method::GET, "/api/logs/health", Vec::new()).await;
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    // The coordinator's background workers, each alive and not failing.
+    let workers = health["coordinators"][0]["workers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut names: Vec<&str> = workers.iter().filter_map(|w| w["name"].as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["outbox-replay", "prober"], "{health}");
+    for worker in &workers {
+        let state = worker["state"].as_str().unwrap_or_default();
+        assert!(["idle", "busy", "throttled"].contains(&state), "{worker}");
+        assert!(worker["steps"].as_u64().unwrap_or(0) > 0, "{worker}");
+    }
 }

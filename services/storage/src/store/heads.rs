@@ -46,25 +46,53 @@ impl VersionStore {
         metrics::counter!("heads_checkpoints_total").increment(1);
         Ok(checkpoint.frontiers.len())
     }
+}
 
-    /// Checkpoints every `interval`, or sooner once `max_unsaved` keys are
-    /// unsaved, until the store is dropped.
-    pub async fn run_checkpoints(
-        self: std::sync::Arc<Self>,
+/// The heads checkpoint worker: saves the unsaved keys' heads every
+/// `interval`, or sooner once `max_unsaved` keys are unsaved.
+pub struct Checkpointer {
+    store: std::sync::Arc<VersionStore>,
+    interval: std::time::Duration,
+    max_unsaved: u64,
+    last: tokio::time::Instant,
+}
+
+impl Checkpointer {
+    pub fn new(
+        store: std::sync::Arc<VersionStore>,
         interval: std::time::Duration,
         max_unsaved: u64,
-    ) {
-        let mut last = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(interval.min(std::time::Duration::from_millis(250))).await;
-            if last.elapsed() < interval && self.keys.unsaved_keys() < max_unsaved {
-                continue;
-            }
-            last = tokio::time::Instant::now();
-            if let Err(err) = self.checkpoint().await {
-                tracing::warn!(error = %err, "heads checkpoint failed; retrying");
-            }
+    ) -> Self {
+        Checkpointer {
+            store,
+            interval,
+            max_unsaved,
+            last: tokio::time::Instant::now(),
         }
+    }
+
+    /// How often it looks whether a checkpoint is due.
+    pub fn poll(&self) -> std::time::Duration {
+        self.interval.min(std::time::Duration::from_millis(250))
+    }
+}
+
+impl geolog_worker::Worker for Checkpointer {
+    fn name(&self) -> &str {
+        "heads-checkpoint"
+    }
+
+    async fn step(&mut self) -> Result<geolog_worker::Next, String> {
+        if self.last.elapsed() < self.interval && self.store.keys.unsaved_keys() < self.max_unsaved
+        {
+            return Ok(geolog_worker::Next::Idle);
+        }
+        self.last = tokio::time::Instant::now();
+        self.store
+            .checkpoint()
+            .await
+            .map_err(|err| format!("heads checkpoint failed: {err}"))?;
+        Ok(geolog_worker::Next::Idle)
     }
 }
 
