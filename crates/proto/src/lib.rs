@@ -49,6 +49,11 @@ pub fn item_outcome<T>(
 /// `BucketVersions`) and calls that carry versions are split by bytes.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// Bytes of versions (value + 64 each) in one page of a key's history from
+/// one storage node, past its first version: a quarter of the message
+/// limit, so that a coordinator's merge of several replicas' pages fits.
+pub const HISTORY_PAGE_BYTES: usize = MAX_MESSAGE_BYTES / 4;
+
 /// Keys per `ReadMany` call to a storage node, at most.
 pub const MAX_READ_MANY: usize = 10_000;
 

@@ -364,4 +364,41 @@ async fn a_batch_of_big_records_is_answered_and_readable() {
         let history = api.history_at_all(&format!("big-{i}")).await;
         assert_eq!(history.len(), 1, "written once");
     }
+
+    // A history of 19 such versions (over 16 MiB) pages by bytes: every
+    // page fits a message, and following `next` returns every version.
+    for round in 0..2 {
+        let more: Vec<Value> = (0..9)
+            .map(|j| json!({"key": "big-0", "value": {"round": round, "j": j, "pad": big}}))
+            .collect();
+        let (status, answer) = api.batch("", &[], serde_json::to_vec(&more).unwrap()).await;
+        assert_eq!(
+            (status, answer["written"].as_u64()),
+            (201, Some(9)),
+            "{answer}"
+        );
+    }
+    let (mut seen, mut pages, mut before) = (Vec::new(), 0, None::<String>);
+    loop {
+        let mut path = "/api/logs/big-0/history?consistency=ALL&limit=100".to_string();
+        if let Some(cursor) = &before {
+            path.push_str(&format!("&before={cursor}"));
+        }
+        let (status, page) = api.raw(reqwest::Method::GET, &path, Vec::new()).await;
+        assert_eq!(status, 200, "{}", code(&page));
+        pages += 1;
+        for v in page["versions"].as_array().unwrap() {
+            seen.push((v["version"]["node"].clone(), v["version"]["seq"].clone()));
+        }
+        match page["next"].as_str() {
+            Some(next) => before = Some(next.to_string()),
+            None => break,
+        }
+    }
+    let distinct: std::collections::BTreeSet<String> = seen
+        .iter()
+        .map(|(node, seq)| format!("{node}:{seq}"))
+        .collect();
+    assert_eq!((seen.len(), distinct.len()), (19, 19), "{seen:?}");
+    assert!(pages >= 5, "19 versions of 900 KB in {pages} pages");
 }

@@ -557,23 +557,10 @@ impl QuorumEngine {
         let gathered = self
             .gather(key, level, &kind, self.speculative_read)
             .await?;
-        let more = gathered
-            .answers
-            .iter()
-            .any(|(_, v)| v.len() >= limit as usize);
-        let mut by_dot: BTreeMap<(String, u64), pb::Version> = BTreeMap::new();
-        for v in gathered.answers.into_iter().flat_map(|(_, v)| v) {
-            let dot = v
-                .dot
-                .as_ref()
-                .map(|d| (d.node.clone(), d.seq))
-                .unwrap_or_default();
-            by_dot.entry(dot).or_insert(v);
-        }
-        let mut versions: Vec<pb::Version> = by_dot.into_values().collect();
-        versions.sort_by_key(|v| std::cmp::Reverse(history_key(v)));
-        let more = more || versions.len() > limit as usize;
-        versions.truncate(limit as usize);
+        let (versions, more) = merge_pages(
+            gathered.answers.into_iter().map(|(_, page)| page),
+            limit as usize,
+        );
         Ok((versions, more, gathered.acks))
     }
 
@@ -665,6 +652,54 @@ impl QuorumEngine {
     }
 }
 
+/// Several replicas' pages of one key's history (each newest first) as one
+/// page of at most `limit` versions, and whether older ones may exist.
+/// A replica's page may end before `limit` because it ran out of history
+/// or because its node cut it by bytes ([`geolog_proto::HISTORY_PAGE_BYTES`]);
+/// either way only its first versions are known, so the merged page holds
+/// the newest `k` versions of the union, `k` the shortest non-empty page:
+/// each of those is within the first `k` of every replica holding it. A
+/// page that was cut short (or reached `limit`) leaves `more` set, and the
+/// next page starts after the last version returned.
+fn merge_pages(
+    pages: impl Iterator<Item = Vec<pb::Version>>,
+    limit: usize,
+) -> (Vec<pb::Version>, bool) {
+    let mut known = limit;
+    let mut more = false;
+    let mut by_dot: BTreeMap<(String, u64), pb::Version> = BTreeMap::new();
+    for page in pages {
+        if !page.is_empty() {
+            known = known.min(page.len());
+        }
+        more |= page.len() >= limit;
+        for v in page {
+            let dot = v
+                .dot
+                .as_ref()
+                .map(|d| (d.node.clone(), d.seq))
+                .unwrap_or_default();
+            by_dot.entry(dot).or_insert(v);
+        }
+    }
+    let mut versions: Vec<pb::Version> = by_dot.into_values().collect();
+    versions.sort_by_key(|v| std::cmp::Reverse(history_key(v)));
+    // The answer fits one message whatever the replicas' pages added up to.
+    let mut bytes = 0;
+    let fits = versions
+        .iter()
+        .take_while(|v| {
+            bytes += v.value_json.len() + 64;
+            bytes <= geolog_proto::HISTORY_PAGE_BYTES
+        })
+        .count()
+        .max(1);
+    let keep = known.min(fits);
+    more |= versions.len() > keep;
+    versions.truncate(keep);
+    (versions, more)
+}
+
 /// Newest first: highest HLC, ties broken by the minting node id.
 fn order_key(v: &pb::Version) -> (u64, &str) {
     (
@@ -720,6 +755,51 @@ mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    fn at(hlc: u64, node: &str, bytes: usize) -> pb::Version {
+        pb::Version {
+            dot: Some(pb::Dot {
+                node: node.into(),
+                seq: hlc,
+            }),
+            timestamp: Some(pb::Hlc {
+                packed: hlc,
+                ..Default::default()
+            }),
+            value_json: vec![b'1'; bytes].into(),
+            ..Default::default()
+        }
+    }
+
+    fn hlcs(versions: &[pb::Version]) -> Vec<u64> {
+        versions
+            .iter()
+            .map(|v| v.timestamp.as_ref().unwrap().packed)
+            .collect()
+    }
+
+    #[test]
+    fn merged_history_pages_go_no_further_than_the_shortest_page() {
+        // Both complete: the union, no more.
+        let a = vec![at(5, "a", 1), at(3, "a", 1)];
+        let b = vec![at(5, "a", 1), at(4, "b", 1), at(3, "a", 1)];
+        let (page, more) = merge_pages([a.clone(), b].into_iter(), 10);
+        assert_eq!((hlcs(&page), more), (vec![5, 4], true));
+        // A lagging replica with nothing: the other's page.
+        let (page, more) = merge_pages([a.clone(), Vec::new()].into_iter(), 10);
+        assert_eq!((hlcs(&page), more), (vec![5, 3], false));
+        // At the limit: more.
+        let (page, more) = merge_pages([a.clone(), a].into_iter(), 2);
+        assert_eq!((hlcs(&page), more), (vec![5, 3], true));
+        // Cut by bytes: never past one message, never empty.
+        let big = geolog_proto::HISTORY_PAGE_BYTES / 2;
+        let pages = vec![at(9, "a", big), at(8, "a", big), at(7, "a", big)];
+        let (page, more) = merge_pages([pages].into_iter(), 10);
+        assert_eq!((hlcs(&page), more), (vec![9], true));
+        let huge = vec![at(9, "a", 2 * geolog_proto::HISTORY_PAGE_BYTES)];
+        let (page, more) = merge_pages([huge].into_iter(), 10);
+        assert_eq!((hlcs(&page), more), (vec![9], false));
     }
 
     #[test]

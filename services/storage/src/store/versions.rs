@@ -429,12 +429,21 @@ impl VersionStore {
             c.map(|c| (saturated(c.hlc), c.node.clone(), saturated(c.seq)))
         };
         let (before, after) = (bound(before), bound(after));
+        // At most `limit` versions and, past the first, no more than
+        // HISTORY_PAGE_BYTES of them: values of up to 1 MiB would outgrow
+        // the message limit at a page of 100. The sizes are read from the
+        // values' headers; only the rows kept are detoasted and sent.
         let query = sqlx::query(
-            "SELECT key, node, seq, hlc, value, context, idempotency_key, body_hash FROM versions \
-             WHERE token = $9 AND key = $1 \
-               AND ($2::bigint IS NULL OR (hlc, node, seq) < ($2, $3::text, $4::bigint)) \
-               AND ($5::bigint IS NULL OR (hlc, node, seq) > ($5, $6::text, $7::bigint)) \
-             ORDER BY hlc DESC, node DESC, seq DESC LIMIT $8",
+            "SELECT key, node, seq, hlc, value, context, idempotency_key, body_hash FROM ( \
+               SELECT *, sum(octet_length(value) + 64) \
+                   OVER (ORDER BY hlc DESC, node DESC, seq DESC) AS upto \
+               FROM versions \
+               WHERE token = $9 AND key = $1 \
+                 AND ($2::bigint IS NULL OR (hlc, node, seq) < ($2, $3::text, $4::bigint)) \
+                 AND ($5::bigint IS NULL OR (hlc, node, seq) > ($5, $6::text, $7::bigint)) \
+               ORDER BY hlc DESC, node DESC, seq DESC LIMIT $8) page \
+             WHERE upto - (octet_length(value) + 64) < $10 \
+             ORDER BY hlc DESC, node DESC, seq DESC",
         )
         .bind(key.as_str())
         .bind(before.as_ref().map(|b| b.0))
@@ -444,7 +453,8 @@ impl VersionStore {
         .bind(after.as_ref().map(|a| a.1.clone()))
         .bind(after.as_ref().map(|a| a.2))
         .bind(i64::from(limit))
-        .bind(tree_token(key));
+        .bind(tree_token(key))
+        .bind(geolog_proto::HISTORY_PAGE_BYTES as i64);
         let mut conn = self.connections.lease().await?;
         let rows = query.fetch_all(&mut *conn).await;
         let rows = conn.done(rows)?;
