@@ -763,10 +763,7 @@ mod tests {
                 node: node.into(),
                 seq: hlc,
             }),
-            timestamp: Some(pb::Hlc {
-                packed: hlc,
-                ..Default::default()
-            }),
+            timestamp: Some(pb::Hlc { packed: hlc }),
             value_json: vec![b'1'; bytes].into(),
             ..Default::default()
         }
