@@ -621,6 +621,36 @@ impl RunningCluster {
             .collect()
     }
 
+    /// The ids of the processes of `role` (`storage`, `coordinator`,
+    /// `gateway`, `anti-entropy`).
+    pub fn ids_of(&self, role: &str) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|s| s.role == role)
+            .map(|s| s.id.clone())
+            .collect()
+    }
+
+    /// Pauses (`SIGSTOP`) or resumes (`SIGCONT`) one process: a pause is a
+    /// process that still holds its connections and answers nothing, as a
+    /// long GC or a frozen VM.
+    pub fn pause(&self, id: &str, paused: bool) -> Result<(), LaunchError> {
+        let service = self
+            .services
+            .iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| LaunchError::Invalid(format!("no process {id}")))?;
+        let signal = if paused {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        if !crate::process::signal_pid(service.process.pid(), signal) {
+            return Err(LaunchError::Invalid(format!("process {id} is not running")));
+        }
+        Ok(())
+    }
+
     /// SIGKILLs one process (fault injection); it stays down.
     pub fn kill(&mut self, id: &str) -> Result<(), LaunchError> {
         let service = self

@@ -161,6 +161,21 @@ fn fail(op: &'static str, err: crate::store::StoreError) -> Status {
     err.to_status()
 }
 
+/// Runs a change of the store to its end even when the caller goes away.
+/// tonic drops a handler's future when its client cancels the call (a
+/// coordinator's replica timeout, an anti-entropy worker killed mid-pass);
+/// a change dropped after PostgreSQL committed it but before the node's
+/// memory recorded it (the keys' frontiers, the digest tree) would leave
+/// that memory behind the database: reads of those keys missing the
+/// version here, digests that never match their replicas'.
+async fn to_the_end<T: Send + 'static>(
+    change: impl Future<Output = T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(change)
+        .await
+        .map_err(|e| Status::internal(format!("a store task failed: {e}")))
+}
+
 #[tonic::async_trait]
 impl pb::storage_server::Storage for StorageService {
     async fn mint_batch(
@@ -198,7 +213,8 @@ impl pb::storage_server::Storage for StorageService {
                 idempotency: idempotency(req.idempotency_key, req.body_hash),
             });
         }
-        let result = self.store.mint_batch(inputs).await;
+        let store = self.store.clone();
+        let result = to_the_end(async move { store.mint_batch(inputs).await }).await?;
         observe("mint", started, result.is_ok());
         let mut minted = result.map_err(|e| fail("mint", e))?.into_iter();
         let results = results
@@ -240,7 +256,8 @@ impl pb::storage_server::Storage for StorageService {
             .into_iter()
             .map(from_proto)
             .collect::<Result<Vec<_>, _>>()?;
-        let result = self.store.merge(&versions).await;
+        let store = self.store.clone();
+        let result = to_the_end(async move { store.merge(&versions).await }).await?;
         observe("apply", started, result.is_ok());
         let inserted = result.map_err(|e| fail("apply", e))?;
         Ok(Response::new(pb::ApplyResponse {

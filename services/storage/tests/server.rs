@@ -210,3 +210,47 @@ async fn a_mint_batch_answers_each_refused_record_with_its_own_error() {
     );
     assert!(store.frontier(&k("bad-json")).await.unwrap().is_empty());
 }
+
+/// An `Apply` whose caller goes away mid-call (tonic drops the handler's
+/// future when the client cancels) is carried out whole or not at all:
+/// never stored in PostgreSQL yet missing from the node's frontiers.
+#[tokio::test]
+async fn an_apply_whose_caller_goes_away_still_reaches_the_nodes_memory() {
+    let pg = TestPostgres::start().await.expect("start postgres");
+    let store = open(&pg, 1 << 20).await;
+    let service = StorageService::new(store.clone(), "r1".into());
+    let mut cut_short = 0;
+    for i in 0..40u64 {
+        let key = format!("cancelled-{i}");
+        let version = pb::Version {
+            key: key.clone(),
+            value_json: b"[1]".to_vec().into(),
+            timestamp: Some(pb::Hlc {
+                packed: geolog_core::Hlc::new(1_700_000_000_000 + i, 0).packed(),
+            }),
+            dot: Some(pb::Dot {
+                node: "n2".into(),
+                seq: i + 1,
+            }),
+            ..Default::default()
+        };
+        let call = service.apply(Request::new(pb::ApplyRequest {
+            versions: vec![version],
+        }));
+        // Given up after 0 to 2.7 ms: before, during or after its statement.
+        let waited = Duration::from_micros(300 * (i % 10));
+        cut_short += usize::from(tokio::time::timeout(waited, call).await.is_err());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stored = store.count_versions(&key).await.unwrap();
+        let held = store.frontier(&k(&key)).await.unwrap().len();
+        assert_eq!(
+            (stored, held as i64),
+            (stored, stored),
+            "{key}: {stored} stored, {held} in the frontier"
+        );
+    }
+    assert!(
+        cut_short > 0,
+        "no call was cut short: the test tested nothing"
+    );
+}

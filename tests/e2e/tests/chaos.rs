@@ -1,7 +1,8 @@
 //! The randomized fault suite: writers at mixed levels while a seeded
-//! scheduler kills and restarts storage nodes, stops PostgreSQL under them,
-//! partitions and heals regions and adds latency; then everything heals,
-//! repair runs, and the contract is checked:
+//! scheduler kills and restarts storage nodes, pauses them (`SIGSTOP`),
+//! stops PostgreSQL under them, pauses or kills coordinators and kills
+//! anti-entropy workers, partitions and heals regions and adds latency;
+//! then everything heals, repair runs, and the contract is checked:
 //!
 //! - every acknowledged write, at any level, is readable at `ALL` from every
 //!   region (in the key's history, and in its current value unless a later
@@ -112,11 +113,15 @@ async fn writer(id: u64, seed: u64, apis: Arc<Vec<Api>>, stop: Arc<AtomicBool>) 
     ledger
 }
 
-/// A fault the scheduler can have in place on a storage node.
+/// A fault the scheduler can have in place on a process.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum NodeFault {
+    /// SIGKILL, restarted later.
     Killed,
+    /// A storage node's PostgreSQL stopped under it.
     PostgresStopped,
+    /// SIGSTOP, resumed later (SIGCONT).
+    Paused,
 }
 
 /// One version as the history shows it.
@@ -203,22 +208,55 @@ async fn randomized_faults_lose_nothing_and_replicas_converge() {
             let i = rng.usize(..3);
             (REGIONS[i], REGIONS[(i + 1 + rng.usize(..2)) % 3])
         };
-        match rng.u8(..6) {
-            action @ (0 | 1) if faults.len() < 2 => {
+        match rng.u8(..8) {
+            action @ 0..=2 if faults.len() < 2 => {
                 let healthy: Vec<&String> =
                     nodes.iter().filter(|n| !faults.contains_key(*n)).collect();
                 let node = healthy[rng.usize(..healthy.len())].clone();
-                if action == 0 {
-                    println!("{t:6.1}s kill -9 storage {node}");
-                    cluster.cluster.kill(&node).unwrap();
-                    faults.insert(node, NodeFault::Killed);
-                } else {
-                    println!("{t:6.1}s stop PostgreSQL under {node}");
-                    cluster.cluster.stop_postgres(&node).unwrap();
-                    faults.insert(node, NodeFault::PostgresStopped);
-                }
+                let fault = match action {
+                    0 => {
+                        println!("{t:6.1}s kill -9 storage {node}");
+                        cluster.cluster.kill(&node).unwrap();
+                        NodeFault::Killed
+                    }
+                    1 => {
+                        println!("{t:6.1}s stop PostgreSQL under {node}");
+                        cluster.cluster.stop_postgres(&node).unwrap();
+                        NodeFault::PostgresStopped
+                    }
+                    _ => {
+                        println!("{t:6.1}s pause storage {node}");
+                        cluster.cluster.pause(&node, true).unwrap();
+                        NodeFault::Paused
+                    }
+                };
+                faults.insert(node, fault);
             }
-            0..=2 if !faults.is_empty() => {
+            action @ (3 | 4) if faults.len() < 2 => {
+                // A coordinator paused or killed, or an anti-entropy worker
+                // killed (the region's gateway then answers 503/504 alone).
+                let ids = if action == 3 {
+                    cluster.cluster.ids_of("coordinator")
+                } else {
+                    cluster.cluster.ids_of("anti-entropy")
+                };
+                let free: Vec<&String> = ids.iter().filter(|n| !faults.contains_key(*n)).collect();
+                if free.is_empty() {
+                    continue;
+                }
+                let id = free[rng.usize(..free.len())].clone();
+                let fault = if action == 3 && rng.bool() {
+                    println!("{t:6.1}s pause {id}");
+                    cluster.cluster.pause(&id, true).unwrap();
+                    NodeFault::Paused
+                } else {
+                    println!("{t:6.1}s kill -9 {id}");
+                    cluster.cluster.kill(&id).unwrap();
+                    NodeFault::Killed
+                };
+                faults.insert(id, fault);
+            }
+            0..=4 if !faults.is_empty() => {
                 let node = faults
                     .keys()
                     .nth(rng.usize(..faults.len()))
@@ -226,12 +264,12 @@ async fn randomized_faults_lose_nothing_and_replicas_converge() {
                     .clone();
                 restore(&mut cluster, &node, faults.remove(&node).unwrap(), t).await;
             }
-            3 if !partitioned => {
+            5 if !partitioned => {
                 println!("{t:6.1}s partition {x} | {y}");
                 cluster.cluster.partition(x, y).unwrap();
                 partitioned = true;
             }
-            3 | 4 => {
+            5 | 6 => {
                 println!("{t:6.1}s heal all links");
                 cluster.cluster.heal();
                 partitioned = false;
@@ -368,12 +406,20 @@ async fn randomized_faults_lose_nothing_and_replicas_converge() {
     }
 }
 
-/// Undoes one node fault and waits until the node serves again.
+/// Undoes one fault and waits until the process serves again.
 async fn restore(cluster: &mut TestCluster, node: &str, fault: NodeFault, t: f64) {
     match fault {
-        NodeFault::Killed => {
+        NodeFault::Killed if cluster.cluster.ids_of("storage").iter().any(|n| n == node) => {
             println!("{t:6.1}s restart storage {node}");
             cluster.cluster.start_node(node).await.unwrap();
+        }
+        NodeFault::Killed => {
+            println!("{t:6.1}s restart {node}");
+            cluster.cluster.restart(node).await.unwrap();
+        }
+        NodeFault::Paused => {
+            println!("{t:6.1}s resume {node}");
+            cluster.cluster.pause(node, false).unwrap();
         }
         NodeFault::PostgresStopped => {
             println!("{t:6.1}s start PostgreSQL under {node}");
