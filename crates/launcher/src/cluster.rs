@@ -789,6 +789,21 @@ impl RunningCluster {
         self.write_cluster_file()
     }
 
+    /// Crashes the PostgreSQL of storage node `id` (SIGKILL to it and its
+    /// backends, no checkpoint) under the running node.
+    pub fn crash_postgres(&mut self, id: &str) -> Result<(), LaunchError> {
+        let server = self
+            .postgres
+            .get_mut(id)
+            .ok_or_else(|| LaunchError::Invalid(format!("no managed PostgreSQL for {id:?}")))?;
+        server.crash();
+        tracing::warn!(
+            node = id,
+            "PostgreSQL killed (SIGKILL) under a running node"
+        );
+        self.write_cluster_file()
+    }
+
     /// Starts the PostgreSQL of storage node `id` again if it is down and
     /// waits until it accepts connections.
     pub async fn restart_postgres(&mut self, id: &str) -> Result<(), LaunchError> {

@@ -379,6 +379,38 @@ impl PgServer {
     pub fn stop(&mut self) {
         self.process.stop(Signal::SIGINT, Duration::from_secs(20));
     }
+
+    /// A crash: SIGKILL to the postmaster and every backend it started (as
+    /// the kernel's OOM killer or a power cut would end them), no
+    /// checkpoint. The next start recovers from the WAL.
+    pub fn crash(&mut self) {
+        let postmaster = self.process.pid();
+        let backends = children_of(postmaster);
+        self.process.kill_now();
+        for pid in backends {
+            crate::process::signal_pid(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// The processes whose parent is `pid` (from `/proc`).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // "pid (comm) state ppid ...": comm may hold spaces.
+                    let after = stat.rsplit_once(')')?.1;
+                    after.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 /// The URL of the `geolog` database of a local server on `port`.

@@ -138,10 +138,20 @@ impl TestCluster {
         shape: Shape,
         env: Vec<(String, String)>,
     ) -> Result<Self, LaunchError> {
+        Self::start_with(shape, env, false).await
+    }
+
+    /// [`TestCluster::start_with_env`] with PostgreSQL's `fsync` as given:
+    /// on, what a crashed server keeps is what reached the disk.
+    pub async fn start_with(
+        shape: Shape,
+        env: Vec<(String, String)>,
+        fsync: bool,
+    ) -> Result<Self, LaunchError> {
         let dir = temp_dir();
         let mut spec = ClusterSpec::new(dir.path().join("cluster"), shape);
         spec.gateway_port = 0;
-        spec.fsync = false;
+        spec.fsync = fsync;
         spec.template_dir = Some(work_dir());
         spec.env = env;
         let cluster = RunningCluster::start(spec).await?;

@@ -1,6 +1,7 @@
 //! The randomized fault suite: writers at mixed levels while a seeded
 //! scheduler kills and restarts storage nodes, pauses them (`SIGSTOP`),
-//! stops PostgreSQL under them, pauses or kills coordinators and kills
+//! stops PostgreSQL under them (cleanly, or SIGKILL with `fsync` on),
+//! pauses or kills coordinators and kills
 //! anti-entropy workers, partitions and heals regions and adds latency;
 //! then everything heals, repair runs, and the contract is checked:
 //!
@@ -118,7 +119,8 @@ async fn writer(id: u64, seed: u64, apis: Arc<Vec<Api>>, stop: Arc<AtomicBool>) 
 enum NodeFault {
     /// SIGKILL, restarted later.
     Killed,
-    /// A storage node's PostgreSQL stopped under it.
+    /// A storage node's PostgreSQL stopped under it (cleanly, or killed:
+    /// SIGKILL to it and its backends, with `fsync` on).
     PostgresStopped,
     /// SIGSTOP, resumed later (SIGCONT).
     Paused,
@@ -180,7 +182,9 @@ async fn randomized_faults_lose_nothing_and_replicas_converge() {
         "GEOLOG__ANTI_ENTROPY__CROSS_REGION_EVERY".into(),
         "3".into(),
     ));
-    let mut cluster = TestCluster::start_with_env(THREE_BY_THREE, env)
+    // fsync on: a PostgreSQL killed with SIGKILL keeps what its commits
+    // made durable, as in production.
+    let mut cluster = TestCluster::start_with(THREE_BY_THREE, env, true)
         .await
         .expect("cluster starts");
     let apis: Arc<Vec<Api>> = Arc::new(
@@ -219,9 +223,14 @@ async fn randomized_faults_lose_nothing_and_replicas_converge() {
                         cluster.cluster.kill(&node).unwrap();
                         NodeFault::Killed
                     }
-                    1 => {
+                    1 if rng.bool() => {
                         println!("{t:6.1}s stop PostgreSQL under {node}");
                         cluster.cluster.stop_postgres(&node).unwrap();
+                        NodeFault::PostgresStopped
+                    }
+                    1 => {
+                        println!("{t:6.1}s kill -9 PostgreSQL under {node}");
+                        cluster.cluster.crash_postgres(&node).unwrap();
                         NodeFault::PostgresStopped
                     }
                     _ => {
