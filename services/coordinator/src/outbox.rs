@@ -67,7 +67,6 @@ pub struct ReplaySettings {
     pub batch: u32,
     /// Entries younger than this may still be in their first delivery.
     pub min_age: Duration,
-    pub hint_window: Duration,
     /// `None`: versions owed to a region are never passed undelivered.
     pub outbox_window: Option<Duration>,
 }
@@ -78,7 +77,6 @@ impl From<&geolog_config::CoordinatorSettings> for ReplaySettings {
             interval: c.outbox_replay_interval(),
             batch: c.outbox_batch,
             min_age: c.write_timeout(),
-            hint_window: Duration::from_millis(c.hint_window_ms),
             outbox_window: (c.outbox_window_ms > 0)
                 .then(|| Duration::from_millis(c.outbox_window_ms)),
         }
@@ -369,7 +367,6 @@ async fn replay_hints(engine: &QuorumEngine, settings: &ReplaySettings) -> usize
                 let request = pb::HintPendingRequest {
                     target: target.node.clone(),
                     limit: batch,
-                    window_ms: settings.hint_window.as_millis() as u64,
                 };
                 let Ok(response) = client.hint_pending(request).await else {
                     break;

@@ -15,12 +15,15 @@ use store::VersionStore;
 
 use geolog_proto::MAX_MESSAGE_BYTES;
 
-/// How often a node checkpoints its keys' heads, and how many unsaved
-/// keys make it checkpoint sooner.
+/// What a node's background workers do: how often it checkpoints its
+/// keys' heads (and how many unsaved keys make it checkpoint sooner), and
+/// after how long hints it holds for a replica that never took them are
+/// dropped (anti-entropy repairs what they held).
 #[derive(Debug, Clone, Copy)]
-pub struct Checkpoints {
-    pub interval: std::time::Duration,
+pub struct Background {
+    pub checkpoint_interval: std::time::Duration,
     pub max_unsaved_keys: u64,
+    pub hint_window: std::time::Duration,
 }
 
 /// Serves `store` on `addr` until `shutdown` resolves, then drains in-flight
@@ -29,7 +32,7 @@ pub async fn serve(
     addr: SocketAddr,
     store: Arc<VersionStore>,
     region: String,
-    checkpoints: Checkpoints,
+    background: Background,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     describe_metrics();
@@ -37,11 +40,14 @@ pub async fn serve(
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let checkpointer = store::Checkpointer::new(
         store.clone(),
-        checkpoints.interval,
-        checkpoints.max_unsaved_keys,
+        background.checkpoint_interval,
+        background.max_unsaved_keys,
     );
     let poll = checkpointer.poll();
-    let checkpointer = workers.spawn(checkpointer, poll, stopping);
+    let checkpointer = workers.spawn(checkpointer, poll, stopping.clone());
+    let expiry = store::HintExpiry::new(store.clone(), background.hint_window);
+    let period = expiry.period();
+    let expiry = workers.spawn(expiry, period, stopping);
     let traced = (store.node().to_string(), region.clone());
     let service = StorageServer::new(server::StorageService::new(store.clone(), region))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -59,6 +65,7 @@ pub async fn serve(
     // every unsaved key.
     let _ = stop.send(true);
     let _ = checkpointer.await;
+    let _ = expiry.await;
     if let Err(err) = store.checkpoint().await {
         tracing::warn!(error = %err, "last heads checkpoint failed; the next start recovers them");
     }

@@ -72,15 +72,16 @@ async fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot serve metrics on {metrics}"))?;
     }
-    let checkpoints = geolog_storage::Checkpoints {
-        interval: Duration::from_millis(config.storage.heads_checkpoint_ms),
+    let background = geolog_storage::Background {
+        checkpoint_interval: Duration::from_millis(config.storage.heads_checkpoint_ms),
         max_unsaved_keys: config.storage.heads_checkpoint_keys,
+        hint_window: Duration::from_millis(config.coordinator.hint_window_ms),
     };
     geolog_storage::serve(
         addr,
         store,
         region.name.clone(),
-        checkpoints,
+        background,
         geolog_telemetry::shutdown_signal(),
     )
     .await

@@ -468,10 +468,9 @@ impl pb::storage_server::Storage for StorageService {
         request: Request<pb::HintPendingRequest>,
     ) -> Result<Response<pb::OutboxPendingResponse>, Status> {
         let req = request.into_inner();
-        let window = Duration::from_millis(req.window_ms.max(1));
         let entries = self
             .store
-            .hint_pending(&req.target, req.limit.clamp(1, 10_000), window)
+            .hint_pending(&req.target, req.limit.clamp(1, 10_000))
             .await
             .map_err(|e| fail("hint_pending", e))?;
         Ok(Response::new(pending_entries(&req.target, entries)))

@@ -19,6 +19,7 @@ mod delivery;
 mod digests;
 mod heads;
 pub use heads::Checkpointer;
+pub use queues::HintExpiry;
 mod queues;
 mod versions;
 

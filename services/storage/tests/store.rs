@@ -299,7 +299,7 @@ async fn idempotency_key_replays_the_first_version_or_refuses_another_body() {
 #[tokio::test]
 async fn hints_wait_for_their_target_and_expire_after_the_window() {
     let pg = TestPostgres::start().await.expect("start postgres");
-    let store = open(&pg, "n1").await;
+    let store = std::sync::Arc::new(open(&pg, "n1").await);
     let v1 = store.mint(&k("k1"), "1").await.unwrap();
     let v2 = store.mint(&k("k2"), "2").await.unwrap();
     let elsewhere = version("k3", "zz", 1, Hlc::new(1, 0), "3", &[]);
@@ -312,30 +312,23 @@ async fn hints_wait_for_their_target_and_expire_after_the_window() {
         2
     );
     assert_eq!(store.hint_stats().await.unwrap()[0].0, "n2");
-    let pending = store
-        .hint_pending("n2", 10, Duration::from_secs(3600))
-        .await
-        .unwrap();
+    let pending = store.hint_pending("n2", 10).await.unwrap();
     assert_eq!(pending.len(), 2);
     assert_eq!(pending[0].1, v1, "oldest first");
     assert_eq!(pending[0].2, vec![v1.clone()], "with the key's frontier");
-    assert!(
-        store
-            .hint_pending("n3", 10, Duration::from_secs(3600))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(store.hint_pending("n3", 10).await.unwrap().is_empty());
     assert_eq!(store.hints_done(&[pending[0].0]).await.unwrap(), 1);
-    // Past the window, hints are dropped (anti-entropy's job then).
+    // Within the window, the expiry worker keeps them; past it, it drops
+    // them (anti-entropy's job then).
+    use geolog_worker::Worker;
+    let mut keeps =
+        geolog_storage::store::HintExpiry::new(store.clone(), Duration::from_secs(3600));
+    keeps.step().await.unwrap();
+    assert_eq!(store.hint_pending("n2", 10).await.unwrap().len(), 1);
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert!(
-        store
-            .hint_pending("n2", 10, Duration::from_millis(1))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    let mut drops = geolog_storage::store::HintExpiry::new(store.clone(), Duration::from_millis(1));
+    drops.step().await.unwrap();
+    assert!(store.hint_pending("n2", 10).await.unwrap().is_empty());
     assert!(store.hint_stats().await.unwrap().is_empty());
 }
 
@@ -638,10 +631,7 @@ async fn rows_without_tree_tokens_are_filled_at_open_and_found_again() {
         store.history(&k("k2"), 10, None, None).await.unwrap(),
         vec![sent.clone()]
     );
-    let hints = store
-        .hint_pending("n2", 10, Duration::from_secs(3600))
-        .await
-        .unwrap();
+    let hints = store.hint_pending("n2", 10).await.unwrap();
     assert_eq!(hints.len(), 1);
     assert_eq!(hints[0].1, hinted);
     let outbox = store

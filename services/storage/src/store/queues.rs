@@ -62,15 +62,13 @@ impl VersionStore {
         Ok(result.rows_affected())
     }
 
-    /// The oldest `limit` hints for `target`, after deleting those older
-    /// than `window`; each with its version and its key's frontier here.
+    /// The oldest `limit` hints for `target`, each with its version and its
+    /// key's frontier here.
     pub async fn hint_pending(
         &self,
         target: &str,
         limit: u32,
-        window: Duration,
     ) -> Result<Vec<(u64, StoredVersion, Vec<StoredVersion>)>, StoreError> {
-        self.expire_hints(window).await?;
         let rows = sqlx::query(
             "SELECT h.id, v.key, v.node, v.seq, v.hlc, v.value, v.context, \
                     v.idempotency_key, v.body_hash \
@@ -101,7 +99,7 @@ impl VersionStore {
 
     /// Deletes hints older than `window` (for every target) and counts
     /// them: anti-entropy must repair what they held.
-    async fn expire_hints(&self, window: Duration) -> Result<(), StoreError> {
+    pub(super) async fn expire_hints(&self, window: Duration) -> Result<(), StoreError> {
         let expired =
             sqlx::query("DELETE FROM hints WHERE created_at < now() - make_interval(secs => $1)")
                 .bind(window.as_secs_f64())
@@ -131,5 +129,38 @@ impl VersionStore {
             .into_iter()
             .map(|(d, n, age)| (d, n as u64, age.max(0.0) as u64))
             .collect())
+    }
+}
+
+/// The hint expiry worker: drops the hints older than the hint window, for
+/// every target, every hundredth of the window (at most every minute).
+/// (It ran with every replay call before: a scan of the hints per second.)
+pub struct HintExpiry {
+    store: std::sync::Arc<VersionStore>,
+    window: Duration,
+}
+
+impl HintExpiry {
+    pub fn new(store: std::sync::Arc<VersionStore>, window: Duration) -> Self {
+        HintExpiry { store, window }
+    }
+
+    /// How often it runs.
+    pub fn period(&self) -> Duration {
+        (self.window / 100).clamp(Duration::from_millis(100), Duration::from_secs(60))
+    }
+}
+
+impl geolog_worker::Worker for HintExpiry {
+    fn name(&self) -> &str {
+        "hint-expiry"
+    }
+
+    async fn step(&mut self) -> Result<geolog_worker::Next, String> {
+        self.store
+            .expire_hints(self.window)
+            .await
+            .map_err(|err| format!("hint expiry failed: {err}"))?;
+        Ok(geolog_worker::Next::Idle)
     }
 }
