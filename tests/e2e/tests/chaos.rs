@@ -14,7 +14,9 @@
 //! - the siblings of every key are exactly the versions of its history that
 //!   no other version's writer had seen — concurrent writes show as
 //!   siblings, superseded ones do not — and sequential writes (each
-//!   carrying the context of the previous one) leave one value.
+//!   carrying the context of the previous one) leave one value;
+//! - during the faults already: a `QUORUM` read right after a write
+//!   acknowledged at `QUORUM`, `EACH_QUORUM` or `ALL` sees it.
 //!
 //! Replayable: the seed decides every choice of the writers and the
 //! scheduler and is printed (`GEOLOG_CHAOS_SEED=N` replays it; timing still
@@ -63,7 +65,13 @@ struct Ledger {
     sequential: BTreeMap<String, bool>,
     /// Answers by status code, for the report.
     statuses: BTreeMap<u16, u64>,
+    /// Reads-your-writes checks made, and answered (not 503/504).
+    read_checks: (u64, u64),
 }
+
+/// Write levels whose acknowledgement a `QUORUM` read must see (their
+/// replicas and a read quorum's always overlap).
+const STRONG: [&str; 3] = ["QUORUM", "EACH_QUORUM", "ALL"];
 
 /// One writer: its own keys with contexts (sequential), and shared keys
 /// written blind (concurrent), at random levels through random regions.
@@ -94,11 +102,42 @@ async fn writer(id: u64, seed: u64, apis: Arc<Vec<Api>>, stop: Arc<AtomicBool>) 
         *ledger.statuses.entry(status).or_default() += 1;
         match status {
             201 => {
-                ledger.acked.entry(key.clone()).or_default().push(value);
+                ledger
+                    .acked
+                    .entry(key.clone())
+                    .or_default()
+                    .push(value.clone());
                 if own {
                     let context = body["context"].as_str().expect("a write answers a context");
                     contexts.insert(key.clone(), context.to_string());
-                    ledger.sequential.entry(key).or_insert(false);
+                    ledger.sequential.entry(key.clone()).or_insert(false);
+                }
+                // Read your writes, during the faults: only this writer
+                // writes its own keys, so a QUORUM read after a strong
+                // write has the value among its siblings (an earlier
+                // write whose outcome was unknown may sit beside it).
+                if own && STRONG.contains(&level) {
+                    let reader = &apis[rng.usize(..apis.len())];
+                    let (status, read) = reader.read(&key, Some("QUORUM")).await;
+                    ledger.read_checks.0 += 1;
+                    match status {
+                        200 => {
+                            ledger.read_checks.1 += 1;
+                            let seen: Vec<&str> = read["siblings"]
+                                .as_array()
+                                .expect("siblings")
+                                .iter()
+                                .filter_map(|s| s["value"].as_str())
+                                .collect();
+                            assert!(
+                                seen.contains(&value.as_str()),
+                                "{key} = {value} acknowledged at {level}, then a QUORUM read via {} answered {read} (seed {seed})",
+                                reader.base
+                            );
+                        }
+                        503 | 504 => {}
+                        _ => panic!("{key}: QUORUM read after a {level} write: {status} {read}"),
+                    }
                 }
             }
             503 | 504 => {
@@ -305,8 +344,18 @@ async fn randomized_faults_lose_nothing_and_replicas_converge() {
         for (s, n) in l.statuses {
             *ledger.statuses.entry(s).or_default() += n;
         }
+        ledger.read_checks.0 += l.read_checks.0;
+        ledger.read_checks.1 += l.read_checks.1;
     }
     println!("answers by status: {:?}", ledger.statuses);
+    println!(
+        "read-your-writes checks: {} made, {} answered, all saw their write",
+        ledger.read_checks.0, ledger.read_checks.1
+    );
+    assert!(
+        ledger.read_checks.1 > 0,
+        "no read-your-writes check was answered"
+    );
 
     // Heal everything, then let hints, outbox and repair do their work.
     let t = started.elapsed().as_secs_f64();
