@@ -67,6 +67,8 @@ struct Ledger {
     statuses: BTreeMap<u16, u64>,
     /// Reads-your-writes checks made, and answered (not 503/504).
     read_checks: (u64, u64),
+    /// Idempotent retries that got an answer after a 503/504.
+    retries: u64,
 }
 
 /// Write levels whose acknowledgement a `QUORUM` read must see (their
@@ -92,12 +94,42 @@ async fn writer(id: u64, seed: u64, apis: Arc<Vec<Api>>, stop: Arc<AtomicBool>) 
             format!("shared-{}", rng.u64(..SHARED_KEYS))
         };
         ledger.attempted.insert(value.clone());
-        let (status, body) = match contexts.get(&key).filter(|_| own) {
-            Some(context) => {
-                api.write_with_context(&key, json!(value), context, level)
-                    .await
+        let context = contexts.get(&key).filter(|_| own);
+        // A third of the own-key writes carry an idempotency key and are
+        // retried, as a client would, through any region until one answers
+        // or three retries failed: a retry answers the first write's
+        // version (or makes it, if the first never landed) — never a 409.
+        let idempotent = own && rng.u8(..3) == 0;
+        let (status, body) = if idempotent {
+            let mut request = json!({"key": key, "value": value, "id": value});
+            if let Some(context) = context {
+                request["context"] = json!(context);
             }
-            None => api.write(&key, json!(value), Some(level)).await,
+            let path = format!("/api/logs?consistency={level}");
+            let body = request.to_string().into_bytes();
+            let (mut status, mut answer) =
+                api.raw(reqwest::Method::POST, &path, body.clone()).await;
+            for _ in 0..3 {
+                if !matches!(status, 503 | 504) {
+                    break;
+                }
+                *ledger.statuses.entry(status).or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let retry = &apis[rng.usize(..apis.len())];
+                (status, answer) = retry.raw(reqwest::Method::POST, &path, body.clone()).await;
+                if !matches!(status, 503 | 504) {
+                    ledger.retries += 1;
+                }
+            }
+            (status, answer)
+        } else {
+            match context {
+                Some(context) => {
+                    api.write_with_context(&key, json!(value), context, level)
+                        .await
+                }
+                None => api.write(&key, json!(value), Some(level)).await,
+            }
         };
         *ledger.statuses.entry(status).or_default() += 1;
         match status {
@@ -344,13 +376,14 @@ async fn randomized_faults_lose_nothing_and_replicas_converge() {
         for (s, n) in l.statuses {
             *ledger.statuses.entry(s).or_default() += n;
         }
+        ledger.retries += l.retries;
         ledger.read_checks.0 += l.read_checks.0;
         ledger.read_checks.1 += l.read_checks.1;
     }
     println!("answers by status: {:?}", ledger.statuses);
     println!(
-        "read-your-writes checks: {} made, {} answered, all saw their write",
-        ledger.read_checks.0, ledger.read_checks.1
+        "read-your-writes checks: {} made, {} answered, all saw their write; {} idempotent retries answered",
+        ledger.read_checks.0, ledger.read_checks.1, ledger.retries
     );
     assert!(
         ledger.read_checks.1 > 0,
