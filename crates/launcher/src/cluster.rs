@@ -528,11 +528,18 @@ impl RunningCluster {
                         } else {
                             "/api/logs/health"
                         };
+                        // A gateway serves once it answers its health route,
+                        // `503` included: a gateway restarted while its
+                        // region's coordinator is down is up, and says so.
                         http.get(format!("http://{}{path}", service.addr))
-                            .timeout(Duration::from_secs(2))
+                            .timeout(Duration::from_secs(3))
                             .send()
                             .await
-                            .is_ok_and(|r| r.status().is_success())
+                            .is_ok_and(|r| {
+                                r.status().is_success()
+                                    || (role == "gateway"
+                                        && r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE)
+                            })
                     }
                 };
                 if healthy {

@@ -32,8 +32,21 @@ impl From<tonic::Status> for ApiError {
     /// A coordinator answer or a transport failure reaching it.
     fn from(status: tonic::Status) -> Self {
         let mut err = GeologError::from_status(&status);
-        if status.details().is_empty() && err.code == ErrorCode::Unavailable {
-            err.message = format!("no coordinator reachable: {}", status.message());
+        if status.details().is_empty() {
+            // Not the coordinator's answer (it always sends its error's
+            // details): the call to it failed. A connection that broke
+            // mid-call (the coordinator killed) reads as `Unknown`: the
+            // request may or may not have been carried out — `503`, to be
+            // retried (with an idempotency key), never a `500`.
+            if status.code() == tonic::Code::Unknown {
+                err.code = ErrorCode::Unavailable;
+                err.message = format!(
+                    "the coordinator call failed ({}); the request may or may not have been carried out: retry it (with the same idempotency key)",
+                    status.message()
+                );
+            } else if err.code == ErrorCode::Unavailable {
+                err.message = format!("no coordinator reachable: {}", status.message());
+            }
         }
         ApiError(err)
     }
@@ -55,5 +68,26 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_call_to_the_coordinator_is_a_503_not_a_500() {
+        let broken = ApiError::from(tonic::Status::unknown("transport error"));
+        assert_eq!(broken.0.code, ErrorCode::Unavailable);
+        assert!(
+            broken.0.message.contains("may or may not"),
+            "{}",
+            broken.0.message
+        );
+        let refused = ApiError::from(tonic::Status::unavailable("tcp connect error"));
+        assert_eq!(refused.0.code, ErrorCode::Unavailable);
+        // The coordinator's own errors keep their code.
+        let own = ApiError::from(GeologError::internal("a bug").to_status());
+        assert_eq!(own.0.code, ErrorCode::Internal);
     }
 }

@@ -1,8 +1,8 @@
 //! The randomized fault suite: writers at mixed levels while a seeded
 //! scheduler kills and restarts storage nodes, pauses them (`SIGSTOP`),
 //! stops PostgreSQL under them (cleanly, or SIGKILL with `fsync` on),
-//! pauses or kills coordinators and kills
-//! anti-entropy workers, partitions and heals regions and adds latency;
+//! pauses or kills coordinators, kills gateways and anti-entropy workers,
+//! partitions and heals regions and adds latency;
 //! then everything heals, repair runs, and the contract is checked:
 //!
 //! - every acknowledged write, at any level, is readable at `ALL` from every
@@ -99,38 +99,36 @@ async fn writer(id: u64, seed: u64, apis: Arc<Vec<Api>>, stop: Arc<AtomicBool>) 
         // retried, as a client would, through any region until one answers
         // or three retries failed: a retry answers the first write's
         // version (or makes it, if the first never landed) — never a 409.
+        // Status 0: no answer (a gateway killed or restarting).
         let idempotent = own && rng.u8(..3) == 0;
-        let (status, body) = if idempotent {
-            let mut request = json!({"key": key, "value": value, "id": value});
-            if let Some(context) = context {
-                request["context"] = json!(context);
-            }
-            let path = format!("/api/logs?consistency={level}");
-            let body = request.to_string().into_bytes();
-            let (mut status, mut answer) =
-                api.raw(reqwest::Method::POST, &path, body.clone()).await;
+        let mut request = json!({"key": key, "value": value});
+        if let Some(context) = context {
+            request["context"] = json!(context);
+        }
+        if idempotent {
+            request["id"] = json!(value);
+        }
+        let path = format!("/api/logs?consistency={level}");
+        let body = request.to_string().into_bytes();
+        let send = async |api: &Api| {
+            api.try_raw(reqwest::Method::POST, &path, body.clone())
+                .await
+                .unwrap_or((0, serde_json::Value::Null))
+        };
+        let (mut status, mut body) = send(api).await;
+        if idempotent {
             for _ in 0..3 {
-                if !matches!(status, 503 | 504) {
+                if !matches!(status, 0 | 503 | 504) {
                     break;
                 }
                 *ledger.statuses.entry(status).or_default() += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                let retry = &apis[rng.usize(..apis.len())];
-                (status, answer) = retry.raw(reqwest::Method::POST, &path, body.clone()).await;
-                if !matches!(status, 503 | 504) {
+                (status, body) = send(&apis[rng.usize(..apis.len())]).await;
+                if !matches!(status, 0 | 503 | 504) {
                     ledger.retries += 1;
                 }
             }
-            (status, answer)
-        } else {
-            match context {
-                Some(context) => {
-                    api.write_with_context(&key, json!(value), context, level)
-                        .await
-                }
-                None => api.write(&key, json!(value), Some(level)).await,
-            }
-        };
+        }
         *ledger.statuses.entry(status).or_default() += 1;
         match status {
             201 => {
@@ -150,7 +148,11 @@ async fn writer(id: u64, seed: u64, apis: Arc<Vec<Api>>, stop: Arc<AtomicBool>) 
                 // write whose outcome was unknown may sit beside it).
                 if own && STRONG.contains(&level) {
                     let reader = &apis[rng.usize(..apis.len())];
-                    let (status, read) = reader.read(&key, Some("QUORUM")).await;
+                    let path = format!("/api/logs/{key}?consistency=QUORUM");
+                    let (status, read) = reader
+                        .try_raw(reqwest::Method::GET, &path, Vec::new())
+                        .await
+                        .unwrap_or((0, serde_json::Value::Null));
                     ledger.read_checks.0 += 1;
                     match status {
                         200 => {
@@ -167,12 +169,12 @@ async fn writer(id: u64, seed: u64, apis: Arc<Vec<Api>>, stop: Arc<AtomicBool>) 
                                 reader.base
                             );
                         }
-                        503 | 504 => {}
+                        0 | 503 | 504 => {}
                         _ => panic!("{key}: QUORUM read after a {level} write: {status} {read}"),
                     }
                 }
             }
-            503 | 504 => {
+            0 | 503 | 504 => {
                 if own {
                     ledger.sequential.insert(key, true);
                 }
@@ -313,10 +315,13 @@ async fn randomized_faults_lose_nothing_and_replicas_converge() {
                 faults.insert(node, fault);
             }
             action @ (3 | 4) if faults.len() < 2 => {
-                // A coordinator paused or killed, or an anti-entropy worker
-                // killed (the region's gateway then answers 503/504 alone).
+                // A coordinator paused or killed (the region's gateway then
+                // answers 503/504 alone), a gateway killed (its clients get
+                // no answer) or an anti-entropy worker killed.
                 let ids = if action == 3 {
                     cluster.cluster.ids_of("coordinator")
+                } else if rng.bool() {
+                    cluster.cluster.ids_of("gateway")
                 } else {
                     cluster.cluster.ids_of("anti-entropy")
                 };

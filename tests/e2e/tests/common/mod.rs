@@ -88,6 +88,29 @@ impl Api {
         Self::decode(response).await
     }
 
+    /// [`Api::raw`], or `None` when the gateway could not be reached or
+    /// the connection broke before a whole answer (a gateway killed under
+    /// the request): the request's outcome is then unknown.
+    pub async fn try_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Option<(u16, Value)> {
+        let response = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .body(body)
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        let text = response.text().await.ok()?;
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("status {status}: body is not JSON: {text:?}"));
+        Some((status, body))
+    }
+
     pub async fn decode(response: reqwest::Response) -> (u16, Value) {
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
