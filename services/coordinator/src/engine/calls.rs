@@ -17,7 +17,8 @@ pub enum Miss {
     /// Unreachable, or failed for its own reasons (its database down, a
     /// transport error): another replica may succeed.
     Failed(String),
-    /// No answer in time: the call may still have taken effect.
+    /// No answer in time, or the connection broke mid-call: the call may
+    /// have taken effect (a mint is then never made again elsewhere).
     TimedOut,
     /// Its queue was full: refused before anything was sent or stored.
     Overloaded(String),
@@ -41,6 +42,12 @@ impl Miss {
     /// Classifies a call's status (the only place that reads statuses).
     pub fn of(status: &tonic::Status) -> Miss {
         if is_timeout(status) {
+            return Miss::TimedOut;
+        }
+        // A connection that broke after the call was sent (the node killed
+        // mid-call) reads as a bare UNKNOWN: it may have committed. A call
+        // that never reached the node is a bare UNAVAILABLE (below).
+        if status.details().is_empty() && status.code() == tonic::Code::Unknown {
             return Miss::TimedOut;
         }
         // A status without geolog details (a transport failure, or an
@@ -326,6 +333,11 @@ mod tests {
         );
         assert_eq!(
             Miss::of(&tonic::Status::deadline_exceeded("slow")),
+            Miss::TimedOut
+        );
+        // Broken mid-call: the outcome is unknown, as after a timeout.
+        assert_eq!(
+            Miss::of(&tonic::Status::unknown("transport error")),
             Miss::TimedOut
         );
     }
