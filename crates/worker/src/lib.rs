@@ -106,7 +106,8 @@ pub struct Status {
 #[derive(Clone)]
 pub struct Workers {
     statuses: Arc<Mutex<BTreeMap<String, Status>>>,
-    died: Arc<Mutex<Option<watch::Sender<Option<String>>>>>,
+    /// The name of the first worker that died, once one has.
+    died: Arc<watch::Sender<Option<String>>>,
 }
 
 impl Default for Workers {
@@ -126,10 +127,9 @@ impl Workers {
             "worker_errors_total",
             "background worker steps that failed, by worker"
         );
-        let (died, _) = watch::channel(None);
         Workers {
             statuses: Arc::default(),
-            died: Arc::new(Mutex::new(Some(died))),
+            died: Arc::new(watch::channel(None).0),
         }
     }
 
@@ -228,16 +228,8 @@ impl Workers {
 
     /// Resolves with a worker's name once one has died (a step panicked).
     pub fn died(&self) -> impl Future<Output = String> + Send + use<> {
-        let mut died = self
-            .died
-            .lock()
-            .expect("lock is never poisoned: no panics while held")
-            .as_ref()
-            .map(watch::Sender::subscribe);
+        let mut died = self.died.subscribe();
         async move {
-            let Some(died) = died.as_mut() else {
-                return std::future::pending().await;
-            };
             let name = died
                 .wait_for(Option::is_some)
                 .await
@@ -260,14 +252,7 @@ impl Workers {
     }
 
     fn report_death(&self, name: &str) {
-        if let Some(died) = self
-            .died
-            .lock()
-            .expect("lock is never poisoned: no panics while held")
-            .as_ref()
-        {
-            died.send_replace(Some(name.to_string()));
-        }
+        self.died.send_replace(Some(name.to_string()));
     }
 
     fn set<T>(&self, name: &str, change: impl FnOnce(&mut Status) -> T) -> T {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Api, TUTORIAL, code};
+use common::{Api, TUTORIAL, code, gzip, zstd};
 use geolog_testkit::TestCluster;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -162,34 +162,6 @@ async fn bad_input_gets_a_clear_4xx() {
     );
 }
 
-/// A POST with extra headers → (status, JSON body).
-async fn post_with(
-    api: &Api,
-    path: &str,
-    headers: &[(&str, &[u8])],
-    body: Vec<u8>,
-) -> (u16, Value) {
-    let mut request = api.http.post(format!("{}{path}", api.base)).body(body);
-    for (name, value) in headers {
-        request = request.header(
-            *name,
-            reqwest::header::HeaderValue::from_bytes(value).unwrap(),
-        );
-    }
-    Api::decode(request.send().await.unwrap()).await
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    encoder.write_all(bytes).unwrap();
-    encoder.finish().unwrap()
-}
-
-fn zstd(bytes: &[u8]) -> Vec<u8> {
-    ruzstd::encoding::compress_to_vec(bytes, ruzstd::encoding::CompressionLevel::Fastest)
-}
-
 fn token(vector: &Value) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(vector.to_string())
@@ -211,7 +183,7 @@ async fn hostile_bodies_and_contexts_are_refused_alone_and_lose_nothing() {
         ]
         .concat();
         let headers = [ndjson, ("content-encoding", encoding.as_bytes())];
-        let (status, answer) = post_with(&api, "/api/logs/batch", &headers, body).await;
+        let (status, answer) = api.post_with("/api/logs/batch", &headers, body).await;
         assert_eq!(
             (status, &answer["written"]),
             (201, &json!(2)),
@@ -224,7 +196,7 @@ async fn hostile_bodies_and_contexts_are_refused_alone_and_lose_nothing() {
         // Bytes after the last member or frame: refused whole.
         let mut body = pack(line(&format!("{encoding}-trailing"), 3).as_bytes());
         body.extend_from_slice(b"garbage");
-        let (status, answer) = post_with(&api, "/api/logs/batch", &headers, body).await;
+        let (status, answer) = api.post_with("/api/logs/batch", &headers, body).await;
         assert_eq!(
             (status, code(&answer)),
             (400, "invalid_request"),
@@ -233,13 +205,13 @@ async fn hostile_bodies_and_contexts_are_refused_alone_and_lose_nothing() {
         let (status, _) = api.read(&format!("{encoding}-trailing"), Some("ALL")).await;
         assert_eq!(status, 404, "a refused batch writes nothing");
     }
-    let (status, answer) = post_with(
-        &api,
-        "/api/logs/batch",
-        &[ndjson, ("content-encoding", "gz\u{e9}".as_bytes())],
-        line("odd-encoding", 1).into_bytes(),
-    )
-    .await;
+    let (status, answer) = api
+        .post_with(
+            "/api/logs/batch",
+            &[ndjson, ("content-encoding", "gz\u{e9}".as_bytes())],
+            line("odd-encoding", 1).into_bytes(),
+        )
+        .await;
     assert_eq!(
         (status, code(&answer)),
         (415, "unsupported_media_type"),
@@ -260,13 +232,9 @@ async fn hostile_bodies_and_contexts_are_refused_alone_and_lose_nothing() {
         .map(|i| line(&format!("beside-deep-{i}"), i))
         .collect();
     lines.insert(5, format!("{deep}\n"));
-    let (status, answer) = post_with(
-        &api,
-        "/api/logs/batch",
-        &[ndjson],
-        lines.concat().into_bytes(),
-    )
-    .await;
+    let (status, answer) = api
+        .post_with("/api/logs/batch", &[ndjson], lines.concat().into_bytes())
+        .await;
     assert_eq!(
         (status, &answer["written"], &answer["failed"]),
         (207, &json!(40), &json!(1)),
@@ -379,13 +347,13 @@ async fn hostile_bodies_and_contexts_are_refused_alone_and_lose_nothing() {
         (400, "invalid_request"),
         "{answer}"
     );
-    let (status, answer) = post_with(
-        &api,
-        "/api/logs",
-        &[("idempotency-key", b"one"), ("idempotency-key", b"two")],
-        body,
-    )
-    .await;
+    let (status, answer) = api
+        .post_with(
+            "/api/logs",
+            &[("idempotency-key", b"one"), ("idempotency-key", b"two")],
+            body,
+        )
+        .await;
     assert_eq!(
         (status, code(&answer)),
         (400, "invalid_request"),

@@ -4,33 +4,17 @@
 
 mod common;
 
-use common::{Api, THREE_BY_THREE, code, wait_until};
+use common::{Api, THREE_BY_THREE, code, gzip, wait_until, zstd};
 use geolog_testkit::TestCluster;
 use serde_json::{Value, json};
-use std::io::Write;
 use std::time::Duration;
 
 impl Api {
     async fn batch(&self, query: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, Value) {
-        let mut request = self
-            .http
-            .post(format!("{}/api/logs/batch{query}", self.base))
-            .body(body);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        Self::decode(request.send().await.unwrap()).await
+        let headers: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
+        self.post_with(&format!("/api/logs/batch{query}"), &headers, body)
+            .await
     }
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    encoder.write_all(bytes).unwrap();
-    encoder.finish().unwrap()
-}
-
-fn zstd(bytes: &[u8]) -> Vec<u8> {
-    ruzstd::encoding::compress_to_vec(bytes, ruzstd::encoding::CompressionLevel::Fastest)
 }
 
 fn ndjson(records: &[Value]) -> Vec<u8> {

@@ -78,14 +78,26 @@ impl Api {
     }
 
     pub async fn raw(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, Value) {
-        let response = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .body(body)
-            .send()
+        self.try_raw(method, path, body)
             .await
-            .unwrap();
-        Self::decode(response).await
+            .unwrap_or_else(|| panic!("no answer from the gateway at {}", self.base))
+    }
+
+    /// A POST of `body` to `path` with extra headers (any bytes).
+    pub async fn post_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &[u8])],
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let mut request = self.http.post(format!("{}{path}", self.base)).body(body);
+        for (name, value) in headers {
+            request = request.header(
+                *name,
+                reqwest::header::HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        Self::decode(request.send().await.unwrap()).await
     }
 
     /// [`Api::raw`], or `None` when the gateway could not be reached or
@@ -150,6 +162,19 @@ impl Api {
         })
         .await;
     }
+}
+
+/// `bytes` gzip-compressed (one member).
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// `bytes` zstd-compressed (one frame).
+pub fn zstd(bytes: &[u8]) -> Vec<u8> {
+    ruzstd::encoding::compress_to_vec(bytes, ruzstd::encoding::CompressionLevel::Fastest)
 }
 
 /// Environment overrides for a test cluster, as owned pairs.
